@@ -1,0 +1,175 @@
+"""The layer contract: stack arity, `init` from a signature, and a pure `apply`.
+
+A layer pops `n_in` items off a data stack and pushes `n_out` results. One item is passed as
+a bare array, several as a tuple (stack order: index 0 is the top). Weights and state are
+pytrees returned by `init`; `apply` reads them only from its arguments, so it can be wrapped
+in `jax.jit`, `jax.grad` and `jax.vmap`.
+
+A Trax-like convenience sits on top: `layer.init(signature)` also keeps the weights and state
+on the layer, and `layer(x)` runs `apply` with them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from terraformer import shapes
+
+MODES = ("train", "eval", "predict")
+EMPTY = ()
+
+
+def check_mode(mode: str) -> str:
+    """Returns `mode` if it is one of MODES, else raises a ValueError naming it."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def split_rng(rng, n: int) -> list:
+    """`n` independent keys from `rng`, or `n` Nones when `rng` is None."""
+    if rng is None:
+        return [None] * n
+    return list(jax.random.split(rng, n))
+
+
+def as_items(x, n: int, who: str) -> tuple:
+    """The stack items of `x` for a layer with `n` inputs (a bare value when n == 1)."""
+    if n == 1:
+        return (x,)
+    if not isinstance(x, (tuple, list)) or len(x) != n:
+        got = f"{len(x)} items" if isinstance(x, (tuple, list)) else type(x).__name__
+        raise ValueError(f"{who} takes {n} inputs as a tuple, got {got}")
+    return tuple(x)
+
+
+def from_items(items: tuple, n: int) -> Any:
+    """Stack items as a layer returns them: a bare value when n == 1, else a tuple."""
+    return items[0] if n == 1 else tuple(items)
+
+
+class Layer:
+    """Base class of all layers.
+
+    Subclasses override `init_weights_and_state(input_signature, rng)` (when they have
+    weights or state) and `apply(x, weights, state, rng)`.
+
+    Args:
+      n_in: how many stack items the layer pops.
+      n_out: how many it pushes.
+      name: a display name; defaults to the class name.
+      sublayers: layers this one is built from (their weights and state are tuples in order).
+    """
+
+    def __init__(self, n_in: int = 1, n_out: int = 1, name: str | None = None, sublayers=()):
+        if n_in < 0 or n_out < 0:
+            raise ValueError(f"n_in and n_out must be >= 0, got n_in={n_in}, n_out={n_out}")
+        self._n_in = n_in
+        self._n_out = n_out
+        self._name = name or type(self).__name__
+        self._sublayers = tuple(sublayers)
+        self._weights = None
+        self._state = None
+
+    # -- arity and description ---------------------------------------------------------------
+    @property
+    def n_in(self) -> int:
+        return self._n_in
+
+    @property
+    def n_out(self) -> int:
+        return self._n_out
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def sublayers(self) -> tuple[Layer, ...]:
+        return self._sublayers
+
+    def __repr__(self) -> str:
+        if not self._sublayers:
+            return f"{self._name}_in{self.n_in}_out{self.n_out}"
+        inner = "\n".join("  " + line for s in self._sublayers for line in repr(s).splitlines())
+        return f"{self._name}_in{self.n_in}_out{self.n_out}[\n{inner}\n]"
+
+    # -- the pure contract --------------------------------------------------------------------
+    def init_weights_and_state(self, input_signature, rng):
+        """Returns `(weights, state)` for inputs of `input_signature`. Default: none."""
+        del input_signature, rng
+        return EMPTY, EMPTY
+
+    def apply(self, x, weights, state, rng):
+        """Returns `(y, new_state)`: the pure forward pass."""
+        raise NotImplementedError(f"{self._name} must define apply")
+
+    def init(self, input_signature, rng=None):
+        """Infers weight shapes from `input_signature`; returns `(weights, state)`.
+
+        Also keeps them on the layer for the convenience `layer(x)`.
+        """
+        sig = shapes.signature(input_signature)
+        n_items = len(sig) if isinstance(sig, tuple) else 1
+        if n_items != self.n_in and not (self.n_in == 1 and isinstance(sig, tuple)):
+            raise ValueError(
+                f"{self._name}.init: takes {self.n_in} inputs, the signature has {n_items}"
+            )
+        if rng is None:
+            rng = jax.random.PRNGKey(0)
+        weights, state = self.init_weights_and_state(sig, rng)
+        self._weights, self._state = weights, state
+        return weights, state
+
+    def output_signature(self, input_signature, weights, state):
+        """The signature of `apply`'s output, computed abstractly with `jax.eval_shape`."""
+        out, _ = jax.eval_shape(
+            lambda x, w, s: self.apply(x, w, s, jax.random.PRNGKey(0)),
+            shapes.as_structs(shapes.signature(input_signature)),
+            weights,
+            state,
+        )
+        return shapes.from_structs(out)
+
+    def init_with_output(self, input_signature, rng):
+        """`(weights, state, output_signature)` without storing anything on the layer."""
+        weights, state = self.init_weights_and_state(input_signature, rng)
+        return weights, state, self.output_signature(input_signature, weights, state)
+
+    # -- the Trax-like convenience ------------------------------------------------------------
+    @property
+    def weights(self):
+        return self._weights
+
+    @weights.setter
+    def weights(self, value):
+        self._weights = value
+
+    @property
+    def state(self):
+        return self._state
+
+    @state.setter
+    def state(self, value):
+        self._state = value
+
+    def __call__(self, x, rng=None):
+        """Runs `apply` with the weights and state kept by `init`; keeps the new state."""
+        if self._weights is None:
+            raise ValueError(f"{self._name}: call init(input_signature) before calling the layer")
+        y, self._state = self.apply(x, self._weights, self._state, rng)
+        return y
+
+
+class PureLayer(Layer):
+    """A layer without weights or state, given by a function of its stack items."""
+
+    def __init__(self, fn, n_in: int = 1, n_out: int = 1, name: str | None = None):
+        super().__init__(n_in=n_in, n_out=n_out, name=name)
+        self._fn = fn
+
+    def apply(self, x, weights, state, rng):
+        del weights, rng
+        return self._fn(*as_items(x, self.n_in, self.name)), state

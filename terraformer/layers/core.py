@@ -1,0 +1,268 @@
+"""Core layers: Dense, Embedding, Dropout, LayerNorm, activations, shifts, positions."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from terraformer.layers import initializers as init_lib
+from terraformer.layers.base import EMPTY, Layer, PureLayer, check_mode
+
+
+def _last_dim(input_signature, who: str) -> int:
+    if isinstance(input_signature, tuple):
+        raise ValueError(f"{who}: takes one input, got a signature of {len(input_signature)}")
+    if len(input_signature.shape) < 1:
+        raise ValueError(f"{who}: input must have at least 1 axis, got shape ()")
+    return input_signature.shape[-1]
+
+
+def check_feature_dim(x, expected: int, who: str) -> None:
+    """Raises a ValueError naming `who` when x's last axis is not `expected`."""
+    if x.shape[-1] != expected:
+        raise ValueError(
+            f"{who}: expected inputs with last axis {expected}, got shape {tuple(x.shape)}"
+        )
+
+
+def check_token_ids(ids, vocab_size: int, who: str) -> None:
+    """Raises a ValueError when concrete integer `ids` fall outside [0, vocab_size).
+
+    Traced values (inside jit) cannot be checked here; the data pipeline checks them first.
+    """
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise TypeError(f"{who}: expected integer token ids, got dtype {ids.dtype}")
+    if isinstance(ids, jax.core.Tracer):
+        return
+    values = np.asarray(ids)
+    if values.size and (values.min() < 0 or values.max() >= vocab_size):
+        raise ValueError(
+            f"{who}: token ids must be in [0, {vocab_size}), got values in "
+            f"[{values.min()}, {values.max()}]"
+        )
+
+
+class Dense(Layer):
+    """Affine map of the last axis: (..., d_in) -> (..., n_units).
+
+    Weights: `{'w': [d_in, n_units], 'b': [n_units]}` (no 'b' when use_bias=False).
+    """
+
+    def __init__(
+        self,
+        n_units: int,
+        use_bias: bool = True,
+        kernel_initializer=init_lib.glorot_uniform,
+        bias_initializer=init_lib.random_normal(1e-6),
+    ):
+        if n_units < 1:
+            raise ValueError(f"Dense: n_units must be >= 1, got {n_units}")
+        super().__init__(name=f"Dense_{n_units}")
+        self._n_units = n_units
+        self._use_bias = use_bias
+        self._kernel_init = kernel_initializer
+        self._bias_init = bias_initializer
+
+    def init_weights_and_state(self, input_signature, rng):
+        d_in = _last_dim(input_signature, self.name)
+        rng_w, rng_b = jax.random.split(rng)
+        weights = {"w": self._kernel_init(rng_w, (d_in, self._n_units))}
+        if self._use_bias:
+            weights["b"] = self._bias_init(rng_b, (self._n_units,))
+        return weights, EMPTY
+
+    def apply(self, x, weights, state, rng):
+        check_feature_dim(x, weights["w"].shape[0], self.name)
+        y = jnp.dot(x, weights["w"].astype(x.dtype))
+        if "b" in weights:
+            y = y + weights["b"].astype(x.dtype)
+        return y, state
+
+
+class Embedding(Layer):
+    """Token ids to vectors: (batch, length) int -> (batch, length, d_feature).
+
+    Weights: `[vocab_size, d_feature]`, normal with stddev 1 (as in Trax).
+    """
+
+    def __init__(self, vocab_size: int, d_feature: int, kernel_initializer=None):
+        if vocab_size < 1 or d_feature < 1:
+            raise ValueError(
+                f"Embedding: vocab_size and d_feature must be >= 1, got {vocab_size}, {d_feature}"
+            )
+        super().__init__(name=f"Embedding_{vocab_size}_{d_feature}")
+        self.vocab_size = vocab_size
+        self.d_feature = d_feature
+        self._init = kernel_initializer or init_lib.random_normal(1.0)
+
+    def init_weights_and_state(self, input_signature, rng):
+        return self._init(rng, (self.vocab_size, self.d_feature)), EMPTY
+
+    def apply(self, x, weights, state, rng):
+        check_token_ids(x, self.vocab_size, self.name)
+        return jnp.take(weights, x, axis=0), state
+
+
+class Dropout(Layer):
+    """Zeroes a `rate` fraction of entries in `train` mode and rescales the rest.
+
+    `shared_axes` lists axes along which one mask is shared (e.g. [1] shares over length).
+    Identity in `eval` and `predict`.
+    """
+
+    def __init__(self, rate: float = 0.0, shared_axes=None, mode: str = "train"):
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"Dropout: rate must be in [0, 1), got {rate}")
+        super().__init__(name="Dropout")
+        self._rate = rate
+        self._shared_axes = tuple(shared_axes or ())
+        self._mode = check_mode(mode)
+
+    def apply(self, x, weights, state, rng):
+        return dropout(x, self._rate, rng, self._mode, self._shared_axes), state
+
+
+def dropout(x, rate: float, rng, mode: str, shared_axes=()):
+    """Functional dropout (see `Dropout`)."""
+    if mode != "train" or rate == 0.0:
+        return x
+    if rng is None:
+        raise ValueError("Dropout in train mode needs an rng; pass rng= to apply")
+    mask_shape = list(x.shape)
+    for axis in shared_axes:
+        mask_shape[axis] = 1
+    keep = jax.random.bernoulli(rng, 1.0 - rate, tuple(mask_shape))
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+class LayerNorm(Layer):
+    """Normalises the last axis to zero mean and unit variance, then scales and shifts.
+
+    Weights: `{'scale': [d], 'bias': [d]}`.
+    """
+
+    def __init__(self, epsilon: float = 1e-6):
+        super().__init__(name="LayerNorm")
+        self._epsilon = epsilon
+
+    def init_weights_and_state(self, input_signature, rng):
+        d = _last_dim(input_signature, self.name)
+        return {"scale": jnp.ones((d,)), "bias": jnp.zeros((d,))}, EMPTY
+
+    def apply(self, x, weights, state, rng):
+        check_feature_dim(x, weights["scale"].shape[0], self.name)
+        return layer_norm(x, weights["scale"], weights["bias"], self._epsilon), state
+
+
+def layer_norm(x, scale, bias, epsilon: float = 1e-6):
+    """Functional layer norm over the last axis (statistics in float32)."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + epsilon)
+    return (y * scale + bias).astype(x.dtype)
+
+
+def Relu() -> Layer:  # noqa: N802
+    return PureLayer(jax.nn.relu, name="Relu")
+
+
+def Gelu() -> Layer:  # noqa: N802
+    """Exact GELU (erf)."""
+    return PureLayer(lambda x: jax.nn.gelu(x, approximate=False), name="Gelu")
+
+
+def FastGelu() -> Layer:  # noqa: N802
+    """GELU with the tanh approximation."""
+    return PureLayer(lambda x: jax.nn.gelu(x, approximate=True), name="FastGelu")
+
+
+def Sigmoid() -> Layer:  # noqa: N802
+    return PureLayer(jax.nn.sigmoid, name="Sigmoid")
+
+
+def Tanh() -> Layer:  # noqa: N802
+    return PureLayer(jnp.tanh, name="Tanh")
+
+
+def LogSoftmax(axis: int = -1) -> Layer:  # noqa: N802
+    """Log-probabilities over `axis`."""
+    return PureLayer(lambda x: jax.nn.log_softmax(x, axis=axis), name="LogSoftmax")
+
+
+def Softmax(axis: int = -1) -> Layer:  # noqa: N802
+    return PureLayer(lambda x: jax.nn.softmax(x, axis=axis), name="Softmax")
+
+
+def Mean(axis: int = -1, keepdims: bool = False) -> Layer:  # noqa: N802
+    return PureLayer(lambda x: jnp.mean(x, axis=axis, keepdims=keepdims), name="Mean")
+
+
+class ShiftRight(Layer):
+    """Shifts the length axis (1) right by `n_positions`, filling with `pad_id`.
+
+    (batch, length, ...) -> same shape; token t sees token t-1. Identity in `predict` mode,
+    where the decoder feeds the previous token itself.
+    """
+
+    def __init__(self, n_positions: int = 1, pad_id: int = 0, mode: str = "train"):
+        super().__init__(name="ShiftRight")
+        self._n = n_positions
+        self._pad_id = pad_id
+        self._mode = check_mode(mode)
+
+    def apply(self, x, weights, state, rng):
+        if self._mode == "predict":
+            return x, state
+        return shift_right(x, self._n, self._pad_id), state
+
+
+def shift_right(x, n_positions: int = 1, pad_value=0):
+    """Functional `ShiftRight` on axis 1."""
+    pad = [(0, 0)] * x.ndim
+    pad[1] = (n_positions, 0)
+    return jnp.pad(x, pad, constant_values=pad_value)[:, : x.shape[1]]
+
+
+def sinusoids(positions, d_feature: int):
+    """Sinusoidal encodings of integer `positions`: (...,) -> (..., d_feature)."""
+    half = d_feature // 2
+    inv_freq = jnp.exp(-math.log(10000.0) * jnp.arange(half) / max(half, 1))
+    angles = positions[..., None].astype(jnp.float32) * inv_freq
+    enc = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+    if d_feature % 2:
+        enc = jnp.pad(enc, [(0, 0)] * (enc.ndim - 1) + [(0, 1)])
+    return enc
+
+
+class PositionalEncoding(Layer):
+    """Adds fixed sinusoidal position encodings: (batch, length, d) -> same.
+
+    In `predict` mode the state holds the next position, so feeding a sequence piece by piece
+    adds the same encodings as feeding it whole. Lengths beyond `max_len` are an error.
+    """
+
+    def __init__(self, max_len: int = 2048, dropout: float = 0.0, mode: str = "train"):
+        super().__init__(name="PositionalEncoding")
+        self._max_len = max_len
+        self._dropout = dropout
+        self._mode = check_mode(mode)
+
+    def init_weights_and_state(self, input_signature, rng):
+        state = jnp.zeros((), jnp.int32) if self._mode == "predict" else EMPTY
+        return EMPTY, state
+
+    def apply(self, x, weights, state, rng):
+        length = x.shape[1]
+        if length > self._max_len:
+            raise ValueError(
+                f"PositionalEncoding: length {length} exceeds max_len={self._max_len}"
+            )
+        start = state if self._mode == "predict" else 0
+        enc = sinusoids(start + jnp.arange(length), x.shape[-1]).astype(x.dtype)
+        enc = dropout(enc, self._dropout, rng, self._mode)
+        new_state = state + length if self._mode == "predict" else state
+        return x + enc[None], new_state
