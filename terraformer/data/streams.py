@@ -21,8 +21,9 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-import gin
 import numpy as np
+
+import gin
 
 __all__ = [
     "batch",
@@ -198,28 +199,27 @@ def jsonl_pairs(
     return _read_jsonl_pairs(path, input_key, target_key)
 
 
+def _record_problem(record, keys: tuple[str, str]) -> str | None:
+    """What is wrong with a decoded JSON line, or None when it holds string ``keys``."""
+    if not isinstance(record, dict):
+        return f"expected a JSON object, got {type(record).__name__}"
+    for key in keys:
+        if key not in record:
+            return f"missing key {key!r} (keys: {sorted(record)})"
+        if not isinstance(record[key], str):
+            return f"{key!r} must be a string, got {type(record[key]).__name__}"
+    return None
+
+
 def _parse_pair(line: str, where: str, input_key: str, target_key: str) -> tuple[str, str]:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
         raise ValueError(f"jsonl_pairs: {where}: malformed JSON ({e.msg})") from e
-    if not isinstance(record, dict):
-        raise ValueError(
-            f"jsonl_pairs: {where}: expected a JSON object, got {type(record).__name__}"
-        )
-    pair = []
-    for key in (input_key, target_key):
-        if key not in record:
-            raise ValueError(
-                f"jsonl_pairs: {where}: missing key {key!r} (keys: {sorted(record)})"
-            )
-        if not isinstance(record[key], str):
-            raise ValueError(
-                f"jsonl_pairs: {where}: {key!r} must be a string, "
-                f"got {type(record[key]).__name__}"
-            )
-        pair.append(record[key])
-    return pair[0], pair[1]
+    problem = _record_problem(record, (input_key, target_key))
+    if problem is not None:
+        raise ValueError(f"jsonl_pairs: {where}: {problem}")
+    return record[input_key], record[target_key]
 
 
 def _read_jsonl_pairs(path: Path, input_key: str, target_key: str) -> Iterator[tuple[str, str]]:
@@ -269,7 +269,7 @@ def split_text(text: str, held_out_fraction: float = 0.05) -> tuple[str, str]:
         raise ValueError(
             f"split_text: held_out_fraction must be in [0, 1), got {held_out_fraction}"
         )
-    cut = len(text) - int(round(len(text) * held_out_fraction))
+    cut = len(text) - round(len(text) * held_out_fraction)
     return text[:cut], text[cut:]
 
 

@@ -17,8 +17,9 @@ import os
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-import gin
 import numpy as np
+
+import gin
 
 __all__ = [
     "ByteTokenizer",
@@ -54,9 +55,7 @@ def _as_id_vector(ids, vocab_size: int, who: str) -> np.ndarray:
         raise TypeError(f"{who}: ids must be integers, got dtype {arr.dtype}")
     lo, hi = int(arr.min()), int(arr.max())
     if lo < 0 or hi >= vocab_size:
-        raise ValueError(
-            f"{who}: ids must lie in [0, {vocab_size}), got values in [{lo}, {hi}]"
-        )
+        raise ValueError(f"{who}: ids must lie in [0, {vocab_size}), got values in [{lo}, {hi}]")
     return arr.astype(np.int64)
 
 
@@ -206,7 +205,9 @@ class SentencePieceTokenizer:
 
 
 @gin.configurable(module="terraformer.data")
-def get_tokenizer(name_or_path: str | os.PathLike = "byte") -> ByteTokenizer | SentencePieceTokenizer:
+def get_tokenizer(
+    name_or_path: str | os.PathLike = "byte",
+) -> ByteTokenizer | SentencePieceTokenizer:
     """Builds a tokenizer by name.
 
     Args:

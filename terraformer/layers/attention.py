@@ -1,0 +1,299 @@
+"""Dense attention: full causal attention and chunked local attention, with predict caches.
+
+Functional pieces (`dot_product_attention`, `local_attention`) work on per-head arrays
+`[batch, n_heads, length, d]`; the layers (`SelfAttention`, `CausalAttention`) add the
+projections, masks, dropout and the decoding cache.
+
+Predict mode keeps a ring buffer of the last `predict_mem_len` keys and values with their
+positions in `state`. Each call writes its tokens at `position % predict_mem_len`, so shapes
+never change between decoding steps. Attention from the cache equals the full forward pass as
+long as every key a query may look at is still in the buffer: always for local attention when
+`predict_mem_len >= (n_chunks_before + 1) * chunk_len + tokens per call`, and for full
+attention while the total length fits in `predict_mem_len` (beyond that it is a sliding window
+over the last `predict_mem_len` positions).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from terraformer.layers import initializers as init_lib
+from terraformer.layers.base import EMPTY, Layer, as_items, check_mode
+from terraformer.layers.core import check_feature_dim, dropout
+
+MASK_VALUE = -1e9
+
+
+def dot_product_attention(q, k, v, mask=None, dropout_rate=0.0, rng=None, mode="eval"):
+    """softmax(q kᵀ / sqrt(d)) v with a boolean mask (True = may attend).
+
+    Args:
+      q: [..., n_q, d_qk]; k: [..., n_k, d_qk]; v: [..., n_k, d_v].
+      mask: bool, broadcastable to [..., n_q, n_k], or None.
+    Returns:
+      [..., n_q, d_v]
+    """
+    scores = jnp.einsum("...qd,...kd->...qk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+    scores = scores.astype(jnp.float32)
+    if mask is not None:
+        scores = jnp.where(mask, scores, MASK_VALUE)
+    weights = jax.nn.softmax(scores, axis=-1)
+    weights = dropout(weights, dropout_rate, rng, mode).astype(v.dtype)
+    return jnp.einsum("...qk,...kd->...qd", weights, v)
+
+
+def _position_mask(q_pos, k_pos, causal, chunk_len, n_chunks_before, n_chunks_after):
+    """Which keys each query may see, from their positions: bool [..., n_q, n_k]."""
+    qp, kp = q_pos[..., :, None], k_pos[..., None, :]
+    allowed = kp >= 0
+    if causal:
+        allowed &= kp <= qp
+    if chunk_len is not None:
+        q_chunk, k_chunk = qp // chunk_len, kp // chunk_len
+        allowed &= k_chunk >= q_chunk - n_chunks_before
+        allowed &= k_chunk <= q_chunk + n_chunks_after
+    return allowed
+
+
+def local_attention(
+    q, k, v, chunk_len, n_chunks_before, n_chunks_after, causal, key_mask=None,
+    dropout_rate=0.0, rng=None, mode="eval",
+):
+    """Chunked local attention: each chunk of queries sees its own and neighbouring chunks.
+
+    Args:
+      q: [batch, n_heads, length, d_qk]; k the same; v: [batch, n_heads, length, d_v].
+        `length` must be a multiple of `chunk_len`.
+      key_mask: bool [batch, length] (True = real token) or None.
+    Returns:
+      [batch, n_heads, length, d_v]. Chunks outside the sequence are masked, not wrapped.
+    Memory grows as length * (n_chunks_before + 1 + n_chunks_after) * chunk_len.
+    """
+    b, h, length, _ = q.shape
+    n_chunks = length // chunk_len
+    positions = jnp.arange(length)
+
+    def chunks(a):
+        return a.reshape(a.shape[:2] + (n_chunks, chunk_len) + a.shape[3:])
+
+    def look_around(a):
+        """[..., n_chunks, chunk, ...] -> [..., n_chunks, window, ...] (neighbours joined).
+
+        Rolling wraps around; the wrapped-in keys get position -1 below and are masked.
+        """
+        shifts = range(-n_chunks_before, n_chunks_after + 1)
+        return jnp.concatenate([jnp.roll(a, -s, axis=2) for s in shifts], axis=3)
+
+    qc = chunks(q)
+    kc = look_around(chunks(k))
+    vc = look_around(chunks(v))
+    q_pos = positions.reshape(n_chunks, chunk_len)
+    k_pos_parts = []
+    for shift in range(-n_chunks_before, n_chunks_after + 1):
+        shifted = q_pos + shift * chunk_len
+        valid = (shifted >= 0) & (shifted < length)
+        k_pos_parts.append(jnp.where(valid, shifted, -1))
+    k_pos = jnp.concatenate(k_pos_parts, axis=1)  # [n_chunks, window]
+    mask = _position_mask(q_pos, k_pos, causal, None, 0, 0)[None, None]
+    if key_mask is not None:
+        km = look_around(chunks(key_mask[:, None, :, None])[..., 0])  # [b,1,nc,window]
+        mask = mask & km[:, :, :, None, :]
+    out = dot_product_attention(qc, kc, vc, mask, dropout_rate, rng, mode)
+    return out.reshape(b, h, length, v.shape[-1])
+
+
+def split_heads(x, n_heads):
+    """[batch, length, n_heads * d] -> [batch, n_heads, length, d]."""
+    b, length, hd = x.shape
+    return x.reshape(b, length, n_heads, hd // n_heads).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x):
+    """[batch, n_heads, length, d] -> [batch, length, n_heads * d]."""
+    b, h, length, d = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(b, length, h * d)
+
+
+class SelfAttention(Layer):
+    """Multi-head self-attention, full or chunked-local: (batch, length, d_model) -> same.
+
+    Args:
+      n_heads, d_qk, d_v: heads and per-head widths of queries/keys and values.
+      causal: mask future positions.
+      masked: if True the layer takes (x, mask) with mask [batch, length] (True = real token)
+        and returns (y, mask).
+      chunk_len: None for full attention; else queries in chunk c see chunks
+        c - n_chunks_before ... c + n_chunks_after. Lengths that are not a multiple of
+        `chunk_len` are padded internally (padding never attended to) and cut off again.
+      attention_dropout, output_dropout: dropout rates on attention weights / the output.
+      use_bias: biases in the Q/K/V/output projections.
+      predict_mem_len: size of the predict-mode key/value ring buffer.
+    Weights: {'wq','wk','wv': [d_model, n_heads*d], 'wo': [n_heads*d_v, d_model]} (+ biases).
+    """
+
+    def __init__(
+        self,
+        n_heads: int = 1,
+        d_qk: int = 64,
+        d_v: int = 64,
+        causal: bool = False,
+        masked: bool = False,
+        chunk_len: int | None = None,
+        n_chunks_before: int = 0,
+        n_chunks_after: int = 0,
+        attention_dropout: float = 0.0,
+        output_dropout: float = 0.0,
+        use_bias: bool = False,
+        mode: str = "train",
+        predict_mem_len: int = 2048,
+    ):
+        n = 2 if masked else 1
+        super().__init__(n_in=n, n_out=n, name="SelfAttention")
+        if n_heads < 1 or d_qk < 1 or d_v < 1:
+            raise ValueError(
+                f"SelfAttention: n_heads, d_qk, d_v must be >= 1, got {n_heads}, {d_qk}, {d_v}"
+            )
+        if chunk_len is not None and chunk_len < 1:
+            raise ValueError(f"SelfAttention: chunk_len must be None or >= 1, got {chunk_len}")
+        if causal and n_chunks_after:
+            raise ValueError("SelfAttention: a causal layer cannot look at n_chunks_after > 0")
+        self._n_heads, self._d_qk, self._d_v = n_heads, d_qk, d_v
+        self._causal, self._masked = causal, masked
+        self._chunk_len = chunk_len
+        self._n_before, self._n_after = n_chunks_before, n_chunks_after
+        self._attention_dropout, self._output_dropout = attention_dropout, output_dropout
+        self._use_bias = use_bias
+        self._mode = check_mode(mode)
+        self._mem_len = predict_mem_len
+        if mode == "predict":
+            if not causal:
+                raise ValueError("SelfAttention: predict mode needs causal=True")
+            if chunk_len is not None and predict_mem_len < (n_chunks_before + 1) * chunk_len:
+                raise ValueError(
+                    f"SelfAttention: predict_mem_len={predict_mem_len} must be at least "
+                    f"(n_chunks_before + 1) * chunk_len = {(n_chunks_before + 1) * chunk_len}"
+                )
+
+    # -- weights --------------------------------------------------------------------------
+    def init_weights_and_state(self, input_signature, rng):
+        x_sig = input_signature[0] if self._masked else input_signature
+        d_model = x_sig.shape[-1]
+        h = self._n_heads
+        keys = jax.random.split(rng, 4)
+        dims = {"wq": h * self._d_qk, "wk": h * self._d_qk, "wv": h * self._d_v}
+        weights = {
+            name: init_lib.glorot_uniform(key, (d_model, d))
+            for (name, d), key in zip(dims.items(), keys)
+        }
+        weights["wo"] = init_lib.glorot_uniform(keys[3], (h * self._d_v, d_model))
+        if self._use_bias:
+            for name, d in dims.items():
+                weights["b" + name[1]] = jnp.zeros((d,))
+            weights["bo"] = jnp.zeros((d_model,))
+        state = EMPTY
+        if self._mode == "predict":
+            batch = x_sig.shape[0]
+            state = {
+                "k": jnp.zeros((batch, h, self._mem_len, self._d_qk), x_sig.dtype),
+                "v": jnp.zeros((batch, h, self._mem_len, self._d_v), x_sig.dtype),
+                "k_pos": jnp.full((self._mem_len,), -1, jnp.int32),
+                "k_valid": jnp.zeros((batch, self._mem_len), bool),
+                "position": jnp.zeros((), jnp.int32),
+            }
+        return weights, state
+
+    def _project(self, x, weights, name):
+        y = jnp.dot(x, weights["w" + name].astype(x.dtype))
+        if self._use_bias:
+            y = y + weights["b" + name]
+        return y
+
+    # -- forward --------------------------------------------------------------------------
+    def apply(self, x, weights, state, rng):
+        x, mask = as_items(x, self.n_in, self.name) if self._masked else (x, None)
+        if x.ndim != 3:
+            raise ValueError(f"{self.name}: expected x of shape (batch, length, d_model), "
+                             f"got {tuple(x.shape)}")
+        check_feature_dim(x, weights["wq"].shape[0], self.name)
+        rng_attn, rng_out = (None, None) if rng is None else jax.random.split(rng)
+        q = split_heads(self._project(x, weights, "q"), self._n_heads)
+        k = split_heads(self._project(x, weights, "k"), self._n_heads)
+        v = split_heads(self._project(x, weights, "v"), self._n_heads)
+        if self._mode == "predict":
+            out, state = self._attend_cached(q, k, v, mask, state)
+        else:
+            out = self._attend(q, k, v, mask, rng_attn)
+        y = jnp.dot(merge_heads(out), weights["wo"].astype(x.dtype))
+        if self._use_bias:
+            y = y + weights["bo"]
+        y = dropout(y, self._output_dropout, rng_out, self._mode)
+        return ((y, mask) if self._masked else y), state
+
+    def _attend(self, q, k, v, mask, rng):
+        length = q.shape[2]
+        common = dict(dropout_rate=self._attention_dropout, rng=rng, mode=self._mode)
+        if self._chunk_len is None or self._chunk_len >= length:
+            pos = jnp.arange(length)
+            allowed = _position_mask(pos, pos, self._causal, None, 0, 0)
+            if mask is not None:
+                allowed = allowed[None, None] & mask[:, None, None, :].astype(bool)
+            return dot_product_attention(q, k, v, allowed, **common)
+        pad = -length % self._chunk_len
+        key_mask = jnp.ones((q.shape[0], length), bool) if mask is None else mask.astype(bool)
+        if pad:
+            padding = [(0, 0), (0, 0), (0, pad), (0, 0)]
+            q, k, v = (jnp.pad(a, padding) for a in (q, k, v))
+            key_mask = jnp.pad(key_mask, [(0, 0), (0, pad)])
+        out = local_attention(
+            q, k, v, self._chunk_len, self._n_before, self._n_after, self._causal,
+            key_mask=key_mask if (pad or mask is not None) else None, **common,
+        )
+        return out[:, :, :length]
+
+    def _attend_cached(self, q, k, v, mask, state):
+        n_new = q.shape[2]
+        if n_new > self._mem_len:
+            raise ValueError(
+                f"{self.name}: {n_new} tokens in one predict call exceed "
+                f"predict_mem_len={self._mem_len}; feed the prompt in smaller chunks"
+            )
+        start = state["position"]
+        positions = start + jnp.arange(n_new)
+        slots = positions % self._mem_len
+        new_valid = jnp.ones((q.shape[0], n_new), bool) if mask is None else mask.astype(bool)
+        state = dict(state)
+        state["k"] = state["k"].at[:, :, slots].set(k.astype(state["k"].dtype))
+        state["v"] = state["v"].at[:, :, slots].set(v.astype(state["v"].dtype))
+        state["k_pos"] = state["k_pos"].at[slots].set(positions)
+        state["k_valid"] = state["k_valid"].at[:, slots].set(new_valid)
+        state["position"] = start + n_new
+        allowed = _position_mask(
+            positions, state["k_pos"], True, self._chunk_len, self._n_before, 0
+        )
+        allowed = allowed[None, None] & state["k_valid"][:, None, None, :]
+        out = dot_product_attention(q, state["k"].astype(q.dtype), state["v"].astype(q.dtype),
+                                    allowed)
+        return out, state
+
+
+def CausalAttention(  # noqa: N802
+    d_feature: int,
+    n_heads: int = 1,
+    dropout: float = 0.0,
+    max_inference_length: int = 2048,
+    mode: str = "train",
+) -> SelfAttention:
+    """Trax's CausalAttention: full causal multi-head attention with biases.
+
+    (batch, length, d_feature) -> same; heads of width d_feature // n_heads.
+    """
+    if d_feature % n_heads:
+        raise ValueError(
+            f"CausalAttention: d_feature={d_feature} must be divisible by n_heads={n_heads}"
+        )
+    d_head = d_feature // n_heads
+    return SelfAttention(
+        n_heads=n_heads, d_qk=d_head, d_v=d_head, causal=True, attention_dropout=dropout,
+        output_dropout=0.0, use_bias=True, mode=mode, predict_mem_len=max_inference_length,
+    )
