@@ -21,9 +21,8 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
-
 import gin
+import numpy as np
 
 __all__ = [
     "batch",

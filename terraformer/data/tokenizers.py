@@ -17,9 +17,8 @@ import os
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-import numpy as np
-
 import gin
+import numpy as np
 
 __all__ = [
     "ByteTokenizer",

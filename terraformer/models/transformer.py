@@ -1,0 +1,62 @@
+"""The dense baseline: a decoder-only Transformer language model (pre-norm, as in Trax)."""
+
+from __future__ import annotations
+
+from terraformer import layers as tl
+from terraformer.layers.attention import CausalAttention
+from terraformer.layers.feedforward import FeedForward
+from terraformer.layers.losses import Accuracy, CrossEntropyLoss  # noqa: F401 (re-export)
+
+
+def DecoderBlock(  # noqa: N802
+    d_model: int, d_ff: int, n_heads: int, dropout: float, max_len: int, mode: str,
+    ff_activation=tl.Relu, dropout_shared_axes=None,
+) -> tl.Layer:
+    """Pre-norm residual attention then residual feed-forward: (x) -> (x')."""
+    return tl.Serial(
+        tl.Residual(
+            tl.LayerNorm(),
+            CausalAttention(d_model, n_heads=n_heads, dropout=dropout,
+                            max_inference_length=max_len, mode=mode),
+            tl.Dropout(dropout, shared_axes=dropout_shared_axes, mode=mode),
+        ),
+        tl.Residual(
+            FeedForward(d_ff, dropout=dropout, activation=ff_activation,
+                        dropout_shared_axes=dropout_shared_axes, mode=mode),
+        ),
+        name="DecoderBlock",
+    )
+
+
+def TransformerLM(  # noqa: N802
+    vocab_size: int,
+    d_model: int = 512,
+    d_ff: int = 2048,
+    n_layers: int = 6,
+    n_heads: int = 8,
+    max_len: int = 2048,
+    dropout: float = 0.1,
+    dropout_shared_axes=None,
+    mode: str = "train",
+    ff_activation=tl.Relu,
+) -> tl.Layer:
+    """Decoder-only Transformer: (tokens [batch, length]) -> (log-probs [batch, length, vocab]).
+
+    The model shifts its input right, so targets equal inputs (Trax convention). In `predict`
+    mode it takes the previous token(s) and keeps key/value caches of `max_len` positions.
+    """
+    return tl.Serial(
+        tl.ShiftRight(mode=mode),
+        tl.Embedding(vocab_size, d_model),
+        tl.Dropout(dropout, shared_axes=dropout_shared_axes, mode=mode),
+        tl.PositionalEncoding(max_len=max_len, mode=mode),
+        [
+            DecoderBlock(d_model, d_ff, n_heads, dropout, max_len, mode, ff_activation,
+                         dropout_shared_axes)
+            for _ in range(n_layers)
+        ],
+        tl.LayerNorm(),
+        tl.Dense(vocab_size),
+        tl.LogSoftmax(),
+        name="TransformerLM",
+    )
