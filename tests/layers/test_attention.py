@@ -1,0 +1,146 @@
+"""Dense and chunked attention against a plain softmax(QKᵀ)V reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from terraformer.layers.attention import CausalAttention, SelfAttention
+from terraformer.shapes import ShapeDtype
+
+
+def _reference(x, w, n_heads, causal, allowed_fn=None, bias=False):
+    """Plain multi-head attention written with numpy, one head at a time."""
+    x = np.asarray(x, np.float64)
+    q, k, v = (x @ np.asarray(w[n], np.float64) for n in ("wq", "wk", "wv"))
+    if bias:
+        q, k, v = (a + np.asarray(w[n]) for a, n in zip((q, k, v), ("bq", "bk", "bv")))
+    b, length, _ = x.shape
+    d, d_v = q.shape[-1] // n_heads, v.shape[-1] // n_heads
+    out = np.zeros((b, length, v.shape[-1]))
+    allowed = np.ones((length, length), bool)
+    if causal:
+        allowed &= np.tril(np.ones((length, length), bool))
+    if allowed_fn is not None:
+        allowed &= allowed_fn(np.arange(length)[:, None], np.arange(length)[None, :])
+    for h in range(n_heads):
+        sl, sl_v = slice(h * d, (h + 1) * d), slice(h * d_v, (h + 1) * d_v)
+        s = q[..., sl] @ k[..., sl].transpose(0, 2, 1) / np.sqrt(d)
+        s = np.where(allowed, s, -1e30)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        out[..., sl_v] = p @ v[..., sl_v]
+    y = out @ np.asarray(w["wo"], np.float64)
+    return y + np.asarray(w["bo"]) if bias else y
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_full_attention_matches_reference(np_rng, causal):
+    x = jnp.asarray(np_rng.normal(size=(2, 11, 12)), jnp.float32)
+    layer = SelfAttention(n_heads=3, d_qk=4, d_v=4, causal=causal, mode="eval")
+    w, s = layer.init(ShapeDtype(x.shape), jax.random.PRNGKey(int(np_rng.integers(1 << 30))))
+    y, _ = layer.apply(x, w, s, None)
+    np.testing.assert_allclose(y, _reference(x, w, 3, causal), atol=1e-5)
+
+
+def test_causal_attention_with_bias_matches_reference(np_rng):
+    x = jnp.asarray(np_rng.normal(size=(2, 9, 8)), jnp.float32)
+    layer = CausalAttention(8, n_heads=2, mode="eval")
+    w, s = layer.init(ShapeDtype(x.shape))
+    w = jax.tree.map(lambda a: a + 0.1 * jnp.asarray(np_rng.normal(size=a.shape), a.dtype), w)
+    y, _ = layer.apply(x, w, s, None)
+    np.testing.assert_allclose(y, _reference(x, w, 2, True, bias=True), atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_len,before,after,causal,length", [
+    (4, 1, 0, True, 16), (4, 1, 1, False, 16), (5, 2, 0, True, 23), (3, 0, 1, False, 10),
+])
+def test_chunked_attention_matches_masked_reference(np_rng, chunk_len, before, after, causal,
+                                                    length):
+    x = jnp.asarray(np_rng.normal(size=(2, length, 8)), jnp.float32)
+    layer = SelfAttention(n_heads=2, d_qk=4, d_v=3, causal=causal, chunk_len=chunk_len,
+                          n_chunks_before=before, n_chunks_after=after, mode="eval")
+    w, s = layer.init(ShapeDtype(x.shape))
+    y, _ = layer.apply(x, w, s, None)
+
+    def window(qi, ki):
+        return (ki // chunk_len >= qi // chunk_len - before) & (
+            ki // chunk_len <= qi // chunk_len + after)
+
+    np.testing.assert_allclose(y, _reference(x, w, 2, causal, window), atol=1e-5)
+
+
+def test_causal_attention_never_looks_ahead(np_rng):
+    x = np_rng.normal(size=(1, 12, 8)).astype(np.float32)
+    layer = CausalAttention(8, n_heads=2, mode="eval")
+    w, s = layer.init(ShapeDtype(x.shape))
+    t = int(np_rng.integers(0, 11))
+    x2 = x.copy()
+    x2[:, t + 1 :] += np_rng.normal(size=x2[:, t + 1 :].shape).astype(np.float32)
+    y1, _ = layer.apply(jnp.asarray(x), w, s, None)
+    y2, _ = layer.apply(jnp.asarray(x2), w, s, None)
+    np.testing.assert_allclose(y1[:, : t + 1], y2[:, : t + 1], atol=1e-6)
+    assert not np.allclose(y1[:, t + 1 :], y2[:, t + 1 :])
+
+
+def test_padding_mask_hides_padded_keys(np_rng):
+    x = np_rng.normal(size=(2, 10, 8)).astype(np.float32)
+    mask = np.ones((2, 10), bool)
+    mask[:, 7:] = False
+    layer = SelfAttention(n_heads=2, d_qk=4, d_v=4, masked=True, chunk_len=4,
+                          n_chunks_before=1, n_chunks_after=1, mode="eval")
+    w, s = layer.init((ShapeDtype(x.shape), ShapeDtype(mask.shape, bool)))
+    x2 = x.copy()
+    x2[:, 7:] = np_rng.normal(size=(2, 3, 8))
+    (y1, _), _ = layer.apply((jnp.asarray(x), jnp.asarray(mask)), w, s, None)
+    (y2, _), _ = layer.apply((jnp.asarray(x2), jnp.asarray(mask)), w, s, None)
+    np.testing.assert_allclose(y1[:, :7], y2[:, :7], atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_len,mem_len", [(None, 32), (4, 12), (5, 10)])
+def test_predict_one_token_at_a_time_equals_eval(np_rng, chunk_len, mem_len):
+    x = jnp.asarray(np_rng.normal(size=(2, 20, 8)), jnp.float32)
+    kwargs = dict(n_heads=2, d_qk=4, d_v=4, causal=True, chunk_len=chunk_len,
+                  n_chunks_before=1)
+    full = SelfAttention(mode="eval", **kwargs)
+    w, s = full.init(ShapeDtype(x.shape))
+    want, _ = full.apply(x, w, s, None)
+    step = SelfAttention(mode="predict", predict_mem_len=mem_len, **kwargs)
+    _, state = step.init(ShapeDtype((2, 1, 8)))
+    apply = jax.jit(step.apply)
+    outs = []
+    for t in range(20):
+        y, state = apply(x[:, t : t + 1], w, state, None)
+        outs.append(y)
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), want, atol=1e-5)
+    # Prefill in two chunks, then continue token by token: same outputs.
+    _, state = step.init(ShapeDtype((2, 1, 8)))
+    a, state = step.apply(x[:, :6], w, state, None)
+    b, state = step.apply(x[:, 6:10], w, state, None)
+    c, state = step.apply(x[:, 10:11], w, state, None)
+    np.testing.assert_allclose(jnp.concatenate([a, b, c], 1), want[:, :11], atol=1e-5)
+
+
+def test_predict_errors():
+    with pytest.raises(ValueError, match="predict_mem_len"):
+        SelfAttention(causal=True, chunk_len=8, n_chunks_before=1, mode="predict",
+                      predict_mem_len=10)
+    layer = SelfAttention(n_heads=1, d_qk=2, d_v=2, causal=True, mode="predict",
+                          predict_mem_len=4)
+    w, s = layer.init(ShapeDtype((1, 1, 4)))
+    with pytest.raises(ValueError, match="exceed predict_mem_len=4"):
+        layer.apply(jnp.ones((1, 5, 4)), w, s, None)
+    with pytest.raises(ValueError, match="divisible"):
+        CausalAttention(10, n_heads=3)
+
+
+def test_attention_gradients_match_finite_differences(np_rng):
+    from jax.test_util import check_grads
+
+    x = jnp.asarray(np_rng.normal(size=(1, 8, 4)), jnp.float32)
+    layer = SelfAttention(n_heads=2, d_qk=2, d_v=2, causal=True, chunk_len=4,
+                          n_chunks_before=1, mode="eval")
+    w, s = layer.init(ShapeDtype(x.shape))
+    w64 = jax.tree.map(lambda a: a.astype(jnp.float64), w) if jax.config.x64_enabled else w
+    check_grads(lambda xx, ww: layer.apply(xx, ww, s, None)[0], (x, w64), order=1,
+                modes=["rev"], atol=5e-2, rtol=5e-2, eps=1e-2)

@@ -1,0 +1,67 @@
+"""Core layers against plain numpy references, and their input errors."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from terraformer import layers as tl
+from terraformer.shapes import ShapeDtype
+
+
+def test_dense_and_layer_norm_match_numpy(np_rng):
+    x = np_rng.normal(size=(2, 5, 7)).astype(np.float32)
+    dense = tl.Dense(3)
+    w, s = dense.init(ShapeDtype(x.shape))
+    assert w["w"].shape == (7, 3) and w["b"].shape == (3,)
+    y, _ = dense.apply(jnp.asarray(x), w, s, None)
+    np.testing.assert_allclose(y, x @ np.asarray(w["w"]) + np.asarray(w["b"]), rtol=1e-5,
+                               atol=1e-5)
+    norm = tl.LayerNorm()
+    w, s = norm.init(ShapeDtype(x.shape))
+    y, _ = norm.apply(jnp.asarray(x), w, s, None)
+    ref = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_dense_wrong_feature_dim_names_the_problem(np_rng):
+    dense = tl.Dense(3)
+    w, s = dense.init(ShapeDtype((2, 7)))
+    with pytest.raises(ValueError, match="last axis 7"):
+        dense.apply(jnp.ones((2, 6)), w, s, None)
+
+
+def test_embedding_lookup_and_out_of_range_ids(np_rng):
+    emb = tl.Embedding(10, 4)
+    w, s = emb.init(ShapeDtype((2, 3), jnp.int32))
+    ids = np_rng.integers(0, 10, size=(2, 3))
+    y, _ = emb.apply(jnp.asarray(ids, jnp.int32), w, s, None)
+    np.testing.assert_array_equal(y, np.asarray(w)[ids])
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        emb.apply(jnp.asarray([[1, 10, 2]], jnp.int32), w, s, None)
+    with pytest.raises(TypeError, match="integer"):
+        emb.apply(jnp.ones((1, 3)), w, s, None)
+
+
+def test_shift_right_and_positional_encoding_predict(np_rng):
+    x = jnp.asarray(np_rng.integers(1, 9, size=(2, 6)), jnp.int32)
+    y, _ = tl.ShiftRight(mode="eval").apply(x, (), (), None)
+    np.testing.assert_array_equal(y[:, 1:], x[:, :-1])
+    np.testing.assert_array_equal(y[:, 0], 0)
+    h = jnp.asarray(np_rng.normal(size=(2, 6, 8)), jnp.float32)
+    full, _ = tl.PositionalEncoding(max_len=16, mode="eval").apply(h, (), (), None)
+    pe = tl.PositionalEncoding(max_len=16, mode="predict")
+    _, state = pe.init(ShapeDtype((2, 1, 8)))
+    steps = []
+    for t in range(6):
+        out, state = pe.apply(h[:, t : t + 1], (), state, None)
+        steps.append(out)
+    np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=1e-6)
+    with pytest.raises(ValueError, match="max_len=4"):
+        tl.PositionalEncoding(max_len=4, mode="eval").apply(h, (), (), None)
+
+
+def test_log_softmax_and_bad_mode():
+    y, _ = tl.LogSoftmax().apply(jnp.array([[1.0, 2.0, 3.0]]), (), (), None)
+    np.testing.assert_allclose(jnp.exp(y).sum(-1), 1.0, rtol=1e-6)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        tl.Dropout(0.1, mode="training")
