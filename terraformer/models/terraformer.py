@@ -1,0 +1,84 @@
+"""Terraformer (Jaszczur et al. 2021, "Sparse is Enough in Scaling Transformers").
+
+The Reformer's reversible backbone with sparse dense layers: sparse QKV projections
+(multiplicative modular dense + causal local convolution) in attention, and a
+controller-gated feed-forward with one active unit per block, so that decoding a token reads
+about `1 / ff_sparsity` of the feed-forward weights.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from terraformer import layers as tl
+from terraformer.layers.sparsity import MultiplicativeConvCausalAttention, SparseFF
+from terraformer.models.reformer import ReformerLM
+
+
+def sparse_feed_forward(ff_sparsity: int, d_lowrank: int = 64, temperature: float = 0.1,
+                        quant_prob: float = 0.3, ff_chunk_size: int = 0):
+    """A `feed_forward_type` for ReformerLM: SparseFF with blocks of `ff_sparsity` units."""
+
+    def make(d_ff, dropout=0.0, mode="train"):
+        return SparseFF(d_ff, n_elements_in_block=ff_sparsity, d_lowrank=d_lowrank,
+                        temperature=temperature, quant_prob=quant_prob, dropout_rate=dropout,
+                        ff_chunk_size=ff_chunk_size, mode=mode)
+
+    return make
+
+
+def sparse_qkv_attention(attention_sparsity: int = 16, length_kernel_size: int = 3,
+                         kernel_size: int = 3):
+    """An `attention_type`: causal attention whose Q/K/V use the sparse QKV layers."""
+    return functools.partial(MultiplicativeConvCausalAttention, sparsity=attention_sparsity,
+                             length_kernel_size=length_kernel_size, kernel_size=kernel_size)
+
+
+def TerraformerLM(  # noqa: N802
+    vocab_size: int,
+    d_model: int = 512,
+    d_ff: int = 2048,
+    d_attention_key: int = 64,
+    d_attention_value: int = 64,
+    n_layers: int = 6,
+    n_heads: int = 8,
+    dropout: float = 0.1,
+    max_len: int = 2048,
+    attention_type=None,
+    attention_sparsity: int = 16,
+    length_kernel_size: int = 3,
+    ff_sparsity: int = 64,
+    d_lowrank: int = 64,
+    temperature: float = 0.1,
+    quant_prob: float = 0.3,
+    ff_chunk_size: int = 0,
+    pos_type: str | None = "fixed-base",
+    pos_axial_shape=(),
+    pos_d_axial_embs=None,
+    mode: str = "train",
+) -> tl.Layer:
+    """Decoder-only Terraformer: (tokens [batch, length]) -> (log-probs [..., vocab_size]).
+
+    Args (beyond ReformerLM's):
+      attention_type: defaults to sparse-QKV causal attention with `attention_sparsity`
+        modules and a causal convolution of `length_kernel_size` positions; an LSH or local
+        attention constructor may be given instead (or a list, cycled over layers).
+      ff_sparsity: units per block of the sparse feed-forward (one active per block);
+        0 gives the dense feed-forward.
+      d_lowrank, temperature, quant_prob: the controller's rank and its Gumbel-softmax
+        training (see `SparseFF`).
+    """
+    if attention_type is None:
+        attention_type = sparse_qkv_attention(attention_sparsity, length_kernel_size)
+    feed_forward_type = None
+    if ff_sparsity:
+        feed_forward_type = sparse_feed_forward(ff_sparsity, d_lowrank, temperature, quant_prob,
+                                                ff_chunk_size)
+    return ReformerLM(
+        vocab_size, d_model=d_model, d_ff=d_ff, d_attention_key=d_attention_key,
+        d_attention_value=d_attention_value, n_layers=n_layers, n_heads=n_heads,
+        dropout=dropout, max_len=max_len, attention_type=attention_type, pos_type=pos_type,
+        pos_axial_shape=pos_axial_shape, pos_d_axial_embs=pos_d_axial_embs,
+        ff_chunk_size=0 if ff_sparsity else ff_chunk_size,
+        feed_forward_type=feed_forward_type, mode=mode,
+    )
