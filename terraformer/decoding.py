@@ -1,0 +1,243 @@
+"""Decoding: chunked prefill, a compiled per-token loop, sampling, streaming.
+
+The model is a predict-mode layer: it takes the previous token(s) [batch, n] and returns
+log-probabilities [batch, n, vocab] for the next position(s), keeping its caches in `state`.
+Feeding `[0, t_0, ..., t_{n-1}]` gives the distribution of t_n (the model's own start token
+is 0, as its ShiftRight pads with 0 in training).
+
+    decoder = Decoder(TransformerLM(..., mode="predict"), weights, batch_size=1)
+    tokens = decoder.generate(prompt_ids, max_new_tokens=64, temperature=0.0)
+
+`generate` runs the whole generation as one `lax.while_loop` inside one jitted function;
+`stream` yields tokens in blocks, each block one compiled scan, so a notebook or the CLI
+can print as tokens come without a Python loop per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from terraformer.layers.base import Layer
+from terraformer.shapes import ShapeDtype
+
+START_ID = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen: greedy when temperature == 0, else sampled.
+
+    top_k keeps the k most likely tokens; top_p keeps the smallest set of most likely tokens
+    whose probability reaches p (always at least one). Both apply before sampling.
+    """
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def filter_logits(logits, top_k: int | None = None, top_p: float | None = None):
+    """Sets excluded tokens' logits to -inf. logits: [batch, vocab]."""
+    neg_inf = jnp.asarray(-jnp.inf, logits.dtype)
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, neg_inf, logits)
+    if top_p is not None and top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
+        keep_sorted = before < top_p
+        keep = jnp.zeros_like(keep_sorted).at[
+            jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+        logits = jnp.where(keep, logits, neg_inf)
+    return logits
+
+
+def sample(log_probs, rng, sampling: Sampling):
+    """Next token ids [batch] from log-probabilities [batch, vocab]."""
+    if sampling.temperature == 0.0:
+        return jnp.argmax(log_probs, axis=-1).astype(jnp.int32)
+    logits = filter_logits(log_probs.astype(jnp.float32) / sampling.temperature,
+                           sampling.top_k, sampling.top_p)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+class Decoder:
+    """Holds a predict-mode model and its weights; prefills prompts and generates.
+
+    Args:
+      model: a layer built with mode='predict'.
+      weights: its weights (the same pytree a train/eval model of the same config has).
+      batch_size: sequences decoded together.
+      prefill_chunk: prompt tokens fed per call while prefilling (at most two compiled
+        shapes: the remainder chunk first, then full chunks).
+      rng: key for the model's own init (e.g. LSH hash seeds); use the training init key so
+        predict-mode hashing matches eval.
+      max_len: the longest prompt + generation the model's caches hold exactly (e.g. the
+        model's max_len); longer requests are a ValueError. None: no check (attention caches
+        then slide over their last positions).
+    """
+
+    def __init__(self, model: Layer, weights, batch_size: int = 1, prefill_chunk: int = 1024,
+                 rng=None, max_len: int | None = None):
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.max_len = max_len
+        self.model = model
+        self.weights = weights
+        self.batch_size = batch_size
+        self.prefill_chunk = prefill_chunk
+        self._init_rng = jax.random.PRNGKey(0) if rng is None else rng
+        self._apply = jax.jit(model.apply, donate_argnums=(2,))
+        self._loops = {}
+
+    def initial_state(self):
+        """Fresh caches for `batch_size` sequences."""
+        _, state = self.model.init(ShapeDtype((self.batch_size, 1), jnp.int32), self._init_rng)
+        return state
+
+    # -- prefill ------------------------------------------------------------------------
+    def prefill(self, prompt_ids, state=None):
+        """Reads a prompt; returns (log-probs of the next token [batch, vocab], state).
+
+        prompt_ids: int [batch, length] (length >= 0). The start token is fed first.
+        """
+        prompt = self._check_prompt(prompt_ids)
+        self._check_length(prompt.shape[1])
+        if state is None:
+            state = self.initial_state()
+        inputs = jnp.concatenate(
+            [jnp.full((self.batch_size, 1), START_ID, jnp.int32), prompt], axis=1)
+        total = inputs.shape[1]
+        first = total % self.prefill_chunk or self.prefill_chunk
+        bounds = [0, first] + list(range(first + self.prefill_chunk, total + 1,
+                                         self.prefill_chunk))
+        log_probs = None
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            log_probs, state = self._apply(inputs[:, start:stop], self.weights, state, None)
+        return log_probs[:, -1], state
+
+    def _check_length(self, total: int) -> None:
+        if self.max_len is not None and total + 1 > self.max_len:
+            raise ValueError(
+                f"prompt plus new tokens ({total}) plus the start token exceed the model's "
+                f"max_len={self.max_len}; shorten the prompt or raise max_len")
+
+    def _check_prompt(self, prompt_ids):
+        prompt = jnp.asarray(prompt_ids)
+        if prompt.ndim == 1:
+            prompt = prompt[None]
+        if prompt.ndim != 2 or prompt.shape[0] != self.batch_size:
+            raise ValueError(
+                f"prompt_ids must be [batch_size={self.batch_size}, length], got shape "
+                f"{tuple(np.shape(prompt_ids))}")
+        if not jnp.issubdtype(prompt.dtype, jnp.integer):
+            raise TypeError(f"prompt_ids must be integer token ids, got {prompt.dtype}")
+        return prompt.astype(jnp.int32)
+
+    # -- the compiled loop --------------------------------------------------------------
+    def _loop(self, n_steps: int, sampling: Sampling, stop_ids: tuple[int, ...]):
+        key = (n_steps, sampling, stop_ids)
+        if key not in self._loops:
+            self._loops[key] = jax.jit(
+                functools.partial(self._run, n_steps=n_steps, sampling=sampling,
+                                  stop_ids=stop_ids), donate_argnums=(1,))
+        return self._loops[key]
+
+    def _run(self, weights, state, log_probs, rng, done, *, n_steps, sampling, stop_ids):
+        """n_steps of (sample, feed back) in a while_loop; stops early when all are done."""
+        batch = log_probs.shape[0]
+        stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
+
+        def body(carry):
+            i, state, log_probs, rng, done, out = carry
+            rng, key = jax.random.split(rng)
+            token = sample(log_probs, key, sampling)
+            token = jnp.where(done, START_ID, token)
+            out = out.at[:, i].set(token)
+            done = done | jnp.isin(token, stops)
+            next_log_probs, state = self.model.apply(token[:, None], weights, state, None)
+            return i + 1, state, next_log_probs[:, -1], rng, done, out
+
+        def cond(carry):
+            i, *_, done, _ = carry
+            return (i < n_steps) & ~jnp.all(done)
+
+        out = jnp.zeros((batch, n_steps), jnp.int32)
+        i, state, log_probs, rng, done, out = jax.lax.while_loop(
+            cond, body, (0, state, log_probs, rng, done, out))
+        return out, i, state, log_probs, rng, done
+
+    def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                 stop_ids: Sequence[int] = ()):
+        """Prefills `prompt_ids` and generates; returns int32 [batch, max_new_tokens].
+
+        Positions after a sequence's stop token are START_ID (0).
+        """
+        blocks = list(self.stream(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed,
+                                  stop_ids, block_size=max_new_tokens))
+        out = np.concatenate(blocks, axis=1) if blocks else np.zeros((self.batch_size, 0))
+        pad = max_new_tokens - out.shape[1]
+        return np.pad(out, [(0, 0), (0, pad)]).astype(np.int32)
+
+    def stream(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
+               top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+               stop_ids: Sequence[int] = (), block_size: int = 16) -> Iterator[np.ndarray]:
+        """Yields generated tokens in blocks of up to `block_size` ([batch, n] int32)."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        self._check_length(np.shape(prompt_ids)[-1] + max_new_tokens)
+        sampling = Sampling(temperature, top_k, top_p)
+        log_probs, state = self.prefill(prompt_ids)
+        rng = jax.random.PRNGKey(seed)
+        done = jnp.zeros((self.batch_size,), bool)
+        remaining = max_new_tokens
+        while remaining > 0:
+            n = min(block_size, remaining)
+            loop = self._loop(n, sampling, tuple(int(s) for s in stop_ids))
+            out, steps, state, log_probs, rng, done = loop(self.weights, state, log_probs,
+                                                           rng, done)
+            steps = int(steps)
+            yield np.asarray(out[:, :steps])
+            remaining -= n
+            if steps < n or bool(jnp.all(done)):
+                return
+
+
+def time_per_token(decoder: Decoder, prompt_ids, new_tokens: int) -> dict:
+    """Latency figures: prefill seconds and per-token seconds (median over tokens 2..n).
+
+    Each token is one call of the compiled single-step loop, timed with block_until_ready.
+    """
+    start = time.perf_counter()
+    log_probs, state = decoder.prefill(prompt_ids)
+    jax.block_until_ready(log_probs)
+    prefill_s = time.perf_counter() - start
+    loop = decoder._loop(1, Sampling(), ())
+    rng = jax.random.PRNGKey(0)
+    done = jnp.zeros((decoder.batch_size,), bool)
+    times = []
+    for _ in range(new_tokens):
+        start = time.perf_counter()
+        out, _, state, log_probs, rng, done = loop(decoder.weights, state, log_probs, rng, done)
+        jax.block_until_ready(out)
+        times.append(time.perf_counter() - start)
+    return {"prefill_s": prefill_s, "first_token_s": times[0],
+            "s_per_token": float(np.median(times[1:])) if len(times) > 1 else times[0]}
