@@ -1,0 +1,784 @@
+"""LSH self-attention (Reformer): hash, sort, chunk, attend, undo the sort, merge the rounds.
+
+The pieces, each usable on its own:
+
+- `random_rotations(rng, d, n_buckets, n_hashes, n_heads)`: the random projections of the hash.
+- `hash_vectors(vecs, n_buckets, rng, n_hashes, rotations=...)`: angular LSH buckets,
+  `(..., length, d) -> (..., n_hashes, length)` int32.
+- `lsh_attention(qk, v, rng, ...)`: the attention itself on per-head arrays,
+  `qk: (batch, heads, length, d_qk)`, `v: (batch, heads, length, d_v)` ->
+  `(out: (batch, heads, length, d_v), lse: (batch, heads, length))`.
+- `LSHSelfAttention`: the layer, `(batch, length, d_model) -> (batch, length, d_model)`, with
+  shared-QK and V projections, an output projection and a `predict`-mode decoding cache.
+
+Conventions (those of Trax's LSHSelfAttention, re-derived from the Reformer paper):
+
+- Shared QK: queries are the projections `qk`; keys are `qk` normalised to unit length
+  (`length_normalized`); scores are scaled by `1/sqrt(d_qk)`.
+- A query never attends to itself unless nothing else is allowed: its self-score is replaced by
+  `SELF_ATTENTION_VALUE` (-1e5), while masked scores become `MASK_VALUE` (-1e9).
+- Buckets do not mask: a query sees every key of its chunk window (its chunk plus
+  `n_chunks_before` previous and `n_chunks_after` following chunks of the same hash round, wrapping
+  around the round's sorted sequence; chunks that would appear twice in a window appear once).
+- The rounds are merged as `out = sum_r exp(lse_r - logsumexp_r(lse_r)) * out_r`.
+- Padding positions (beyond the length, or False in `mask`) get an extra bucket past the last one,
+  so they sort to the end of every round: they never take a real token's place in a chunk, are
+  never attended to, and their values cannot change which keys a real token sees.
+
+Causal LSH attention masks every key at a later position, but, as in the Reformer paper, *which*
+earlier keys share a query's chunk depends on the buckets of all tokens, later ones included
+(sorting places later tokens between earlier ones). Values never leak; the hash pattern can.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from terraformer.layers import initializers as init_lib
+from terraformer.layers.base import Layer, as_items, check_mode
+from terraformer.layers.core import dropout as dropout_fn
+
+MASK_VALUE = -1e9
+SELF_ATTENTION_VALUE = -1e5
+NORM_EPSILON = 1e-6
+# Above this many buckets, `n_buckets=None` factors the hash into a pair (a, b).
+MAX_UNFACTORED_BUCKETS = 512
+# Elements of one block of rotated vectors (hashing) or of chunk scores (attention).
+_HASH_BLOCK_ELEMENTS = 1 << 24
+_SCORE_BLOCK_ELEMENTS = 1 << 23
+
+
+# -- buckets ----------------------------------------------------------------------------------
+def _check_factor(n, who: str) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"{who}: n_buckets entries must be ints, got {type(n).__name__}")
+    n = int(n)
+    if n < 1 or (n > 1 and n % 2):
+        raise ValueError(f"{who}: n_buckets entries must be 1 or a positive even int, got {n}")
+    return n
+
+
+def check_n_buckets(n_buckets, who: str = "LSH"):
+    """Validates `n_buckets`: None, an int (1 or even), or a pair of them (factored hashing)."""
+    if n_buckets is None:
+        return None
+    if isinstance(n_buckets, (tuple, list)):
+        if len(n_buckets) != 2:
+            raise ValueError(f"{who}: factored n_buckets must be a pair (a, b), got {n_buckets!r}")
+        return tuple(_check_factor(n, who) for n in n_buckets)
+    return _check_factor(n_buckets, who)
+
+
+def total_buckets(n_buckets) -> int:
+    """How many distinct buckets `n_buckets` (an int or a pair (a, b)) gives: n, or a*b."""
+    if isinstance(n_buckets, tuple):
+        return n_buckets[0] * n_buckets[1]
+    return n_buckets
+
+
+def resolve_n_buckets(n_buckets, length: int, chunk_len: int, max_length_for_buckets=None):
+    """The bucket count to use for sequences of `length`.
+
+    An explicit `n_buckets` is returned as is (validated). `None` means: the number of chunks,
+    `ceil(L / chunk_len)` with `L = max_length_for_buckets or length`, rounded up to a power of two
+    `2^k`; above `MAX_UNFACTORED_BUCKETS` it is factored as `(2^(k//2), 2^(k - k//2))` so that
+    hashing costs O(sqrt(n_buckets)) per token.
+    """
+    n_buckets = check_n_buckets(n_buckets)
+    if n_buckets is not None:
+        return n_buckets
+    target = max_length_for_buckets or length
+    n_chunks = max(1, -(-int(target) // int(chunk_len)))
+    k = (n_chunks - 1).bit_length()
+    if 2**k <= MAX_UNFACTORED_BUCKETS:
+        return 2**k
+    return (2 ** (k // 2), 2 ** (k - k // 2))
+
+
+def random_rotations(rng, d: int, n_buckets, n_hashes: int = 1, n_heads: int | None = None):
+    """Random projections for `hash_vectors`: a tuple with one array per bucket factor.
+
+    For a factor of size f the array is `(n_heads, n_hashes, d, f // 2)` (or `(n_hashes, d, f//2)`
+    when `n_heads` is None: shared by all leading axes); a factor of size 1 needs no directions
+    and gets a `(..., d, 0)` array.
+    """
+    factors = check_n_buckets(n_buckets)
+    if factors is None:
+        raise ValueError("random_rotations: resolve n_buckets=None first (resolve_n_buckets)")
+    factors = factors if isinstance(factors, tuple) else (factors,)
+    lead = (n_hashes,) if n_heads is None else (n_heads, n_hashes)
+    rngs = jax.random.split(rng, len(factors))
+    return tuple(
+        jax.random.normal(r, (*lead, d, f // 2), jnp.float32) for r, f in zip(rngs, factors)
+    )
+
+
+def _argmax_pm(rotated):
+    """argmax over [r; -r] of the last axis, without building the concatenation."""
+    half = rotated.shape[-1]
+    hi = jnp.max(rotated, axis=-1)
+    lo = jnp.min(rotated, axis=-1)
+    return jnp.where(
+        hi >= -lo,
+        jnp.argmax(rotated, axis=-1),
+        half + jnp.argmin(rotated, axis=-1),
+    ).astype(jnp.int32)
+
+
+def _hash_block(vecs, rotations, factors):
+    """Buckets of vecs (..., l, d) -> (..., n_hashes, l)."""
+    bucket = None
+    for rot, f in zip(rotations, factors):
+        if f == 1:
+            part = jnp.zeros(vecs.shape[:-2] + (rot.shape[-3], vecs.shape[-2]), jnp.int32)
+        else:
+            if rot.ndim == 3:
+                rotated = jnp.einsum("...ld,rdf->...rlf", vecs, rot)
+            else:
+                rotated = jnp.einsum("...hld,hrdf->...hrlf", vecs, rot)
+            part = _argmax_pm(rotated)
+        bucket = part if bucket is None else bucket * f + part
+    return bucket
+
+
+def hash_vectors(
+    vecs, n_buckets, rng=None, n_hashes: int = 1, *, rotations=None, block_len: int | None = None
+):
+    """Angular LSH: the bucket of each vector in each of `n_hashes` rounds.
+
+    For a factor of f buckets the vector is projected on f/2 random directions R and its bucket is
+    `argmax([R x; -R x])`; a pair `(a, b)` hashes twice independently and gives `i * b + j`, in
+    `[0, a*b)`, at the cost of a/2 + b/2 projections. `n_buckets=1` puts everything in bucket 0.
+    The bucket does not change when x is scaled by a positive constant.
+
+    Args:
+      vecs: `(..., length, d)`; with per-head rotations, `(..., n_heads, length, d)`.
+      n_buckets: an int (1 or even) or a pair of them.
+      rng: draws the rotations (shared by all leading axes) when `rotations` is None.
+      n_hashes: how many rounds.
+      rotations: the output of `random_rotations` (overrides rng and n_hashes).
+      block_len: hash this many positions at a time (a `lax.map` over the length), so that at most
+        `block_len x n_buckets/2` projections per round are alive; default: automatic.
+
+    Returns:
+      int32 buckets, `(..., n_hashes, length)`.
+    """
+    factors = check_n_buckets(n_buckets, "hash_vectors")
+    if factors is None:
+        raise ValueError("hash_vectors: resolve n_buckets=None first (resolve_n_buckets)")
+    factors = factors if isinstance(factors, tuple) else (factors,)
+    d = vecs.shape[-1]
+    if rotations is None:
+        if rng is None:
+            raise ValueError("hash_vectors: pass rng or rotations")
+        rotations = random_rotations(rng, d, n_buckets, n_hashes)
+    rotations = tuple(rotations)
+    if len(rotations) != len(factors):
+        raise ValueError(
+            f"hash_vectors: {len(factors)} bucket factors need as many rotation arrays, "
+            f"got {len(rotations)}"
+        )
+    for rot, f in zip(rotations, factors):
+        if rot.shape[-2:] != (d, f // 2):
+            raise ValueError(
+                f"hash_vectors: rotations for {f} buckets must end in ({d}, {f // 2}), "
+                f"got shape {tuple(rot.shape)}"
+            )
+    n_rounds = rotations[0].shape[-3]
+    if block_len is None:
+        per_position = max(1, math.prod(vecs.shape[:-2]) * n_rounds * sum(factors) // 2)
+        block_len = max(1, _HASH_BLOCK_ELEMENTS // per_position)
+    return _hash_vectors(vecs, rotations, factors=factors, block_len=int(block_len))
+
+
+@functools.partial(jax.jit, static_argnames=("factors", "block_len"))
+def _hash_vectors(vecs, rotations, *, factors, block_len):
+    vecs = lax.stop_gradient(vecs).astype(jnp.float32)
+    rotations = tuple(lax.stop_gradient(r) for r in rotations)
+    length, d = vecs.shape[-2:]
+    if length <= block_len:
+        return _hash_block(vecs, rotations, factors)
+    n_blocks = -(-length // block_len)
+    pad = n_blocks * block_len - length
+    padded = jnp.pad(vecs, [(0, 0)] * (vecs.ndim - 2) + [(0, pad), (0, 0)])
+    blocks = padded.reshape(*vecs.shape[:-2], n_blocks, block_len, d)
+    blocks = jnp.moveaxis(blocks, -3, 0)
+    out = lax.map(lambda b: _hash_block(b, rotations, factors), blocks)  # (nb, ..., R, blk)
+    out = jnp.moveaxis(out, 0, -2)  # (..., R, nb, blk)
+    return out.reshape(*out.shape[:-2], n_blocks * block_len)[..., :length]
+
+
+# -- attention --------------------------------------------------------------------------------
+def length_normalized(x, epsilon: float = NORM_EPSILON):
+    """`x / sqrt(sum(x^2) + epsilon)` over the last axis: the shared-QK keys."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + epsilon)).astype(x.dtype)
+
+
+def window_offsets(n_chunks: int, n_chunks_before: int, n_chunks_after: int) -> list[int]:
+    """Chunk offsets a chunk looks at, `-before..after`, without wrapped-around duplicates."""
+    seen, offsets = set(), []
+    for o in range(-n_chunks_before, n_chunks_after + 1):
+        if o % n_chunks not in seen:
+            seen.add(o % n_chunks)
+            offsets.append(o)
+    return offsets
+
+
+def _look_around(a, offsets, chunk_axis: int):
+    """(..., n_chunks, c, ...) -> (..., n_chunks, len(offsets) * c, ...): each chunk's window."""
+    parts = [a if o == 0 else jnp.roll(a, -o, axis=chunk_axis) for o in offsets]
+    return jnp.concatenate(parts, axis=chunk_axis + 1)
+
+
+def _check_int(name: str, value, low: int, who: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{who}: {name} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+def _check_lsh_args(chunk_len, n_chunks_before, n_chunks_after, n_hashes, who):
+    _check_int("chunk_len", chunk_len, 1, who)
+    _check_int("n_chunks_before", n_chunks_before, 0, who)
+    _check_int("n_chunks_after", n_chunks_after, 0, who)
+    _check_int("n_hashes", n_hashes, 1, who)
+
+
+def lsh_attention(
+    qk,
+    v,
+    rng=None,
+    *,
+    n_hashes: int = 1,
+    n_buckets=2,
+    chunk_len: int = 128,
+    n_chunks_before: int = 1,
+    n_chunks_after: int = 0,
+    causal: bool = False,
+    mask=None,
+    rotations=None,
+    dropout_rate: float = 0.0,
+    dropout_rng=None,
+    max_length_for_buckets: int | None = None,
+    chunks_per_block: int | None = None,
+):
+    """LSH attention with shared QK on per-head arrays.
+
+    Args:
+      qk: `(batch, heads, length, d_qk)`: the queries; the keys are their unit-length versions.
+      v: `(batch, heads, length, d_v)`.
+      rng: draws the hash rotations (one set per head, shared across the batch) unless
+        `rotations` is given.
+      n_hashes: hash rounds, merged by their log-sum-exp.
+      n_buckets: an int (1 or even), a pair (a, b) for factored hashing, or None (see
+        `resolve_n_buckets`; uses `max_length_for_buckets` when given).
+      chunk_len: queries per chunk. A length that is not a multiple is padded internally to the
+        next one (the padding is masked and cut from the output); a length shorter than
+        `chunk_len` is one chunk of that length.
+      n_chunks_before / n_chunks_after: how many neighbouring chunks (in sorted order, wrapping
+        around within the round) each chunk also attends to.
+      causal: mask keys at later (original) positions.
+      mask: optional `(batch, length)` bool/0-1, True for real tokens; others are never attended.
+      rotations: `random_rotations(rng, d_qk, n_buckets, n_hashes, n_heads=heads)`.
+      dropout_rate / dropout_rng: dropout on the attention probabilities (when rate > 0).
+      chunks_per_block: chunks attended to per step of the `lax.map` over chunks (default:
+        automatic, about 8M scores a step). Each step is rematerialised in the backward pass, so
+        memory is linear in the length.
+
+    Returns:
+      `(out, lse)`: `(batch, heads, length, d_v)` in v's dtype and `(batch, heads, length)`
+      float32, the log-sum-exp of each query's scores over the rounds.
+    """
+    _check_lsh_args(chunk_len, n_chunks_before, n_chunks_after, n_hashes, "lsh_attention")
+    if qk.ndim != 4 or v.ndim != 4 or qk.shape[:3] != v.shape[:3]:
+        raise ValueError(
+            "lsh_attention: qk and v must be (batch, heads, length, d) with equal leading axes, "
+            f"got qk {tuple(qk.shape)} and v {tuple(v.shape)}"
+        )
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"lsh_attention: dropout_rate must be in [0, 1), got {dropout_rate}")
+    if dropout_rate > 0.0 and dropout_rng is None:
+        raise ValueError("lsh_attention: dropout_rate > 0 needs a dropout_rng")
+    batch, _, length, _ = qk.shape
+    if mask is not None and tuple(mask.shape) != (batch, length):
+        raise ValueError(
+            f"lsh_attention: mask must be (batch, length) = {(batch, length)}, "
+            f"got {tuple(mask.shape)}"
+        )
+    n_buckets = resolve_n_buckets(n_buckets, length, chunk_len, max_length_for_buckets)
+    if rotations is None and rng is None:
+        raise ValueError("lsh_attention: pass rng (to draw the hash rotations) or rotations")
+    if rotations is not None:
+        rotations = tuple(rotations)
+        # Validates the rotations' shapes against n_buckets (abstractly: no computation).
+        jax.eval_shape(lambda q, r: hash_vectors(q, n_buckets, rotations=r), qk, rotations)
+    return _lsh_attention(
+        qk,
+        v,
+        mask,
+        rng,
+        rotations,
+        dropout_rng,
+        n_hashes=int(n_hashes),
+        n_buckets=n_buckets,
+        chunk_len=int(chunk_len),
+        n_chunks_before=int(n_chunks_before),
+        n_chunks_after=int(n_chunks_after),
+        causal=bool(causal),
+        dropout_rate=float(dropout_rate),
+        chunks_per_block=chunks_per_block,
+    )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "n_hashes",
+        "n_buckets",
+        "chunk_len",
+        "n_chunks_before",
+        "n_chunks_after",
+        "causal",
+        "dropout_rate",
+        "chunks_per_block",
+    ),
+)
+def _lsh_attention(
+    qk,
+    v,
+    mask,
+    rng,
+    rotations,
+    dropout_rng,
+    *,
+    n_hashes,
+    n_buckets,
+    chunk_len,
+    n_chunks_before,
+    n_chunks_after,
+    causal,
+    dropout_rate,
+    chunks_per_block,
+):
+    """`lsh_attention` after validation, compiled once per configuration and shape."""
+    batch, n_heads, length, d_qk = qk.shape
+    d_v = v.shape[-1]
+    if rotations is None:
+        rotations = random_rotations(rng, d_qk, n_buckets, n_hashes, n_heads)
+    buckets = hash_vectors(qk, n_buckets, rotations=rotations)  # (B, H, R, L)
+    n_rounds = buckets.shape[2]
+    c = min(chunk_len, length)
+    n_chunks = -(-length // c)
+    padded_len = n_chunks * c
+    pad = padded_len - length
+    valid = jnp.ones((batch, length), bool) if mask is None else mask.astype(bool)
+    buckets = jnp.where(valid[:, None, None, :], buckets, total_buckets(n_buckets))
+    if pad:
+        buckets = jnp.pad(
+            buckets, [(0, 0)] * 3 + [(0, pad)], constant_values=total_buckets(n_buckets)
+        )
+        valid = jnp.pad(valid, [(0, 0), (0, pad)])
+        qk = jnp.pad(qk, [(0, 0), (0, 0), (0, pad), (0, 0)])
+        v = jnp.pad(v, [(0, 0), (0, 0), (0, pad), (0, 0)])
+
+    # Sort each round by (bucket, position): the sorted positions are the permutation.
+    positions = lax.broadcasted_iota(jnp.int32, buckets.shape, 3)
+    _, perm = lax.sort((buckets, positions), dimension=3, num_keys=2)
+    perm = lax.stop_gradient(perm)
+    idx = perm[..., None]
+
+    def sort(a):  # (B, H, Lp, d) -> (B, H, R, Lp, d)
+        return jnp.take_along_axis(a[:, :, None], idx, axis=3)
+
+    shape6 = (batch, n_heads, n_rounds, n_chunks, c)
+    sq = sort(qk).reshape(*shape6, d_qk)
+    sk = sort(length_normalized(qk)).reshape(*shape6, d_qk)
+    sv = sort(v).reshape(*shape6, d_v)
+    spos = perm.reshape(shape6)
+    svalid = jnp.take_along_axis(valid[:, None, None, :], perm, axis=3).reshape(shape6)
+
+    offsets = window_offsets(n_chunks, n_chunks_before, n_chunks_after)
+    window = len(offsets) * c
+    kw = _look_around(sk, offsets, 3)
+    vw = _look_around(sv, offsets, 3)
+    kpos = _look_around(spos, offsets, 3)
+    kvalid = _look_around(svalid, offsets, 3)
+
+    n_total = batch * n_heads * n_rounds * n_chunks
+    xs = (
+        sq.reshape(n_total, c, d_qk),
+        kw.reshape(n_total, window, d_qk),
+        vw.reshape(n_total, window, d_v),
+        spos.reshape(n_total, c),
+        kpos.reshape(n_total, window),
+        kvalid.reshape(n_total, window),
+        jnp.arange(n_total, dtype=jnp.int32),
+    )
+    scale = 1.0 / math.sqrt(d_qk)
+
+    def attend_chunk(q, k, vv, qp, kp, kval, i):
+        s = jnp.einsum("qd,kd->qk", q, k, preferred_element_type=jnp.float32) * scale
+        s = jnp.where(qp[:, None] == kp[None, :], SELF_ATTENTION_VALUE, s)
+        bad = ~kval[None, :]
+        if causal:
+            bad = bad | (kp[None, :] > qp[:, None])
+        s = jnp.where(bad, MASK_VALUE, s)
+        lse = jax.nn.logsumexp(s, axis=-1)
+        p = jnp.exp(s - lse[:, None])
+        if dropout_rate > 0.0:
+            p = dropout_fn(p, dropout_rate, jax.random.fold_in(dropout_rng, i), "train")
+        o = jnp.einsum("qk,kd->qd", p, vv.astype(jnp.float32))
+        return o, lse
+
+    attend_chunk = jax.checkpoint(attend_chunk, prevent_cse=False)
+    if chunks_per_block is None:
+        chunks_per_block = max(1, _SCORE_BLOCK_ELEMENTS // (c * window))
+    o, lse = lax.map(lambda a: attend_chunk(*a), xs, batch_size=min(chunks_per_block, n_total))
+
+    # Undo the sort, cut the padding, merge the rounds.
+    inv = jnp.argsort(perm, axis=3)
+    o = jnp.take_along_axis(
+        o.reshape(batch, n_heads, n_rounds, padded_len, d_v), inv[..., None], axis=3
+    )[:, :, :, :length]
+    lse = jnp.take_along_axis(lse.reshape(batch, n_heads, n_rounds, padded_len), inv, axis=3)[
+        ..., :length
+    ]
+    return _merge_rounds(o, lse, v.dtype)
+
+
+def _merge_rounds(o, lse, dtype):
+    """(B, H, R, L, d), (B, H, R, L) -> (B, H, L, d), (B, H, L)."""
+    # softmax (not exp(lse - total)): lse can be about -1e5 (self-only queries), where the
+    # rounding of `total` in float32 would leave weights that do not sum to one.
+    weights = jax.nn.softmax(lse, axis=2)
+    out = jnp.sum(weights[..., None] * o, axis=2)
+    return out.astype(dtype), jax.nn.logsumexp(lse, axis=2)
+
+
+# -- the layer --------------------------------------------------------------------------------
+class LSHSelfAttention(Layer):
+    """LSH self-attention with shared QK (Reformer): `(batch, length, d_model) -> same`.
+
+    With `use_mask=True` the layer takes `(x, mask)`, mask `(batch, length)` bool/0-1 with True
+    for real tokens; masked positions are never attended to. Output is `(batch, length, d_model)`.
+
+    Weights: `{'w_qk': [d_model, n_heads*d_qk], 'w_v': [d_model, n_heads*d_v],
+    'w_o': [n_heads*d_v, d_model]}` (+ `'b_o': [d_model]` when `use_bias`). A subclass may replace
+    the projections by overriding `init_projections`, `project_qk_v` and `project_output`.
+
+    State: `{'hash_rng': key}`, a key drawn at init from the init rng. In `train` mode the hash
+    rotations are drawn afresh from the call's rng (required); in `eval` and `predict` they are
+    derived from `state['hash_rng']`, so the same weights and state give the same output. A
+    `predict` layer agrees with an `eval` layer when both were initialised with the same rng (or
+    given the same state key).
+
+    Lengths that are not a multiple of `chunk_len` are padded internally (masked, then cut).
+
+    `predict` mode (causal only; a non-causal layer in predict mode runs the full eval forward on
+    each input and keeps no cache): the state also holds preallocated buffers
+    `k_mem [batch, predict_mem_len, n_heads, d_qk]` (unit-length keys), `v_mem [..., d_v]`,
+    `buckets [batch, predict_mem_len, n_heads, n_hashes]`, `valid [batch, predict_mem_len]`,
+    `fill` (cached positions) and `pos` (the next absolute position). Each call writes its new
+    tokens with `lax.dynamic_update_slice`; every new query attends, in each hash round, to the
+    cached and new keys at earlier-or-equal positions that fall in its own bucket (same rotations
+    as eval), and the rounds are merged as in eval. This equals the eval forward whenever each
+    query's chunk window in eval holds exactly its bucket's earlier keys, e.g. `n_buckets=1` and
+    `chunk_len >= length`, and feeding tokens one at a time equals feeding them in one call. When
+    the new tokens do not fit, the oldest positions are dropped in multiples of `predict_drop_len`
+    (clipped to `predict_mem_len`), as few as make room; `predict_drop_len=0` drops none, and an
+    overflowing call then raises a ValueError (or, when the state is traced under jit, returns NaN
+    outputs). One call may feed at most `predict_mem_len` tokens, else a ValueError. A call of T
+    tokens costs O(T * predict_mem_len) per head and round.
+    """
+
+    def __init__(
+        self,
+        n_heads: int = 2,
+        d_qk: int = 64,
+        d_v: int = 64,
+        causal: bool = False,
+        chunk_len: int = 128,
+        n_chunks_before: int = 1,
+        n_chunks_after: int = 0,
+        n_hashes: int = 1,
+        n_buckets=256,
+        attention_dropout: float = 0.0,
+        output_dropout: float = 0.0,
+        mode: str = "train",
+        predict_mem_len: int = 2048,
+        predict_drop_len: int = 256,
+        use_mask: bool = False,
+        max_length_for_buckets: int | None = None,
+        use_bias: bool = False,
+        chunks_per_block: int | None = None,
+    ):
+        who = "LSHSelfAttention"
+        for name, value in (
+            ("n_heads", n_heads),
+            ("d_qk", d_qk),
+            ("d_v", d_v),
+            ("predict_mem_len", predict_mem_len),
+        ):
+            _check_int(name, value, 1, who)
+        _check_int("predict_drop_len", predict_drop_len, 0, who)
+        _check_lsh_args(chunk_len, n_chunks_before, n_chunks_after, n_hashes, who)
+        for name, rate in (
+            ("attention_dropout", attention_dropout),
+            ("output_dropout", output_dropout),
+        ):
+            if not 0.0 <= rate < 1.0:
+                raise ValueError(f"{who}: {name} must be in [0, 1), got {rate}")
+        super().__init__(n_in=2 if use_mask else 1, n_out=1, name=who)
+        self.n_heads, self.d_qk, self.d_v = int(n_heads), int(d_qk), int(d_v)
+        self.causal = bool(causal)
+        self.chunk_len = int(chunk_len)
+        self.n_chunks_before, self.n_chunks_after = int(n_chunks_before), int(n_chunks_after)
+        self.n_hashes = int(n_hashes)
+        self.n_buckets = check_n_buckets(n_buckets, who)
+        self.attention_dropout, self.output_dropout = attention_dropout, output_dropout
+        self.mode = check_mode(mode)
+        self.predict_mem_len = int(predict_mem_len)
+        self.predict_drop_len = min(int(predict_drop_len), self.predict_mem_len)
+        self.use_mask = bool(use_mask)
+        self.max_length_for_buckets = max_length_for_buckets
+        self.use_bias = bool(use_bias)
+        self.chunks_per_block = chunks_per_block
+
+    # -- projections (override to use other layers) ------------------------------------------
+    def init_projections(self, d_model: int, rng) -> dict:
+        """The projection weights for inputs with `d_model` features."""
+        r_qk, r_v, r_o = jax.random.split(rng, 3)
+        weights = {
+            "w_qk": init_lib.glorot_uniform(r_qk, (d_model, self.n_heads * self.d_qk)),
+            "w_v": init_lib.glorot_uniform(r_v, (d_model, self.n_heads * self.d_v)),
+            "w_o": init_lib.glorot_uniform(r_o, (self.n_heads * self.d_v, d_model)),
+        }
+        if self.use_bias:
+            weights["b_o"] = jnp.zeros((d_model,), jnp.float32)
+        return weights
+
+    def _split_heads(self, y, d):
+        return y.reshape(*y.shape[:-1], self.n_heads, d).transpose(0, 2, 1, 3)
+
+    def project_qk_v(self, x, weights):
+        """`x (batch, length, d_model)` -> `(qk (batch, heads, length, d_qk), v (..., d_v))`."""
+        if x.shape[-1] != weights["w_qk"].shape[0]:
+            raise ValueError(
+                f"{self.name}: expected inputs with last axis {weights['w_qk'].shape[0]}, "
+                f"got shape {tuple(x.shape)}"
+            )
+        qk = jnp.dot(x, weights["w_qk"].astype(x.dtype))
+        v = jnp.dot(x, weights["w_v"].astype(x.dtype))
+        return self._split_heads(qk, self.d_qk), self._split_heads(v, self.d_v)
+
+    def project_output(self, o, weights):
+        """`o (batch, heads, length, d_v)` -> `(batch, length, d_model)`."""
+        o = o.transpose(0, 2, 1, 3).reshape(o.shape[0], o.shape[2], -1)
+        y = jnp.dot(o, weights["w_o"].astype(o.dtype))
+        if "b_o" in weights:
+            y = y + weights["b_o"].astype(o.dtype)
+        return y
+
+    # -- init ----------------------------------------------------------------------------------
+    def init_weights_and_state(self, input_signature, rng):
+        items = input_signature if isinstance(input_signature, tuple) else (input_signature,)
+        if len(items) != self.n_in:
+            raise ValueError(f"{self.name}: takes {self.n_in} inputs, got {len(items)}")
+        x_sig = items[0]
+        if len(x_sig.shape) != 3:
+            raise ValueError(
+                f"{self.name}: x must be (batch, length, d_model), got shape {x_sig.shape}"
+            )
+        r_w, r_hash = jax.random.split(rng)
+        weights = self.init_projections(x_sig.shape[-1], r_w)
+        state = {"hash_rng": r_hash}
+        if self.mode == "predict" and self.causal:
+            batch, mem = x_sig.shape[0], self.predict_mem_len
+            dtype = x_sig.dtype if jnp.issubdtype(x_sig.dtype, jnp.floating) else jnp.float32
+            state.update(
+                k_mem=jnp.zeros((batch, mem, self.n_heads, self.d_qk), dtype),
+                v_mem=jnp.zeros((batch, mem, self.n_heads, self.d_v), dtype),
+                buckets=jnp.zeros((batch, mem, self.n_heads, self.n_hashes), jnp.int32),
+                valid=jnp.zeros((batch, mem), bool),
+                fill=jnp.zeros((), jnp.int32),
+                pos=jnp.zeros((), jnp.int32),
+            )
+        return weights, state
+
+    # -- apply ---------------------------------------------------------------------------------
+    def _inputs(self, x):
+        items = as_items(x, self.n_in, self.name)
+        x = items[0]
+        if x.ndim != 3:
+            raise ValueError(f"{self.name}: x must be (batch, length, d_model), got {x.shape}")
+        mask = None
+        if self.use_mask:
+            mask = items[1]
+            if tuple(mask.shape) != tuple(x.shape[:2]):
+                raise ValueError(
+                    f"{self.name}: mask must be (batch, length) = {tuple(x.shape[:2])}, "
+                    f"got {tuple(mask.shape)}"
+                )
+            mask = mask.astype(bool)
+        return x, mask
+
+    def _bucket_length(self, length):
+        if self.mode == "predict" and self.causal and self.max_length_for_buckets is None:
+            return self.predict_mem_len
+        return self.max_length_for_buckets or length
+
+    def apply(self, x, weights, state, rng):
+        x, mask = self._inputs(x)
+        if self.mode == "predict" and self.causal:
+            return self._apply_predict(x, mask, weights, state)
+        if self.mode == "train":
+            if rng is None:
+                raise ValueError(f"{self.name} in train mode needs an rng; pass rng= to apply")
+            r_hash, r_attn, r_out = jax.random.split(rng, 3)
+        else:
+            r_hash, r_attn, r_out = state["hash_rng"], None, None
+        qk, v = self.project_qk_v(x, weights)
+        n_buckets = resolve_n_buckets(
+            self.n_buckets, x.shape[1], self.chunk_len, self._bucket_length(x.shape[1])
+        )
+        rotations = random_rotations(r_hash, self.d_qk, n_buckets, self.n_hashes, self.n_heads)
+        attn_rate = self.attention_dropout if self.mode == "train" else 0.0
+        o, _ = lsh_attention(
+            qk,
+            v,
+            n_hashes=self.n_hashes,
+            n_buckets=n_buckets,
+            chunk_len=self.chunk_len,
+            n_chunks_before=self.n_chunks_before,
+            n_chunks_after=self.n_chunks_after,
+            causal=self.causal,
+            mask=mask,
+            rotations=rotations,
+            dropout_rate=attn_rate,
+            dropout_rng=r_attn,
+            chunks_per_block=self.chunks_per_block,
+        )
+        y = self.project_output(o, weights)
+        return dropout_fn(y, self.output_dropout, r_out, self.mode), state
+
+    def _apply_predict(self, x, mask, weights, state):
+        batch, n_new = x.shape[:2]
+        mem_len, drop_len = self.predict_mem_len, self.predict_drop_len
+        if n_new > mem_len:
+            raise ValueError(
+                f"{self.name}: predict mode takes at most predict_mem_len={mem_len} tokens per "
+                f"call, got {n_new}; feed the prompt in pieces or raise predict_mem_len"
+            )
+        if state["k_mem"].shape[0] != batch:
+            raise ValueError(
+                f"{self.name}: predict state was built for batch {state['k_mem'].shape[0]}, "
+                f"got batch {batch}"
+            )
+        fill, pos = state["fill"], state["pos"]
+        if drop_len == 0 and not isinstance(fill, jax.core.Tracer):
+            if int(fill) + n_new > mem_len:
+                raise ValueError(
+                    f"{self.name}: predict memory of {mem_len} positions is full ({int(fill)} "
+                    f"cached, {n_new} new) and predict_drop_len=0 drops none"
+                )
+
+        qk, v = self.project_qk_v(x, weights)  # (B, H, T, d)
+        n_buckets = resolve_n_buckets(
+            self.n_buckets, n_new, self.chunk_len, self._bucket_length(n_new)
+        )
+        rotations = random_rotations(
+            state["hash_rng"], self.d_qk, n_buckets, self.n_hashes, self.n_heads
+        )
+        q_buckets = hash_vectors(qk, n_buckets, rotations=rotations)  # (B, H, R, T)
+        if mask is None:
+            mask = jnp.ones((batch, n_new), bool)
+
+        mem = {k: state[k] for k in ("k_mem", "v_mem", "buckets", "valid")}
+        overflow = fill + n_new > mem_len
+        if drop_len > 0:
+            n_drop = jnp.minimum(fill, -(-(fill + n_new - mem_len) // drop_len) * drop_len)
+            n_drop = jnp.where(overflow, n_drop, 0)
+
+            def shift(m):
+                src = jnp.minimum(jnp.arange(mem_len) + n_drop, mem_len - 1)
+                out = {k: jnp.take(a, src, axis=1) for k, a in m.items()}
+                out["valid"] = out["valid"] & (jnp.arange(mem_len) < mem_len - n_drop)
+                return out
+
+            mem = lax.cond(n_drop > 0, shift, lambda m: m, mem)
+            fill = fill - n_drop
+            overflow = fill + n_new > mem_len
+
+        start = (0, fill, 0, 0)
+        mem["k_mem"] = lax.dynamic_update_slice(
+            mem["k_mem"],
+            length_normalized(qk).transpose(0, 2, 1, 3).astype(mem["k_mem"].dtype),
+            start,
+        )
+        mem["v_mem"] = lax.dynamic_update_slice(
+            mem["v_mem"], v.transpose(0, 2, 1, 3).astype(mem["v_mem"].dtype), start
+        )
+        mem["buckets"] = lax.dynamic_update_slice(
+            mem["buckets"], q_buckets.transpose(0, 3, 1, 2), start
+        )
+        mem["valid"] = lax.dynamic_update_slice(mem["valid"], mask, (0, fill))
+
+        o = _predict_attention(
+            qk,
+            q_buckets,
+            fill + jnp.arange(n_new, dtype=jnp.int32),
+            mem["k_mem"].transpose(0, 2, 1, 3),
+            mem["v_mem"].transpose(0, 2, 1, 3),
+            mem["buckets"].transpose(0, 2, 3, 1),
+            mem["valid"],
+        )
+        y = self.project_output(o.astype(x.dtype), weights)
+        y = jnp.where(overflow, jnp.nan, y)
+        new_state = dict(state, **mem, fill=fill + n_new, pos=pos + n_new)
+        return y, new_state
+
+
+def _predict_attention(q, q_buckets, q_slots, k_mem, v_mem, k_buckets, valid, block=None):
+    """Bucket-masked causal attention of new queries on the memory.
+
+    q: (B, H, T, d); q_buckets: (B, H, R, T); q_slots: (T,) memory slots of the queries;
+    k_mem: (B, H, M, d) unit-length keys; v_mem: (B, H, M, dv); k_buckets: (B, H, R, M);
+    valid: (B, M). Returns (B, H, T, dv) float32.
+    """
+    batch, n_heads, n_new, d = q.shape
+    n_rounds, mem_len = k_buckets.shape[2], k_mem.shape[2]
+    scale = 1.0 / math.sqrt(d)
+    slots = jnp.arange(mem_len, dtype=jnp.int32)
+
+    def attend(qb, qbk, qs):
+        s = jnp.einsum("bhtd,bhmd->bhtm", qb, k_mem, preferred_element_type=jnp.float32) * scale
+        s = jnp.where(slots[None, :] == qs[:, None], SELF_ATTENTION_VALUE, s)
+        ok = (slots[None, :] <= qs[:, None])[None, None, None] & valid[:, None, None, None, :]
+        ok = ok & (qbk[..., :, None] == k_buckets[..., None, :])  # (B, H, R, t, M)
+        s = jnp.where(ok, s[:, :, None], MASK_VALUE)
+        lse = jax.nn.logsumexp(s, axis=-1)
+        p = jnp.exp(s - lse[..., None])
+        o = jnp.einsum("bhrtm,bhmd->bhrtd", p, v_mem.astype(jnp.float32))
+        out, _ = _merge_rounds(o, lse, jnp.float32)
+        return out
+
+    if block is None:
+        block = max(1, _SCORE_BLOCK_ELEMENTS // (batch * n_heads * n_rounds * mem_len))
+    if n_new <= block:
+        return attend(q, q_buckets, q_slots)
+    n_blocks = -(-n_new // block)
+    pad = n_blocks * block - n_new
+    qp = jnp.pad(q, [(0, 0), (0, 0), (0, pad), (0, 0)]).reshape(batch, n_heads, n_blocks, block, d)
+    bp = jnp.pad(q_buckets, [(0, 0)] * 3 + [(0, pad)]).reshape(
+        batch, n_heads, n_rounds, n_blocks, block
+    )
+    sp = jnp.pad(q_slots, (0, pad)).reshape(n_blocks, block)
+    out = lax.map(lambda a: attend(*a), (jnp.moveaxis(qp, 2, 0), jnp.moveaxis(bp, 3, 0), sp))
+    out = jnp.moveaxis(out, 0, 2)  # (B, H, nb, blk, dv)
+    return out.reshape(batch, n_heads, n_blocks * block, -1)[:, :, :n_new]

@@ -1,0 +1,626 @@
+"""Sparse layers of the Terraformer ("Sparse is Enough in Scaling Transformers", 2021).
+
+- `SparseFF`: a feed-forward block whose d_ff units form blocks of `n_elements_in_block`; a
+  low-rank controller picks one unit per block, so only d_ff / n_elements_in_block units are
+  active per token. At decode (`predict`) only the chosen rows of the two weight matrices are
+  read.
+- Sparse QKV: `MultiplicativeModularSparseDense` (the multiplicative dense layer, d_input * (S + M)
+  weights instead of d_input * d_feature) followed by `LocallyConvDense` (a convolution over the
+  (length, module) plane, causal in length), shared and combined in
+  `MultiplicativeConvCausalAttention`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from terraformer.layers import initializers as init_lib
+from terraformer.layers.base import EMPTY, Layer, check_mode
+from terraformer.layers.combinators import Branch, Chunk, Serial
+from terraformer.layers.core import Dense, check_feature_dim, dropout
+
+
+def _feature_dim(input_signature, who: str, min_ndim: int = 1) -> int:
+    if isinstance(input_signature, tuple):
+        raise ValueError(f"{who}: takes one input, got a signature of {len(input_signature)}")
+    if len(input_signature.shape) < min_ndim:
+        raise ValueError(
+            f"{who}: input must have at least {min_ndim} axes, got shape "
+            f"{tuple(input_signature.shape)}"
+        )
+    return input_signature.shape[-1]
+
+
+def _check_positive(value, name: str, who: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{who}: {name} must be a positive integer, got {value!r}")
+    return value
+
+
+# ------------------------------------------------------------------------------------------------
+# SparseFF
+# ------------------------------------------------------------------------------------------------
+
+
+class SparseFF(Layer):
+    """Feed-forward block with one active unit per block, chosen by a low-rank controller.
+
+    (..., d_model) -> (..., d_model); with `ff_chunk_size` the input must be
+    (batch, length, d_model).
+
+    The d_ff hidden units form `n_blocks = d_ff // n_elements_in_block` blocks of
+    `n_elements_in_block` units. For a token x the controller scores every unit,
+
+        logits = (x @ m1) @ m2 + mb,     reshaped to [..., n_blocks, n_elements_in_block],
+
+    and a mask with one (soft or hard) unit per block selects the hidden units:
+
+        out = ((relu(x @ w1.T + b1) * mask) @ w2) + b2.
+
+    How the mask is made depends on the mode:
+
+    - `eval`: mask = one_hot(argmax(logits)) per block, computed densely (all d_ff units, then
+      masked).
+    - `predict`: the same function, but computed sparsely: ids = block * n_elements_in_block +
+      argmax(logits) ([..., n_blocks] unit ids), only rows w1[ids], b1[ids], w2[ids] are
+      gathered, h = relu(sum_d x_d * w1[ids, d] + b1[ids]) ([..., n_blocks]) and
+      out = sum_b h_b * w2[ids_b] + b2. Cost per token ~ 2 * d_model * n_blocks multiply-adds
+      (plus the controller's d_model * d_lowrank + d_lowrank * d_ff) instead of 2 * d_model *
+      d_ff; equal to `eval` up to float rounding.
+    - `train`: Gumbel-softmax with a straight-through estimator. With g ~ Gumbel(0, 1) drawn per
+      logit, noisy = logits + g,
+
+          soft = softmax(noisy / temperature)                     (per block)
+          hard = one_hot(argmax(noisy)) + soft - stop_gradient(soft)
+
+      `hard` has the values of the one-hot mask and the gradient of `soft`. For each token
+      (one Bernoulli(quant_prob) draw per position, shared by all its blocks) the mask is `hard`
+      with probability `quant_prob`, else `soft`. So quant_prob=1 trains exactly the sparse
+      function used at inference (with sampled choices), quant_prob=0 trains a soft mixture;
+      as temperature -> 0 `soft` tends to the one-hot `hard` values, and the two agree.
+      Dropout (`dropout_rate`, `dropout_shared_axes`, axes of the [..., d_ff] hidden tensor)
+      acts on the masked hidden layer. Train mode needs an `rng`.
+
+    Weights: `{'m1': [d_model, d_lowrank], 'm2': [d_lowrank, d_ff], 'mb': [d_ff],
+    'w1': [d_ff, d_model], 'b1': [d_ff], 'w2': [d_ff, d_model], 'b2': [d_model]}`. The first
+    layer is stored transposed ([d_ff, d_model]) so a chosen unit's weights are one contiguous
+    row of each matrix. Unit u of block k is row k * n_elements_in_block + u.
+
+    Args:
+      d_ff: number of hidden units; a multiple of `n_elements_in_block`.
+      n_elements_in_block: units per block (one of which is active).
+      d_lowrank: rank of the controller.
+      temperature: Gumbel-softmax temperature (> 0) in train mode.
+      quant_prob: probability of training a token with the hard (quantised) mask.
+      use_bfloat16: compute the two big matmuls in bfloat16 (controller stays in input dtype).
+      big_weights_in_bfloat16: store w1 and w2 in bfloat16 (halves the bytes read at decode).
+      mode: 'train', 'eval' or 'predict'.
+      kernel_initializer: `init(rng, (fan_in, fan_out))` for m1, m2, w1 (drawn as
+        [d_model, d_ff] and transposed) and w2.
+      dropout_rate: dropout on the hidden layer in train mode.
+      dropout_shared_axes: axes of the hidden tensor sharing one dropout mask.
+      ff_chunk_size: if > 0, run the block on chunks of this many positions of the length axis
+        (axis 1), with the chunk body recomputed in the backward pass (see `Chunk`); memory then
+        grows with the chunk, not the length. Each chunk gets its own rng.
+    """
+
+    def __init__(
+        self,
+        d_ff: int,
+        n_elements_in_block: int = 32,
+        d_lowrank: int = 64,
+        temperature: float = 0.1,
+        quant_prob: float = 0.3,
+        use_bfloat16: bool = False,
+        big_weights_in_bfloat16: bool = False,
+        mode: str = "train",
+        kernel_initializer=init_lib.glorot_uniform,
+        dropout_rate: float = 0.0,
+        dropout_shared_axes=None,
+        ff_chunk_size: int = 0,
+    ):
+        who = "SparseFF"
+        _check_positive(d_ff, "d_ff", who)
+        _check_positive(n_elements_in_block, "n_elements_in_block", who)
+        _check_positive(d_lowrank, "d_lowrank", who)
+        if d_ff % n_elements_in_block:
+            raise ValueError(
+                f"{who}: d_ff must be a multiple of n_elements_in_block, got d_ff={d_ff} and "
+                f"n_elements_in_block={n_elements_in_block}"
+            )
+        if not temperature > 0:
+            raise ValueError(f"{who}: temperature must be > 0, got {temperature}")
+        if not 0.0 <= quant_prob <= 1.0:
+            raise ValueError(f"{who}: quant_prob must be in [0, 1], got {quant_prob}")
+        if not 0.0 <= dropout_rate < 1.0:
+            raise ValueError(f"{who}: dropout_rate must be in [0, 1), got {dropout_rate}")
+        if ff_chunk_size is None:
+            ff_chunk_size = 0
+        if not isinstance(ff_chunk_size, int) or ff_chunk_size < 0:
+            raise ValueError(f"{who}: ff_chunk_size must be an int >= 0, got {ff_chunk_size!r}")
+        super().__init__(name=f"SparseFF_{d_ff}")
+        self._d_ff = d_ff
+        self._n_elements_in_block = n_elements_in_block
+        self._n_blocks = d_ff // n_elements_in_block
+        self._d_lowrank = d_lowrank
+        self._temperature = float(temperature)
+        self._quant_prob = float(quant_prob)
+        self._use_bfloat16 = use_bfloat16
+        self._big_weights_in_bfloat16 = big_weights_in_bfloat16
+        self._mode = check_mode(mode)
+        self._kernel_init = kernel_initializer
+        self._bias_init = init_lib.random_normal(1e-6)
+        self._dropout_rate = float(dropout_rate)
+        self._dropout_shared_axes = tuple(dropout_shared_axes or ())
+        self._ff_chunk_size = ff_chunk_size
+        self._chunked = Chunk(_SparseFFBody(self), ff_chunk_size) if ff_chunk_size else None
+
+    @property
+    def n_blocks(self) -> int:
+        return self._n_blocks
+
+    def init_weights_and_state(self, input_signature, rng):
+        d_model = _feature_dim(input_signature, self.name)
+        if self._ff_chunk_size and len(input_signature.shape) < 2:
+            raise ValueError(
+                f"{self.name}: ff_chunk_size needs inputs (batch, length, d_model), got shape "
+                f"{tuple(input_signature.shape)}"
+            )
+        r = jax.random.split(rng, 7)
+        big_dtype = jnp.bfloat16 if self._big_weights_in_bfloat16 else jnp.float32
+        weights = {
+            "m1": self._kernel_init(r[0], (d_model, self._d_lowrank)),
+            "m2": self._kernel_init(r[1], (self._d_lowrank, self._d_ff)),
+            "mb": self._bias_init(r[2], (self._d_ff,)),
+            "w1": self._kernel_init(r[3], (d_model, self._d_ff)).T.astype(big_dtype),
+            "b1": self._bias_init(r[4], (self._d_ff,)),
+            "w2": self._kernel_init(r[5], (self._d_ff, d_model)).astype(big_dtype),
+            "b2": self._bias_init(r[6], (d_model,)),
+        }
+        return weights, EMPTY
+
+    def apply(self, x, weights, state, rng):
+        check_feature_dim(x, weights["m1"].shape[0], self.name)
+        if self._mode == "train" and rng is None:
+            raise ValueError(f"{self.name} in train mode needs an rng; pass rng= to apply")
+        if self._chunked is not None:
+            if x.ndim < 2:
+                raise ValueError(
+                    f"{self.name}: ff_chunk_size needs inputs (batch, length, d_model), got "
+                    f"shape {tuple(x.shape)}"
+                )
+            y, _ = self._chunked.apply(x, weights, state, rng)
+            return y, state
+        return self._forward(x, weights, rng), state
+
+    # -- the math -----------------------------------------------------------------------------
+    def controller_logits(self, x, weights):
+        """Unit scores: (..., d_model) -> (..., n_blocks, n_elements_in_block)."""
+        dtype = x.dtype
+        logits = jnp.dot(jnp.dot(x, weights["m1"].astype(dtype)), weights["m2"].astype(dtype))
+        logits = logits + weights["mb"].astype(dtype)
+        return logits.reshape(x.shape[:-1] + (self._n_blocks, self._n_elements_in_block))
+
+    def choices(self, x, weights):
+        """Index of the active unit in each block (eval/predict): (..., d_model) ->
+        (..., n_blocks) int32, each in [0, n_elements_in_block)."""
+        return jnp.argmax(self.controller_logits(x, weights), axis=-1).astype(jnp.int32)
+
+    def _compute_dtype(self, x):
+        return jnp.bfloat16 if self._use_bfloat16 else x.dtype
+
+    def _forward(self, x, weights, rng):
+        if self._mode == "predict":
+            return self._forward_gather(x, weights)
+        logits = self.controller_logits(x, weights)
+        if self._mode == "train":
+            rng_gumbel, rng_quant, rng_dropout = jax.random.split(rng, 3)
+            mask = self._train_mask(logits, rng_gumbel, rng_quant)
+        else:
+            rng_dropout = None
+            mask = jax.nn.one_hot(
+                jnp.argmax(logits, axis=-1), self._n_elements_in_block, dtype=logits.dtype
+            )
+        mask = mask.reshape(x.shape[:-1] + (self._d_ff,))
+        cdt = self._compute_dtype(x)
+        h = jnp.dot(x.astype(cdt), weights["w1"].astype(cdt).T) + weights["b1"].astype(cdt)
+        h = jax.nn.relu(h) * mask.astype(cdt)
+        h = dropout(h, self._dropout_rate, rng_dropout, self._mode, self._dropout_shared_axes)
+        y = jnp.dot(h, weights["w2"].astype(cdt)) + weights["b2"].astype(cdt)
+        return y.astype(x.dtype)
+
+    def _train_mask(self, logits, rng_gumbel, rng_quant):
+        # Draws are flat and reshaped: XLA:CPU compiles many-axis threefry draws very slowly.
+        n = logits.size
+        noisy = logits + jax.random.gumbel(rng_gumbel, (n,), logits.dtype).reshape(logits.shape)
+        soft = jax.nn.softmax(noisy / self._temperature, axis=-1)
+        hard = jax.nn.one_hot(
+            jnp.argmax(noisy, axis=-1), self._n_elements_in_block, dtype=logits.dtype
+        )
+        hard = hard + soft - lax.stop_gradient(soft)  # straight-through
+        token_shape = logits.shape[:-2] + (1, 1)
+        n_tokens = n // (self._n_blocks * self._n_elements_in_block)
+        use_hard = jax.random.bernoulli(rng_quant, self._quant_prob, (n_tokens,))
+        use_hard = use_hard.reshape(token_shape)
+        return jnp.where(use_hard, hard, soft)
+
+    def _forward_gather(self, x, weights):
+        ids = self.choices(x, weights) + self._n_elements_in_block * jnp.arange(
+            self._n_blocks, dtype=jnp.int32
+        )  # (..., n_blocks) global unit ids
+        cdt = self._compute_dtype(x)
+        w1 = jnp.take(weights["w1"], ids, axis=0).astype(cdt)  # (..., n_blocks, d_model)
+        b1 = jnp.take(weights["b1"], ids, axis=0).astype(cdt)  # (..., n_blocks)
+        h = jax.nn.relu(jnp.einsum("...d,...bd->...b", x.astype(cdt), w1) + b1)
+        w2 = jnp.take(weights["w2"], ids, axis=0).astype(cdt)  # (..., n_blocks, d_model)
+        y = jnp.einsum("...b,...bd->...d", h, w2) + weights["b2"].astype(cdt)
+        return y.astype(x.dtype)
+
+
+class _SparseFFBody(Layer):
+    """The unchunked SparseFF computation, for `Chunk` to run chunk by chunk."""
+
+    def __init__(self, parent: SparseFF):
+        super().__init__(name=parent.name + "_body")
+        self._parent = parent
+
+    def apply(self, x, weights, state, rng):
+        return self._parent._forward(x, weights, rng), state
+
+
+# ------------------------------------------------------------------------------------------------
+# Sparse QKV: multiplicative dense + local convolution
+# ------------------------------------------------------------------------------------------------
+
+
+class MultiplicativeModularSparseDense(Layer):
+    """Multiplicative dense layer: (..., d_input) -> (..., d_feature) with d_input * (S + M)
+    weights, where S = `sparsity` (the number of modules) and M = d_feature // S.
+
+    With weights D [d_input, S], E [d_input, M] and bias b [d_feature],
+
+        y[..., s * M + m] = sum_i x[..., i] * D[i, s] * E[i, m]  +  b[s * M + m],
+
+    i.e. a dense layer whose matrix W[i, s * M + m] = D[i, s] * E[i, m] is never formed
+    (computed as one einsum '...i,is,im->...sm'). The output splits into S modules of M
+    features each, the layout `LocallyConvDense(n_modules=S, ...)` expects. Any permutation
+    of the input features (and thus routing of any input to any module) is expressible.
+
+    Weights: `{'D': [d_input, S], 'E': [d_input, M], 'b': [d_feature]}` (no 'b' when
+    use_bias=False). E is drawn with `kernel_initializer`, D from N(0, 1), so the product has
+    E's scale.
+
+    Args:
+      sparsity: number of modules S; must divide d_feature.
+      d_feature: output width.
+      d_input: input width; inferred from the input signature when None, checked when given.
+      use_bias: add the bias b.
+      kernel_initializer: `init(rng, (d_input, M))` for E.
+      modules_initializer: `init(rng, (d_input, S))` for D.
+    """
+
+    def __init__(
+        self,
+        sparsity: int,
+        d_feature: int,
+        d_input: int | None = None,
+        use_bias: bool = True,
+        kernel_initializer=init_lib.glorot_uniform,
+        modules_initializer=init_lib.random_normal(1.0),
+    ):
+        who = "MultiplicativeModularSparseDense"
+        _check_positive(sparsity, "sparsity", who)
+        _check_positive(d_feature, "d_feature", who)
+        if d_input is not None:
+            _check_positive(d_input, "d_input", who)
+        if d_feature % sparsity:
+            raise ValueError(
+                f"{who}: d_feature must be a multiple of sparsity, got d_feature={d_feature} "
+                f"and sparsity={sparsity}"
+            )
+        super().__init__(name=f"MultiplicativeModularSparseDense_{sparsity}_{d_feature}")
+        self._sparsity = sparsity
+        self._d_feature = d_feature
+        self._d_module = d_feature // sparsity
+        self._d_input = d_input
+        self._use_bias = use_bias
+        self._kernel_init = kernel_initializer
+        self._modules_init = modules_initializer
+        self._bias_init = init_lib.random_normal(1e-6)
+
+    def init_weights_and_state(self, input_signature, rng):
+        d_in = _feature_dim(input_signature, self.name)
+        if self._d_input is not None and d_in != self._d_input:
+            raise ValueError(
+                f"{self.name}: d_input={self._d_input} but the input signature has last axis "
+                f"{d_in} (shape {tuple(input_signature.shape)})"
+            )
+        rng_d, rng_e, rng_b = jax.random.split(rng, 3)
+        weights = {
+            "D": self._modules_init(rng_d, (d_in, self._sparsity)),
+            "E": self._kernel_init(rng_e, (d_in, self._d_module)),
+        }
+        if self._use_bias:
+            weights["b"] = self._bias_init(rng_b, (self._d_feature,))
+        return weights, EMPTY
+
+    def apply(self, x, weights, state, rng):
+        check_feature_dim(x, weights["D"].shape[0], self.name)
+        dtype = x.dtype
+        y = jnp.einsum(
+            "...i,is,im->...sm", x, weights["D"].astype(dtype), weights["E"].astype(dtype)
+        )
+        y = y.reshape(x.shape[:-1] + (self._d_feature,))
+        if "b" in weights:
+            y = y + weights["b"].astype(dtype)
+        return y, state
+
+
+class LocallyConvDense(Layer):
+    """Convolution over the (length, module) plane, causal in length:
+    (batch, length, n_modules * d_in) -> (batch, length, n_modules * n_units).
+
+    The last axis is split into `n_modules` modules of d_in features, giving an "image" of
+    height `length`, width `n_modules` and d_in channels. A 2-D convolution with kernel
+    (length_kernel_size, kernel_size), d_in input and `n_units` output channels, weights shared
+    by all modules (as in the paper's sparse QKV), maps it to n_units channels:
+
+        y[t, s, u] = b[u] + sum_{j < length_kernel_size} sum_{c < kernel_size} sum_f
+                     x[t - j, s + c - (kernel_size - 1) // 2, f] *
+                     w[length_kernel_size - 1 - j, c, f, u],
+
+    with x = 0 outside [0, length) and outside [0, n_modules). Output position t sees inputs
+    t - length_kernel_size + 1 .. t only: causal. With kernel_size = length_kernel_size = 1 this
+    is the same small dense layer applied to every module.
+
+    In `predict` mode the state keeps the last length_kernel_size - 1 inputs (zeros at the
+    start, [batch, length_kernel_size - 1, n_modules, d_in]), so feeding a sequence in pieces
+    (one token or several at a time) gives the outputs of the whole sequence.
+
+    Weights: `{'w': [length_kernel_size, kernel_size, d_in, n_units], 'b': [n_units]}`.
+    """
+
+    def __init__(
+        self,
+        n_modules: int,
+        n_units: int,
+        kernel_size: int = 1,
+        length_kernel_size: int = 1,
+        use_bias: bool = True,
+        kernel_initializer=init_lib.glorot_uniform,
+        mode: str = "train",
+    ):
+        who = "LocallyConvDense"
+        _check_positive(n_modules, "n_modules", who)
+        _check_positive(n_units, "n_units", who)
+        _check_positive(kernel_size, "kernel_size", who)
+        _check_positive(length_kernel_size, "length_kernel_size", who)
+        super().__init__(name=f"LocallyConvDense_{n_modules}_{n_units}")
+        self._n_modules = n_modules
+        self._n_units = n_units
+        self._kernel_size = kernel_size
+        self._length_kernel_size = length_kernel_size
+        self._use_bias = use_bias
+        self._kernel_init = kernel_initializer
+        self._bias_init = init_lib.random_normal(1e-6)
+        self._mode = check_mode(mode)
+
+    def _d_in(self, shape, who_shape) -> int:
+        if len(shape) != 3:
+            raise ValueError(
+                f"{self.name}: expected inputs (batch, length, features), got shape {who_shape}"
+            )
+        if shape[-1] % self._n_modules:
+            raise ValueError(
+                f"{self.name}: the feature axis must be a multiple of n_modules="
+                f"{self._n_modules}, got shape {who_shape}"
+            )
+        return shape[-1] // self._n_modules
+
+    def init_weights_and_state(self, input_signature, rng):
+        _feature_dim(input_signature, self.name)
+        shape = tuple(input_signature.shape)
+        d_in = self._d_in(shape, shape)
+        lk, k = self._length_kernel_size, self._kernel_size
+        rng_w, rng_b = jax.random.split(rng)
+        w = self._kernel_init(rng_w, (lk * k * d_in, self._n_units)).reshape(
+            lk, k, d_in, self._n_units
+        )
+        weights = {"w": w}
+        if self._use_bias:
+            weights["b"] = self._bias_init(rng_b, (self._n_units,))
+        state = EMPTY
+        if self._mode == "predict" and lk > 1:
+            state = jnp.zeros((shape[0], lk - 1, self._n_modules, d_in), input_signature.dtype)
+        return weights, state
+
+    def apply(self, x, weights, state, rng):
+        d_in = self._d_in(x.shape, tuple(x.shape))
+        check_feature_dim(x, weights["w"].shape[2] * self._n_modules, self.name)
+        batch, length = x.shape[:2]
+        lk = self._length_kernel_size
+        xm = x.reshape(batch, length, self._n_modules, d_in)
+        if self._mode == "predict" and lk > 1:
+            if state.shape[0] != batch:
+                raise ValueError(
+                    f"{self.name}: predict state is for batch {state.shape[0]}, got inputs of "
+                    f"shape {tuple(x.shape)}"
+                )
+            padded = jnp.concatenate([state.astype(x.dtype), xm], axis=1)
+            state = padded[:, padded.shape[1] - (lk - 1) :].astype(state.dtype)
+        else:
+            padded = jnp.pad(xm, [(0, 0), (lk - 1, 0), (0, 0), (0, 0)])
+        k = self._kernel_size
+        y = lax.conv_general_dilated(
+            padded,
+            weights["w"].astype(x.dtype),
+            window_strides=(1, 1),
+            padding=[(0, 0), ((k - 1) // 2, k // 2)],
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )  # (batch, length, n_modules, n_units)
+        if "b" in weights:
+            y = y + weights["b"].astype(x.dtype)
+        return y.reshape(batch, length, self._n_modules * self._n_units), state
+
+
+# ------------------------------------------------------------------------------------------------
+# Causal attention with a predict-mode KV cache (private; the sparse QKV front end is above)
+# ------------------------------------------------------------------------------------------------
+
+
+def _attend(q, k, v, mask, n_heads: int, dropout_rate: float, rng, mode: str):
+    """Scaled dot-product attention over heads.
+
+    q: [batch, lq, d], k: [batch, lk, d], v: [batch, lk, d_v], mask: [lq, lk] bool (True =
+    may attend). Returns [batch, lq, d_v]. Scores and softmax in at least float32.
+    """
+    batch, lq, d = q.shape
+    lk = k.shape[1]
+    dh = d // n_heads
+    qh = q.reshape(batch, lq, n_heads, dh)
+    kh = k.reshape(batch, lk, n_heads, dh)
+    vh = v.reshape(batch, lk, n_heads, v.shape[-1] // n_heads)
+    score_dtype = jnp.promote_types(q.dtype, jnp.float32)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", qh, kh).astype(score_dtype)
+    scores = scores / jnp.sqrt(jnp.asarray(dh, score_dtype))
+    scores = jnp.where(mask, scores, jnp.asarray(-1e9, score_dtype))
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = dropout(probs, dropout_rate, rng, mode).astype(v.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, vh)
+    return out.reshape(batch, lq, v.shape[-1])
+
+
+class _CausalAttentionCore(Layer):
+    """(q, k, v) -> attention output, each [batch, length, d]; causal.
+
+    In `predict` mode the state is `{'k': [batch, max_len, d], 'v': [batch, max_len, d_v],
+    'pos': int32}`: each call writes its keys/values at `pos` (lax.dynamic_update_slice),
+    attends to every cached position up to its own, and advances `pos` by its length.
+    """
+
+    def __init__(self, n_heads: int, dropout_rate: float, max_inference_length: int, mode: str):
+        super().__init__(n_in=3, n_out=1, name="CausalAttention")
+        self._n_heads = n_heads
+        self._dropout_rate = dropout_rate
+        self._max_len = max_inference_length
+        self._mode = check_mode(mode)
+
+    def init_weights_and_state(self, input_signature, rng):
+        q_sig, k_sig, v_sig = input_signature
+        if self._mode != "predict":
+            return EMPTY, EMPTY
+        batch = k_sig.shape[0]
+        state = {
+            "k": jnp.zeros((batch, self._max_len, k_sig.shape[-1]), k_sig.dtype),
+            "v": jnp.zeros((batch, self._max_len, v_sig.shape[-1]), v_sig.dtype),
+            "pos": jnp.zeros((), jnp.int32),
+        }
+        return EMPTY, state
+
+    def apply(self, x, weights, state, rng):
+        q, k, v = x
+        length = q.shape[1]
+        if self._mode != "predict":
+            mask = jnp.tril(jnp.ones((length, length), bool))
+            out = _attend(q, k, v, mask, self._n_heads, self._dropout_rate, rng, self._mode)
+            return out, state
+        if length > self._max_len:
+            raise ValueError(
+                f"{self.name}: {length} positions exceed max_inference_length={self._max_len}"
+            )
+        pos = state["pos"]
+        if not isinstance(pos, jax.core.Tracer) and int(pos) + length > self._max_len:
+            raise ValueError(
+                f"{self.name}: decoding past max_inference_length={self._max_len} "
+                f"(at position {int(pos)}, feeding {length} more)"
+            )
+        k_cache = lax.dynamic_update_slice(state["k"], k.astype(state["k"].dtype), (0, pos, 0))
+        v_cache = lax.dynamic_update_slice(state["v"], v.astype(state["v"].dtype), (0, pos, 0))
+        q_pos = pos + jnp.arange(length)
+        mask = jnp.arange(self._max_len)[None, :] <= q_pos[:, None]
+        out = _attend(
+            q,
+            k_cache.astype(k.dtype),
+            v_cache.astype(v.dtype),
+            mask,
+            self._n_heads,
+            0.0,
+            None,
+            self._mode,
+        )
+        return out, {"k": k_cache, "v": v_cache, "pos": pos + length}
+
+
+def MultiplicativeConvCausalAttention(  # noqa: N802
+    d_feature: int,
+    n_heads: int = 1,
+    sparsity: int | None = None,
+    length_kernel_size: int = 3,
+    kernel_size: int = 3,
+    dropout: float = 0.0,
+    max_inference_length: int = 2048,
+    mode: str = "train",
+) -> Layer:
+    """Causal multi-head self-attention with sparse (multiplicative + convolutional) QKV.
+
+    (batch, length, d_model) -> (batch, length, d_feature).
+
+        x -> MultiplicativeModularSparseDense(S, d_feature)            (shared by Q, K, V)
+          -> Branch(LocallyConvDense(S, d_feature // S, kernel_size, length_kernel_size) x 3)
+          -> q, k, v -> causal softmax(q k^T / sqrt(d_head)) v over `n_heads` heads
+          -> Dense(d_feature)
+
+    S = `sparsity` (defaults to n_heads); it must divide d_feature, and n_heads must divide
+    d_feature. The convolutions are causal in length, so the whole layer is causal.
+    `dropout` acts on the attention probabilities in train mode. In `predict` mode the
+    convolutions keep their last inputs and the attention a [batch, max_inference_length, d]
+    key/value cache with a position counter, so feeding one token (or a few) at a time
+    reproduces the full-sequence output.
+    """
+    who = "MultiplicativeConvCausalAttention"
+    _check_positive(d_feature, "d_feature", who)
+    _check_positive(n_heads, "n_heads", who)
+    _check_positive(max_inference_length, "max_inference_length", who)
+    sparsity = n_heads if sparsity is None else sparsity
+    _check_positive(sparsity, "sparsity", who)
+    if d_feature % sparsity:
+        raise ValueError(
+            f"{who}: d_feature must be a multiple of sparsity, got d_feature={d_feature} and "
+            f"sparsity={sparsity}"
+        )
+    if d_feature % n_heads:
+        raise ValueError(
+            f"{who}: d_feature must be a multiple of n_heads, got d_feature={d_feature} and "
+            f"n_heads={n_heads}"
+        )
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{who}: dropout must be in [0, 1), got {dropout}")
+    mode = check_mode(mode)
+    d_module = d_feature // sparsity
+
+    def conv():
+        return LocallyConvDense(
+            sparsity,
+            d_module,
+            kernel_size=kernel_size,
+            length_kernel_size=length_kernel_size,
+            mode=mode,
+        )
+
+    return Serial(
+        MultiplicativeModularSparseDense(sparsity, d_feature),
+        Branch(conv(), conv(), conv()),  # (q, k, v), q on top
+        _CausalAttentionCore(n_heads, dropout, max_inference_length, mode),
+        Dense(d_feature),
+        name=who,
+    )
+
+
+__all__ = [
+    "LocallyConvDense",
+    "MultiplicativeConvCausalAttention",
+    "MultiplicativeModularSparseDense",
+    "SparseFF",
+]
