@@ -22,10 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from terraformer.decoding import Decoder, time_per_token
 from terraformer.layers.attention import SelfAttention
 from terraformer.layers.losses import cross_entropy
 from terraformer.layers.lsh import LSHSelfAttention
 from terraformer.models.reformer import ReformerLM
+from terraformer.models.terraformer import TerraformerLM
 from terraformer.models.transformer import TransformerLM
 from terraformer.shapes import ShapeDtype
 
@@ -132,6 +134,97 @@ def bench_train(args) -> dict:
                 peak_rss_gib=peak_memory_gib(), params=params, loss=carry["loss"])
 
 
+D_SHAPE = dict(vocab_size=32000, d_model=1024, d_ff=4096, n_heads=16)
+D_FF_SPARSITY = 64
+
+
+def d_workload_model(kind: str, n_layers: int, max_len: int, mode: str = "predict"):
+    """The models of the D workloads: dense, Terraformer (sparse) and LSH, same shape."""
+    common = dict(D_SHAPE, n_layers=n_layers, max_len=max_len, dropout=0.0, mode=mode)
+    if kind == "dense":
+        return TransformerLM(**common)
+    if kind == "sparse":
+        return TerraformerLM(attention_sparsity=16, length_kernel_size=3,
+                             ff_sparsity=D_FF_SPARSITY, **common)
+    if kind == "lsh":
+        attn = functools.partial(
+            LSHSelfAttention, chunk_len=LSH_CHUNK_LEN, n_hashes=2,
+            n_buckets=lsh_n_buckets(max_len), n_chunks_before=1, predict_mem_len=max_len,
+            predict_drop_len=0)
+        return ReformerLM(d_attention_key=64, d_attention_value=64, attention_type=attn,
+                          **common)
+    raise ValueError(f"--model must be dense, sparse or lsh, got {kind!r}")
+
+
+def measure_bandwidth_gib_s(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Memory bandwidth from a large array copy: (read + write bytes) / time, best of n."""
+    src = np.ones(n_bytes // 4, np.float32)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n_bytes / best / 2**30
+
+
+def bytes_read_per_token(weights, vocab_size: int, ff_sparsity: int) -> int:
+    """Weight bytes one decoding step must read.
+
+    The embedding table contributes one row; a sparse feed-forward's w1/b1/w2 one unit in
+    `ff_sparsity`; everything else is read whole.
+    """
+    total = 0
+
+    def visit(tree):
+        nonlocal total
+        if isinstance(tree, dict):
+            sparse = {"m1", "w1", "w2"} <= set(tree)
+            for key, value in tree.items():
+                if sparse and key in ("w1", "b1", "w2"):
+                    total += value.nbytes // ff_sparsity
+                else:
+                    visit(value)
+        elif isinstance(tree, (tuple, list)):
+            for item in tree:
+                visit(item)
+        elif hasattr(tree, "nbytes"):
+            is_table = tree.ndim == 2 and tree.shape[0] == vocab_size
+            total += tree.nbytes // vocab_size if is_table else tree.nbytes
+
+    visit(weights)
+    return total
+
+
+def bench_decode(args) -> dict:
+    max_len = args.prompt_len + args.new_tokens + 8
+    model = d_workload_model(args.model, args.n_layers, max_len, mode="eval")
+    weights, _ = model.init(ShapeDtype((1, 8), jnp.int32), jax.random.PRNGKey(0))
+    del model
+    decoder = Decoder(d_workload_model(args.model, args.n_layers, max_len), weights,
+                      batch_size=1, prefill_chunk=args.prefill_chunk, rng=jax.random.PRNGKey(0),
+                      max_len=max_len)
+    prompt = np.random.default_rng(0).integers(1, D_SHAPE["vocab_size"],
+                                               size=(1, args.prompt_len)).astype(np.int32)
+    start = time.perf_counter()
+    time_per_token(decoder, prompt[:, : min(args.prompt_len, args.prefill_chunk)], 2)
+    compile_s = time.perf_counter() - start
+    timing = time_per_token(decoder, prompt, args.new_tokens)
+    bandwidth = measure_bandwidth_gib_s()
+    read = bytes_read_per_token(weights, D_SHAPE["vocab_size"],
+                                D_FF_SPARSITY if args.model == "sparse" else 1)
+    floor_s = read / (bandwidth * 2**30)
+    return dict(workload=f"D-{args.model}", impl="terraformer",
+                device=jax.devices()[0].platform, n_layers=args.n_layers,
+                prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                prefill_chunk=args.prefill_chunk, compile_s=compile_s,
+                s_per_token=timing["s_per_token"], tokens_per_s=1 / timing["s_per_token"],
+                prefill_s=timing["prefill_s"], bandwidth_gib_s=bandwidth,
+                weight_bytes_per_token=read, floor_s_per_token=floor_s,
+                over_floor=timing["s_per_token"] / floor_s, peak_rss_gib=peak_memory_gib(),
+                params=count_params(weights))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="terraformer bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -141,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--n_layers", type=int, default=2)
     train.add_argument("--attention", default="lsh", choices=["lsh", "full", "local"])
     train.add_argument("--repeats", type=int, default=3)
+    decode = sub.add_parser("decode", help="D workloads: batch-1 greedy decoding latency")
+    decode.add_argument("--model", default="dense", choices=["dense", "sparse", "lsh"])
+    decode.add_argument("--n_layers", type=int, default=12)
+    decode.add_argument("--prompt_len", type=int, default=128)
+    decode.add_argument("--new_tokens", type=int, default=128)
+    decode.add_argument("--prefill_chunk", type=int, default=1024)
     return parser
 
 
@@ -148,6 +247,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.workload == "train":
         record = bench_train(args)
+    elif args.workload == "decode":
+        record = bench_decode(args)
     print(json.dumps(record), flush=True)
     return 0
 

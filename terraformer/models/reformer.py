@@ -100,6 +100,7 @@ def ReformerLM(  # noqa: N802
     ff_chunk_size: int = 0,
     ff_dropout: float | None = None,
     feed_forward_type=None,
+    output_merge: str = "concatenate",
     mode: str = "train",
 ) -> tl.Layer:
     """Reversible decoder-only language model (Trax's ReformerLM, same argument names).
@@ -117,6 +118,9 @@ def ReformerLM(  # noqa: N802
       ff_chunk_size: run the feed-forward over chunks of this many positions (0: whole).
       feed_forward_type: optional constructor `f(d_ff, dropout=, mode=)` replacing the dense
         feed-forward (e.g. a sparse one).
+      output_merge: how the two reversible streams meet the output layer: 'concatenate'
+        (Trax's ReformerLM: LayerNorm and Dense over 2 * d_model) or 'average' (Trax's
+        Terraformer: (x1 + x2) / 2, half the output layer's weights to read when decoding).
     When every layer has the same attention type, the blocks share one compiled body through
     `ReversibleRepeat` (weights stacked on a leading layer axis), keeping compile time flat in
     depth.
@@ -149,12 +153,20 @@ def ReformerLM(  # noqa: N802
                             dropout, mode),
         tl.Dup(),
         blocks,
-        tl.Concatenate(),
+        _merge_streams(output_merge),
         tl.LayerNorm(),
         tl.Dense(vocab_size),
         tl.LogSoftmax(),
         name="ReformerLM",
     )
+
+
+def _merge_streams(output_merge: str) -> tl.Layer:
+    if output_merge == "concatenate":
+        return tl.Concatenate()
+    if output_merge == "average":
+        return tl.Fn("XYAvg", lambda x1, x2: (x1 + x2) / 2)
+    raise ValueError(f"output_merge must be 'concatenate' or 'average', got {output_merge!r}")
 
 
 def LocalAttention(chunk_len: int = 128, n_chunks_before: int = 1):  # noqa: N802

@@ -80,5 +80,5 @@ def TerraformerLM(  # noqa: N802
         dropout=dropout, max_len=max_len, attention_type=attention_type, pos_type=pos_type,
         pos_axial_shape=pos_axial_shape, pos_d_axial_embs=pos_d_axial_embs,
         ff_chunk_size=0 if ff_sparsity else ff_chunk_size,
-        feed_forward_type=feed_forward_type, mode=mode,
+        feed_forward_type=feed_forward_type, output_merge="average", mode=mode,
     )
