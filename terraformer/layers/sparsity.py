@@ -251,12 +251,21 @@ class SparseFF(Layer):
             self._n_blocks, dtype=jnp.int32
         )  # (..., n_blocks) global unit ids
         cdt = self._compute_dtype(x)
-        w1 = jnp.take(weights["w1"], ids, axis=0).astype(cdt)  # (..., n_blocks, d_model)
-        b1 = jnp.take(weights["b1"], ids, axis=0).astype(cdt)  # (..., n_blocks)
+        w1 = _take_rows(weights["w1"], ids).astype(cdt)  # (..., n_blocks, d_model)
+        b1 = _take_rows(weights["b1"], ids).astype(cdt)  # (..., n_blocks)
         h = jax.nn.relu(jnp.einsum("...d,...bd->...b", x.astype(cdt), w1) + b1)
-        w2 = jnp.take(weights["w2"], ids, axis=0).astype(cdt)  # (..., n_blocks, d_model)
+        w2 = _take_rows(weights["w2"], ids).astype(cdt)  # (..., n_blocks, d_model)
         y = jnp.einsum("...b,...bd->...d", h, w2) + weights["b2"].astype(cdt)
         return y.astype(x.dtype)
+
+
+def _take_rows(table, ids):
+    """table[ids] (rows) for ids known to be in range, ascending and distinct per token."""
+    return (
+        jnp.asarray(table)
+        .at[ids]
+        .get(mode="promise_in_bounds", unique_indices=True, indices_are_sorted=True)
+    )
 
 
 class _SparseFFBody(Layer):
@@ -407,22 +416,24 @@ class LocallyConvDense(Layer):
         self._bias_init = init_lib.random_normal(1e-6)
         self._mode = check_mode(mode)
 
-    def _d_in(self, shape, who_shape) -> int:
+    def _d_in(self, shape) -> int:
+        """Features per module of inputs of `shape`, checking it is (batch, length, features)."""
+        shape = tuple(shape)
         if len(shape) != 3:
             raise ValueError(
-                f"{self.name}: expected inputs (batch, length, features), got shape {who_shape}"
+                f"{self.name}: expected inputs (batch, length, features), got shape {shape}"
             )
         if shape[-1] % self._n_modules:
             raise ValueError(
                 f"{self.name}: the feature axis must be a multiple of n_modules="
-                f"{self._n_modules}, got shape {who_shape}"
+                f"{self._n_modules}, got shape {shape}"
             )
         return shape[-1] // self._n_modules
 
     def init_weights_and_state(self, input_signature, rng):
         _feature_dim(input_signature, self.name)
         shape = tuple(input_signature.shape)
-        d_in = self._d_in(shape, shape)
+        d_in = self._d_in(shape)
         lk, k = self._length_kernel_size, self._kernel_size
         rng_w, rng_b = jax.random.split(rng)
         w = self._kernel_init(rng_w, (lk * k * d_in, self._n_units)).reshape(
@@ -437,7 +448,7 @@ class LocallyConvDense(Layer):
         return weights, state
 
     def apply(self, x, weights, state, rng):
-        d_in = self._d_in(x.shape, tuple(x.shape))
+        d_in = self._d_in(x.shape)
         check_feature_dim(x, weights["w"].shape[2] * self._n_modules, self.name)
         batch, length = x.shape[:2]
         lk = self._length_kernel_size
@@ -497,7 +508,9 @@ class _CausalAttentionCore(Layer):
 
     In `predict` mode the state is `{'k': [batch, max_len, d], 'v': [batch, max_len, d_v],
     'pos': int32}`: each call writes its keys/values at `pos` (lax.dynamic_update_slice),
-    attends to every cached position up to its own, and advances `pos` by its length.
+    attends to every cached position up to its own, and advances `pos` by its length. Going
+    past max_inference_length is a ValueError when `pos` is concrete; under jit it cannot be
+    checked (the write would be clamped), so the decoding loop must stop in time.
     """
 
     def __init__(self, n_heads: int, dropout_rate: float, max_inference_length: int, mode: str):
