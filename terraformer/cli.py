@@ -25,7 +25,7 @@ import sys
 import tokenize
 from pathlib import Path
 
-__all__ = ["greedy_decode", "main"]
+__all__ = ["main"]
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -33,100 +33,6 @@ EXIT_FAILED = 1
 
 class UsageError(Exception):
     """A problem with what the user asked for; printed as one line, exit status 2."""
-
-
-# ---------------------------------------------------------------------------------------------
-# The thin decoding helper (to be replaced by terraformer.decoding).
-
-
-def _sample(logits, rng, temperature: float, top_k: int | None, top_p: float | None):
-    """Next ids [batch] from logits [batch, vocab]: argmax when temperature == 0."""
-    import jax
-    import jax.numpy as jnp
-
-    if temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p is not None and top_p < 1.0:
-        order = jnp.argsort(-logits, axis=-1)
-        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
-        sorted_logits = jnp.where(before < top_p, sorted_logits, -jnp.inf)
-        inverse = jnp.argsort(order, axis=-1)
-        logits = jnp.take_along_axis(sorted_logits, inverse, axis=-1)
-    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
-
-
-def greedy_decode(model_fn, weights, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
-                  top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-                  eos_id: int | None = None, start_id: int = 0):
-    """Continues ``prompt_ids`` with the model in ``predict`` mode, one token per jitted step.
-
-    Feeds ``start_id`` (the id the model shifts in, 0) and then the prompt token by token to
-    fill the model's caches, then feeds back each new token.
-
-    Args:
-      model_fn: function of ``mode`` returning the language model Layer.
-      weights: its trained weights (any mode: the pytrees are the same).
-      prompt_ids: int ids, ``(n,)`` or ``(batch, n)``.
-      max_new_tokens: how many tokens to generate.
-      temperature: 0 for greedy (argmax); > 0 samples from ``softmax(logits / temperature)``,
-        restricted to the ``top_k`` most likely and/or the smallest set of mass ``top_p``.
-      seed: seed of the sampling.
-      eos_id: stop once every row has produced it (it is kept in the output).
-
-    Returns:
-      int32 numpy array of the new ids, ``(max_new_tokens,)`` or ``(batch, max_new_tokens)``
-      (shorter when stopped at ``eos_id``).
-    """
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from terraformer.shapes import ShapeDtype
-
-    prompt = np.asarray(prompt_ids)
-    if prompt.ndim not in (1, 2) or not np.issubdtype(prompt.dtype, np.integer):
-        raise ValueError(
-            f"greedy_decode: prompt_ids must be int ids (n,) or (batch, n), got "
-            f"{prompt.dtype} {prompt.shape}"
-        )
-    if temperature < 0:
-        raise ValueError(f"greedy_decode: temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"greedy_decode: top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"greedy_decode: top_p must be in (0, 1], got {top_p}")
-    rows = prompt[None] if prompt.ndim == 1 else prompt
-    batch = rows.shape[0]
-    model = model_fn(mode="predict")
-    _, state = model.init_weights_and_state(
-        ShapeDtype((batch, 1), jnp.int32), jax.random.PRNGKey(0))
-
-    @jax.jit
-    def step(weights, state, token, rng):
-        log_probs, state = model.apply(token[:, None], weights, state, None)
-        return _sample(log_probs[:, -1, :], rng, temperature, top_k, top_p), state
-
-    base = jax.random.PRNGKey(seed)
-    feed = np.concatenate([np.full((batch, 1), start_id, np.int32), rows.astype(np.int32)], 1)
-    token = None
-    for i in range(feed.shape[1]):
-        token, state = step(weights, state, jnp.asarray(feed[:, i]), jax.random.fold_in(base, i))
-    out = []
-    for i in range(max_new_tokens):
-        out.append(np.asarray(token))
-        if eos_id is not None and np.all(np.any(np.stack(out, 1) == eos_id, axis=1)):
-            break
-        if i + 1 < max_new_tokens:
-            token, state = step(weights, state, token,
-                                jax.random.fold_in(base, feed.shape[1] + i))
-    new = np.stack(out, 1) if out else np.zeros((batch, 0), np.int32)
-    return new[0] if prompt.ndim == 1 else new
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,13 +142,33 @@ def _cmd_decode(args) -> int:
     weights, _, meta = loop.load_weights(args.output_dir, model_fn, args.checkpoint)
     check_vocab(tok, meta["vocab_size"])
     ids = tok.encode(prompt)
-    new = greedy_decode(
-        model_fn, weights, ids, args.max_new_tokens, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-        eos_id=tok.eos_id if tok.eos_id >= 0 else None,
-    )
-    sys.stdout.write(tok.decode(new) + "\n")
+    _stream_continuation(model_fn, weights, ids, tok, args)
     return 0
+
+
+def _stream_continuation(model_fn, weights, ids, tok, args) -> None:
+    """Prefills the prompt, then prints the continuation as it comes, and tokens/s on stderr."""
+    import time
+
+    import numpy as np
+
+    from terraformer.decoding import Decoder
+
+    decoder = Decoder(model_fn(mode="predict"), weights, batch_size=1)
+    stops = (tok.eos_id,) if tok.eos_id >= 0 else ()
+    start = time.perf_counter()
+    new = []
+    for block in decoder.stream(np.asarray(ids)[None], args.max_new_tokens, args.temperature,
+                                args.top_k, args.top_p, args.seed, stops, block_size=16):
+        text_before = tok.decode(np.asarray(new, np.int32)) if new else ""
+        new.extend(int(t) for t in block[0])
+        text = tok.decode(np.asarray(new, np.int32))
+        sys.stdout.write(text[len(text_before):] if text.startswith(text_before) else text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    elapsed = time.perf_counter() - start
+    print(f"{len(new)} tokens in {elapsed:.2f}s ({len(new) / max(elapsed, 1e-9):.1f} tokens/s, "
+          "prefill and compile included)", file=sys.stderr)
 
 
 def _cmd_plot(args) -> int:

@@ -45,6 +45,22 @@ __all__ = [
 # ``terraformer.models.<attribute>``.
 MODELS: list[tuple[str, str]] = [
     ("terraformer.models.transformer", "TransformerLM"),
+    ("terraformer.models.reformer", "ReformerLM"),
+    ("terraformer.models.terraformer", "TerraformerLM"),
+]
+
+# (module, attribute) of layers gin files may configure and pass as ``attention_type`` etc.,
+# registered under ``terraformer.layers.<attribute>``: ``ReformerLM.attention_type =
+# @LSHSelfAttention`` with ``LSHSelfAttention.n_hashes = 4``.
+LAYERS: list[tuple[str, str]] = [
+    ("terraformer.layers.attention", "SelfAttention"),
+    ("terraformer.layers.attention", "CausalAttention"),
+    ("terraformer.layers.lsh", "LSHSelfAttention"),
+    ("terraformer.layers.sparsity", "MultiplicativeConvCausalAttention"),
+    ("terraformer.layers.sparsity", "SparseFF"),
+    ("terraformer.layers.core", "Relu"),
+    ("terraformer.layers.core", "Gelu"),
+    ("terraformer.layers.core", "FastGelu"),
 ]
 
 
@@ -57,10 +73,11 @@ def register(fn, name: str | None = None, module: str = "terraformer.models"):
     return gin.external_configurable(fn, name=name, module=module)
 
 
-def register_models(models: Sequence[tuple[str, str]] = MODELS) -> None:
-    """Registers each ``(module, attribute)`` of ``models`` under ``terraformer.models``."""
+def register_models(models: Sequence[tuple[str, str]] = MODELS,
+                    module: str = "terraformer.models") -> None:
+    """Registers each ``(module, attribute)`` of ``models`` under ``module``."""
     for module_name, attr in models:
-        register(getattr(importlib.import_module(module_name), attr), attr)
+        register(getattr(importlib.import_module(module_name), attr), attr, module)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,3 +257,4 @@ def text_lm_inputs(
 
 
 register_models()
+register_models(LAYERS, "terraformer.layers")

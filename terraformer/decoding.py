@@ -241,3 +241,24 @@ def time_per_token(decoder: Decoder, prompt_ids, new_tokens: int) -> dict:
         times.append(time.perf_counter() - start)
     return {"prefill_s": prefill_s, "first_token_s": times[0],
             "s_per_token": float(np.median(times[1:])) if len(times) > 1 else times[0]}
+
+
+def generate(model_fn, weights, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+             eos_id: int | None = None, max_len: int | None = None,
+             prefill_chunk: int = 1024) -> np.ndarray:
+    """Continues `prompt_ids` ((n,) or (batch, n)) with `model_fn(mode='predict')`.
+
+    Returns int32 new ids of shape (max_new_tokens,) or (batch, max_new_tokens); after
+    `eos_id` (kept) a row holds START_ID.
+    """
+    prompt = np.asarray(prompt_ids)
+    if prompt.ndim not in (1, 2) or not np.issubdtype(prompt.dtype, np.integer):
+        raise ValueError(f"prompt_ids must be int ids (n,) or (batch, n), got {prompt.dtype} "
+                         f"{prompt.shape}")
+    rows = prompt[None] if prompt.ndim == 1 else prompt
+    decoder = Decoder(model_fn(mode="predict"), weights, batch_size=rows.shape[0],
+                      prefill_chunk=prefill_chunk, max_len=max_len)
+    stops = () if eos_id is None else (eos_id,)
+    new = decoder.generate(rows, max_new_tokens, temperature, top_k, top_p, seed, stops)
+    return new[0] if prompt.ndim == 1 else new

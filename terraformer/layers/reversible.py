@@ -10,13 +10,15 @@ whatever the depth.
 The Reformer block, on a stack `(x1, x2)` made by `Dup()`::
 
     ReversibleSerial(
-        ReversibleHalfResidual(LayerNorm(), attention),   # (x1, x2) -> (x1 + A(x2), x2)
-        ReversibleSwap(),                                 #          -> (x2, y1)
-        ReversibleHalfResidual(LayerNorm(), feed_forward),# -> (x2 + FF(y1), y1)
-        ReversibleSwap(),                                 # -> (y1, y2)
+        ReversibleHalfResidual(LayerNorm(), attention),  # (x1, x2) -> (x1 + A(x2), x2)
+        ReversibleSwap(),                                # -> (x2, y1)
+        ReversibleHalfResidual(ChunkedFeedForward(...)), # -> (x2 + FF(y1), y1)
+        ReversibleSwap(),                                # -> (y1, y2)
     )
 
 which is `y1 = x1 + A(x2)`, `y2 = x2 + FF(y1)`. Stack effects are written top of stack first.
+For a deep stack of identical blocks, `ReversibleRepeat(block, n_layers)` runs them under
+`lax.scan`: compile time and activation memory flat in depth on every backend.
 
 Randomness (dropout inside a residual function) is drawn from keys split deterministically
 from the `rng` argument, so the recomputation in the backward pass sees the same masks as the
@@ -70,7 +72,10 @@ def _barrier(tree):
     gradients, and broadcasts of weights look the same in the forward pass and in the
     recomputation; without the barrier the compiler may rebuild every layer's input first,
     or hoist and share per-layer work between the passes, and keep it all alive at once: the
-    memory, growing with depth, that reversibility exists to avoid.
+    memory, growing with depth, that reversibility exists to avoid. XLA's GPU and TPU
+    pipelines keep barriers until scheduling; its CPU pipeline drops them before, so there the
+    unrolled stack's memory still grows with depth, if far slower than an ordinary stack's
+    (`ReversibleRepeat`, a `lax.scan`, stays flat everywhere).
     """
     leaves, treedef = jax.tree.flatten(tree)
     arrays = [a for a in leaves if not _is_float0(a)]
@@ -149,7 +154,8 @@ class ReversibleSelect(ReversibleLayer):
         return self._permute(output, self._inverse)
 
     def reverse_and_grad(self, output, grad_output, weights=EMPTY, state=EMPTY, rng=None):
-        return self.reverse(output), (self._permute(grad_output, self._inverse), weights)
+        grad_input = self._permute(grad_output, self._inverse)
+        return self.reverse(output), (grad_input, _zero_cotangent(weights))
 
 
 def ReversibleSwap() -> ReversibleLayer:  # noqa: N802
@@ -311,8 +317,10 @@ class ReversibleSerial(ReversibleLayer):
 
     Stack effect: like `Serial(*layers)`; n_in = n_out = the largest n_in of its layers.
     Nested lists are flattened. Gradients (`jax.grad`, `jax.vjp`) go through a custom VJP that
-    rebuilds each layer's input from its output, so memory stays flat in depth; the cost is
-    one extra forward computation of each residual function. The layer itself is reversible,
+    rebuilds each layer's input from its output, so activation memory stays flat in depth
+    (where XLA honours scheduling barriers: GPU, TPU; on CPU it grows slowly, see `_barrier`,
+    and `ReversibleRepeat` is flat everywhere); the cost is one extra forward computation of
+    each residual function. The layer itself is reversible,
     so ReversibleSerials nest.
 
     Weights and state: tuples with one entry per layer. Each layer gets the key

@@ -11,21 +11,14 @@ from terraformer import layers as tl
 from terraformer.layers.positional import AxialPositionalEncoding
 
 
-def _seed() -> int:
-    return int(np.random.default_rng().integers(2**31))
-
-
 def _full_table(weights, shape):
     """Reference: broadcast every axis table to `shape`, concatenate, flatten row-major."""
     parts = [np.broadcast_to(np.asarray(w), (*shape, w.shape[-1])) for w in weights]
     return np.concatenate(parts, axis=-1).reshape(math.prod(shape), -1)
 
 
-@pytest.mark.parametrize(
-    "shape,d_embs", [((4, 8), (6, 10)), ((3, 2, 5), (4, 4, 8)), ((16,), (8,))]
-)
-def test_adds_the_axial_table(shape, d_embs):
-    seed = _seed()
+@pytest.mark.parametrize("shape,d_embs", [((4, 8), (6, 10)), ((3, 2, 5), (4, 4, 8)), ((16,), (8,))])
+def test_adds_the_axial_table(shape, d_embs, seed):
     rng = np.random.default_rng(seed)
     d_model = sum(d_embs)
     length = int(rng.integers(1, math.prod(shape) + 1))
@@ -45,9 +38,9 @@ def test_adds_the_axial_table(shape, d_embs):
     np.testing.assert_array_equal(y_train, y)
 
 
-def test_initializer_and_default_stddev():
+def test_initializer_and_default_stddev(seed):
     layer = AxialPositionalEncoding(shape=(32, 32), d_embs=(64, 64), mode="eval")
-    weights, _ = layer.init(tl.ShapeDtype((1, 1024, 128)), jax.random.PRNGKey(_seed()))
+    weights, _ = layer.init(tl.ShapeDtype((1, 1024, 128)), jax.random.PRNGKey(seed))
     std = float(np.std(np.concatenate([np.ravel(w) for w in weights])))
     assert 0.9 < std < 1.1  # normal(1.0), as in Trax
     zeros = AxialPositionalEncoding(
@@ -78,8 +71,7 @@ def test_errors_name_what_is_wrong():
         AxialPositionalEncoding(mode="serve")
 
 
-def test_predict_one_token_at_a_time_equals_whole_sequence():
-    seed = _seed()
+def test_predict_one_token_at_a_time_equals_whole_sequence(seed):
     rng = np.random.default_rng(seed)
     shape, d_embs, length = (4, 6), (4, 12), 17
     x = jnp.asarray(rng.normal(size=(3, length, 16)), jnp.float32)
@@ -111,8 +103,7 @@ def test_predict_one_token_at_a_time_equals_whole_sequence():
         pred.apply(x[:, :8], weights, state, None)
 
 
-def test_dropout_mask_is_shared_along_broadcast_dims():
-    seed = _seed()
+def test_dropout_mask_is_shared_along_broadcast_dims(seed):
     shape, d_embs, rate = (4, 8), (6, 10), 0.5
     x = jnp.zeros((3, 32, 16))
     layer = AxialPositionalEncoding(shape=shape, d_embs=d_embs, dropout=rate, mode="train")
@@ -149,8 +140,7 @@ def test_dropout_mask_is_shared_along_broadcast_dims():
     np.testing.assert_allclose(y_eval, emb[None].repeat(3, 0), atol=1e-6)
 
 
-def test_gradients_equal_the_full_table_reference():
-    seed = _seed()
+def test_gradients_equal_the_full_table_reference(seed):
     rng = np.random.default_rng(seed)
     shape, d_embs, length = (4, 8), (6, 10), 27
     x = jnp.asarray(rng.normal(size=(2, length, 16)), jnp.float32)

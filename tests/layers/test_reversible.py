@@ -17,10 +17,6 @@ from terraformer.layers.reversible import (
 )
 
 
-def _seed() -> int:
-    return int(np.random.default_rng().integers(2**31))
-
-
 def _normal(key, shape):
     return jax.random.normal(key, shape, jnp.float32)
 
@@ -79,8 +75,7 @@ def _loss(layer, state, rng):
 # -- the simple layers ------------------------------------------------------------------------
 
 
-def test_swap_and_select_permute_and_reverse():
-    seed = _seed()
+def test_swap_and_select_permute_and_reverse(seed):
     keys = jax.random.split(jax.random.PRNGKey(seed), 6)
     a, b, c = (_normal(k, (2, 3)) for k in keys[:3])
     swap = ReversibleSwap()
@@ -122,11 +117,42 @@ def test_reversible_layer_needs_equal_arity():
         ReversibleLayer(n_in=2, n_out=1)
 
 
+class _Scale(ReversibleLayer):
+    """y = x * exp(s): a reversible layer that relies on the default reverse_and_grad."""
+
+    def __init__(self):
+        super().__init__(n_in=1)
+
+    def init_weights_and_state(self, input_signature, rng):
+        return {"s": 0.1 * jax.random.normal(rng, input_signature.shape[-1:])}, ()
+
+    def apply(self, x, weights, state, rng):
+        return x * jnp.exp(weights["s"]), state
+
+    def reverse(self, output, weights=(), state=(), rng=None):
+        return output * jnp.exp(-weights["s"])
+
+
+def test_default_reverse_and_grad(seed):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+    xs = (_normal(keys[0], (2, 4, 8)), _normal(keys[1], (2, 4, 8)))
+    layers = [
+        ReversibleHalfResidual(tl.Dense(8), tl.Tanh()),
+        ReversibleSwap(),
+        _Scale(),
+        ReversibleHalfResidual(tl.Dense(8)),
+    ]
+    rev = ReversibleSerial(*layers)
+    w, s = _init(rev, xs, keys[2])
+    g_rev = _grad(_loss(rev, s, None))(w, xs)
+    g_ref = _grad(_loss(tl.Serial(*layers), s, None))(w, xs)
+    assert _rel_err(g_rev, g_ref) < 1e-5, f"seed {seed}"
+
+
 # -- the half residual ------------------------------------------------------------------------
 
 
-def test_half_residual_computes_x1_plus_f_of_x2():
-    seed = _seed()
+def test_half_residual_computes_x1_plus_f_of_x2(seed):
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
     x1, x2 = _normal(k1, (2, 5, 8)), _normal(k2, (2, 5, 8))
     f = tl.Serial(*_residual_fn(8))
@@ -142,9 +168,8 @@ def test_half_residual_computes_x1_plus_f_of_x2():
     assert rx2 is x2
 
 
-def test_half_residual_with_extra_inputs_keeps_them():
+def test_half_residual_with_extra_inputs_keeps_them(seed):
     """F may read items below x2 (a mask here, int32); they pass through unchanged."""
-    seed = _seed()
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
     x1, x2 = _normal(k1, (2, 6, 8)), _normal(k2, (2, 6, 8))
     mask = jnp.asarray(np.random.default_rng(seed).integers(0, 2, (2, 6)), jnp.int32)
@@ -194,16 +219,14 @@ def _stack_setup(seed, n_blocks=2, d_model=16, dropout=0.0, batch=2, length=8):
     return rev, layers, xs, w, s, keys[3]
 
 
-def test_reverse_reconstructs_inputs():
-    seed = _seed()
+def test_reverse_reconstructs_inputs(seed):
     rev, _, xs, w, s, rng = _stack_setup(seed, n_blocks=2, dropout=0.2)
     ys, _ = rev.apply(xs, w, s, rng)
     assert _max_err(rev.reverse(ys, w, s, rng), xs) < 1e-5, f"seed {seed}"
 
 
-def test_gradients_equal_ordinary_residual_stack():
+def test_gradients_equal_ordinary_residual_stack(seed):
     """4 layers (2 RevNet blocks), d=16, dropout on: same rng gives the same masks."""
-    seed = _seed()
     rev, layers, xs, w, s, rng = _stack_setup(seed, n_blocks=2, dropout=0.3)
     ref = tl.Serial(*layers)
     y_rev, _ = rev.apply(xs, w, s, rng)
@@ -216,8 +239,7 @@ def test_gradients_equal_ordinary_residual_stack():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=f"seed {seed}")
 
 
-def test_typed_keys_and_no_rng():
-    seed = _seed()
+def test_typed_keys_and_no_rng(seed):
     rev, layers, xs, w, s, _ = _stack_setup(seed, n_blocks=1)
     for rng in (jax.random.key(seed), None):
         g_rev = _grad(_loss(rev, s, rng))(w, xs)
@@ -225,9 +247,8 @@ def test_typed_keys_and_no_rng():
         assert _rel_err(g_rev, g_ref) < 1e-5, f"seed {seed}"
 
 
-def test_nested_serial_reverse_and_grad():
+def test_nested_serial_reverse_and_grad(seed):
     """A ReversibleSerial inside another uses the inner one's reverse_and_grad."""
-    seed = _seed()
     _, layers, xs, _, _, rng = _stack_setup(seed, n_blocks=2, dropout=0.1)
     nested = ReversibleSerial(ReversibleSerial(*layers[:4]), ReversibleSerial(*layers[4:]))
     w, s = _init(nested, xs, jax.random.PRNGKey(seed + 1))
@@ -237,8 +258,7 @@ def test_nested_serial_reverse_and_grad():
     assert _rel_err(g_rev, g_ref) < 1e-5, f"seed {seed}"
 
 
-def test_vmap_and_jit_of_apply():
-    seed = _seed()
+def test_vmap_and_jit_of_apply(seed):
     rev, _, xs, w, s, _ = _stack_setup(seed, n_blocks=1)
     direct, _ = rev.apply(xs, w, s, None)
     mapped = jax.vmap(lambda a, b: rev.apply((a[None], b[None]), w, s, None)[0])(*xs)
@@ -247,9 +267,8 @@ def test_vmap_and_jit_of_apply():
     assert _max_err(jitted, direct) < 1e-5
 
 
-def test_state_is_passed_through():
+def test_state_is_passed_through(seed):
     """Layers with state (a predict-mode position counter) return their new state."""
-    seed = _seed()
     d = 8
     x = _normal(jax.random.PRNGKey(seed), (1, 3, d))
     layers = [
@@ -276,8 +295,7 @@ def _unstack(tree, n):
     return tuple(jax.tree.map(lambda a, i=i: a[i], tree) for i in range(n))
 
 
-def test_repeat_equals_serial_of_copies():
-    seed = _seed()
+def test_repeat_equals_serial_of_copies(seed):
     n, d = 2, 16
     keys = jax.random.split(jax.random.PRNGKey(seed), 4)
     xs = (_normal(keys[0], (2, 8, d)), _normal(keys[1], (2, 8, d)))

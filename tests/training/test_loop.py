@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from terraformer.cli import greedy_decode
 from terraformer.data.streams import copy_task
+from terraformer.decoding import generate as greedy_decode
 from terraformer.models.transformer import TransformerLM
 from terraformer.training import (
     Adam,
