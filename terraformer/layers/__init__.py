@@ -35,3 +35,22 @@ from terraformer.layers.core import (
     Tanh,
 )
 from terraformer.shapes import ShapeDtype, signature
+from terraformer.layers.attention import CausalAttention, SelfAttention
+from terraformer.layers.feedforward import ChunkedFeedForward, FeedForward, FeedForwardBlock
+from terraformer.layers.losses import Accuracy, CrossEntropyLoss, SequenceAccuracy
+from terraformer.layers.lsh import LSHSelfAttention
+from terraformer.layers.positional import AxialPositionalEncoding
+from terraformer.layers.reversible import (
+    ReversibleHalfResidual,
+    ReversibleLayer,
+    ReversibleRepeat,
+    ReversibleSelect,
+    ReversibleSerial,
+    ReversibleSwap,
+)
+from terraformer.layers.sparsity import (
+    LocallyConvDense,
+    MultiplicativeConvCausalAttention,
+    MultiplicativeModularSparseDense,
+    SparseFF,
+)
