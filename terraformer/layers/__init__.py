@@ -1,5 +1,6 @@
 """Trax-style layers: `from terraformer import layers as tl`."""
 
+from terraformer.layers.attention import CausalAttention, SelfAttention
 from terraformer.layers.base import EMPTY, MODES, Layer, PureLayer
 from terraformer.layers.combinators import (
     Add,
@@ -34,8 +35,6 @@ from terraformer.layers.core import (
     Softmax,
     Tanh,
 )
-from terraformer.shapes import ShapeDtype, signature
-from terraformer.layers.attention import CausalAttention, SelfAttention
 from terraformer.layers.feedforward import ChunkedFeedForward, FeedForward, FeedForwardBlock
 from terraformer.layers.losses import Accuracy, CrossEntropyLoss, SequenceAccuracy
 from terraformer.layers.lsh import LSHSelfAttention
@@ -54,3 +53,4 @@ from terraformer.layers.sparsity import (
     MultiplicativeModularSparseDense,
     SparseFF,
 )
+from terraformer.shapes import ShapeDtype, signature

@@ -104,7 +104,7 @@ class Layer:
 
     def apply(self, x, weights, state, rng):
         """Returns `(y, new_state)`: the pure forward pass."""
-        raise NotImplementedError(f"{self._name} must define apply")
+        raise TypeError(f"{self._name}: a Layer subclass must override apply")
 
     def init(self, input_signature, rng=None):
         """Infers weight shapes from `input_signature`; returns `(weights, state)`.

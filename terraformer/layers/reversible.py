@@ -108,7 +108,7 @@ class ReversibleLayer(Layer):
 
     def reverse(self, output, weights=EMPTY, state=EMPTY, rng=None):
         """The input that `apply(input, weights, state, rng)` maps to `output`."""
-        raise NotImplementedError(f"{self.name} must define reverse")
+        raise TypeError(f"{self.name}: a ReversibleLayer subclass must override reverse")
 
     def reverse_and_grad(self, output, grad_output, weights=EMPTY, state=EMPTY, rng=None):
         """Rebuilds the input from `output` and pulls `grad_output` back through the layer.
