@@ -25,6 +25,13 @@ Conventions (those of Trax's LSHSelfAttention, re-derived from the Reformer pape
   so they sort to the end of every round: they never take a real token's place in a chunk, are
   never attended to, and their values cannot change which keys a real token sees.
 
+Memory: the sorted queries, keys and values and each chunk's window of keys take
+O(n_hashes * length * d) memory; the scores are computed a block of chunks at a time in a
+`lax.map` whose body is rematerialised in the backward pass (`jax.checkpoint`), so no more than
+one block of `chunk_len x window` score matrices is alive, forward or backward. Hashing projects
+at most a block of positions at a time, and a factored `n_buckets=(a, b)` projects on a/2 + b/2
+directions instead of a*b/2.
+
 Causal LSH attention masks every key at a later position, but, as in the Reformer paper, *which*
 earlier keys share a query's chunk depends on the buckets of all tokens, later ones included
 (sorting places later tokens between earlier ones). Values never leak; the hash pattern can.
@@ -285,7 +292,8 @@ def lsh_attention(
         around within the round) each chunk also attends to.
       causal: mask keys at later (original) positions.
       mask: optional `(batch, length)` bool/0-1, True for real tokens; others are never attended.
-      rotations: `random_rotations(rng, d_qk, n_buckets, n_hashes, n_heads=heads)`.
+      rotations: `random_rotations(rng, d_qk, n_buckets, n_hashes, n_heads=heads)`, or arrays
+        of those shapes; their n_hashes axis then sets the number of rounds.
       dropout_rate / dropout_rng: dropout on the attention probabilities (when rate > 0).
       chunks_per_block: chunks attended to per step of the `lax.map` over chunks (default:
         automatic, about 8M scores a step). Each step is rematerialised in the backward pass, so
@@ -311,6 +319,8 @@ def lsh_attention(
             f"lsh_attention: mask must be (batch, length) = {(batch, length)}, "
             f"got {tuple(mask.shape)}"
         )
+    if chunks_per_block is not None:
+        chunks_per_block = _check_int("chunks_per_block", chunks_per_block, 1, "lsh_attention")
     n_buckets = resolve_n_buckets(n_buckets, length, chunk_len, max_length_for_buckets)
     if rotations is None and rng is None:
         raise ValueError("lsh_attention: pass rng (to draw the hash rotations) or rotations")
@@ -377,55 +387,47 @@ def _lsh_attention(
     n_chunks = -(-length // c)
     padded_len = n_chunks * c
     pad = padded_len - length
-    valid = jnp.ones((batch, length), bool) if mask is None else mask.astype(bool)
-    buckets = jnp.where(valid[:, None, None, :], buckets, total_buckets(n_buckets))
+    if mask is not None:
+        buckets = jnp.where(mask.astype(bool)[:, None, None, :], buckets, total_buckets(n_buckets))
     if pad:
         buckets = jnp.pad(
             buckets, [(0, 0)] * 3 + [(0, pad)], constant_values=total_buckets(n_buckets)
         )
-        valid = jnp.pad(valid, [(0, 0), (0, pad)])
         qk = jnp.pad(qk, [(0, 0), (0, 0), (0, pad), (0, 0)])
         v = jnp.pad(v, [(0, 0), (0, 0), (0, pad), (0, 0)])
 
-    # Sort each round by (bucket, position): the sorted positions are the permutation.
+    # Sort each round by (bucket, position): the sorted positions are the permutation, and the
+    # sorted buckets tell the padding (bucket n_total) from real tokens.
     positions = lax.broadcasted_iota(jnp.int32, buckets.shape, 3)
-    _, perm = lax.sort((buckets, positions), dimension=3, num_keys=2)
+    sorted_buckets, perm = lax.sort((buckets, positions), dimension=3, num_keys=2)
     perm = lax.stop_gradient(perm)
-    idx = perm[..., None]
-
-    def sort(a):  # (B, H, Lp, d) -> (B, H, R, Lp, d)
-        return jnp.take_along_axis(a[:, :, None], idx, axis=3)
-
+    dtype = jnp.result_type(qk.dtype, v.dtype)
+    qkv = jnp.concatenate([qk.astype(dtype), v.astype(dtype)], axis=-1)[:, :, None]
+    sqkv = jnp.take_along_axis(qkv, perm[..., None], axis=3)  # (B, H, R, Lp, d_qk + d_v)
     shape6 = (batch, n_heads, n_rounds, n_chunks, c)
-    sq = sort(qk).reshape(*shape6, d_qk)
-    sk = sort(length_normalized(qk)).reshape(*shape6, d_qk)
-    sv = sort(v).reshape(*shape6, d_v)
+    sqkv = sqkv.reshape(*shape6, d_qk + d_v)
+    sq = sqkv[..., :d_qk]
+    skv = jnp.concatenate([length_normalized(sq), sqkv[..., d_qk:]], axis=-1)
     spos = perm.reshape(shape6)
-    svalid = jnp.take_along_axis(valid[:, None, None, :], perm, axis=3).reshape(shape6)
+    # Keys' positions, with -1 for padding: never equal to, nor after, a query position.
+    skpos = jnp.where(sorted_buckets.reshape(shape6) < total_buckets(n_buckets), spos, -1)
 
     offsets = window_offsets(n_chunks, n_chunks_before, n_chunks_after)
     window = len(offsets) * c
-    kw = _look_around(sk, offsets, 3)
-    vw = _look_around(sv, offsets, 3)
-    kpos = _look_around(spos, offsets, 3)
-    kvalid = _look_around(svalid, offsets, 3)
-
     n_total = batch * n_heads * n_rounds * n_chunks
     xs = (
         sq.reshape(n_total, c, d_qk),
-        kw.reshape(n_total, window, d_qk),
-        vw.reshape(n_total, window, d_v),
+        _look_around(skv, offsets, 3).reshape(n_total, window, d_qk + d_v),
         spos.reshape(n_total, c),
-        kpos.reshape(n_total, window),
-        kvalid.reshape(n_total, window),
+        _look_around(skpos, offsets, 3).reshape(n_total, window),
         jnp.arange(n_total, dtype=jnp.int32),
     )
     scale = 1.0 / math.sqrt(d_qk)
 
-    def attend_chunk(q, k, vv, qp, kp, kval, i):
-        s = jnp.einsum("qd,kd->qk", q, k, preferred_element_type=jnp.float32) * scale
+    def attend_chunk(q, kv, qp, kp, i):
+        s = jnp.einsum("qd,kd->qk", q, kv[:, :d_qk], preferred_element_type=jnp.float32) * scale
         s = jnp.where(qp[:, None] == kp[None, :], SELF_ATTENTION_VALUE, s)
-        bad = ~kval[None, :]
+        bad = kp[None, :] < 0
         if causal:
             bad = bad | (kp[None, :] > qp[:, None])
         s = jnp.where(bad, MASK_VALUE, s)
@@ -433,23 +435,22 @@ def _lsh_attention(
         p = jnp.exp(s - lse[:, None])
         if dropout_rate > 0.0:
             p = dropout_fn(p, dropout_rate, jax.random.fold_in(dropout_rng, i), "train")
-        o = jnp.einsum("qk,kd->qd", p, vv.astype(jnp.float32))
-        return o, lse
+        o = jnp.einsum("qk,kd->qd", p, kv[:, d_qk:].astype(jnp.float32))
+        return jnp.concatenate([o, lse[:, None]], axis=-1)
 
     attend_chunk = jax.checkpoint(attend_chunk, prevent_cse=False)
     if chunks_per_block is None:
         chunks_per_block = max(1, _SCORE_BLOCK_ELEMENTS // (c * window))
-    o, lse = lax.map(lambda a: attend_chunk(*a), xs, batch_size=min(chunks_per_block, n_total))
+    if n_total <= chunks_per_block:
+        o_lse = jax.vmap(attend_chunk)(*xs)
+    else:
+        o_lse = lax.map(lambda a: attend_chunk(*a), xs, batch_size=chunks_per_block)
 
     # Undo the sort, cut the padding, merge the rounds.
     inv = jnp.argsort(perm, axis=3)
-    o = jnp.take_along_axis(
-        o.reshape(batch, n_heads, n_rounds, padded_len, d_v), inv[..., None], axis=3
-    )[:, :, :, :length]
-    lse = jnp.take_along_axis(lse.reshape(batch, n_heads, n_rounds, padded_len), inv, axis=3)[
-        ..., :length
-    ]
-    return _merge_rounds(o, lse, v.dtype)
+    o_lse = o_lse.reshape(batch, n_heads, n_rounds, padded_len, d_v + 1)
+    o_lse = jnp.take_along_axis(o_lse, inv[..., None], axis=3)[:, :, :, :length]
+    return _merge_rounds(o_lse[..., :d_v], o_lse[..., d_v], v.dtype)
 
 
 def _merge_rounds(o, lse, dtype):
@@ -479,6 +480,22 @@ class LSHSelfAttention(Layer):
     given the same state key).
 
     Lengths that are not a multiple of `chunk_len` are padded internally (masked, then cut).
+
+    Args:
+      n_heads, d_qk, d_v: heads and their query-key and value sizes.
+      causal: mask keys at later positions (needed for `predict` decoding).
+      chunk_len, n_chunks_before, n_chunks_after, n_hashes, n_buckets: as in `lsh_attention`.
+        `n_buckets` is an int (1 or even), a pair (a, b) for factored hashing, or None: chosen
+        from the length (`resolve_n_buckets`), from `max_length_for_buckets` when given, and in
+        causal `predict` mode from `predict_mem_len` unless `max_length_for_buckets` is given
+        (set it so that eval and predict hash alike).
+      attention_dropout: dropout on attention probabilities, `train` mode only.
+      output_dropout: dropout on the layer's output, `train` mode only.
+      mode: 'train', 'eval' or 'predict'.
+      predict_mem_len, predict_drop_len: the decoding cache (see below).
+      use_mask: take `(x, mask)` instead of `x`.
+      use_bias: add an output bias `b_o` (Trax's LSH layer has none by default).
+      chunks_per_block: chunks per step of the attention's `lax.map` (default: automatic).
 
     `predict` mode (causal only; a non-causal layer in predict mode runs the full eval forward on
     each input and keeps no cache): the state also holds preallocated buffers
@@ -647,11 +664,13 @@ class LSHSelfAttention(Layer):
         n_buckets = resolve_n_buckets(
             self.n_buckets, x.shape[1], self.chunk_len, self._bucket_length(x.shape[1])
         )
-        rotations = random_rotations(r_hash, self.d_qk, n_buckets, self.n_hashes, self.n_heads)
         attn_rate = self.attention_dropout if self.mode == "train" else 0.0
+        # The rotations, random_rotations(r_hash, d_qk, n_buckets, n_hashes, n_heads), are
+        # drawn inside lsh_attention's compiled program.
         o, _ = lsh_attention(
             qk,
             v,
+            r_hash,
             n_hashes=self.n_hashes,
             n_buckets=n_buckets,
             chunk_len=self.chunk_len,
@@ -659,7 +678,6 @@ class LSHSelfAttention(Layer):
             n_chunks_after=self.n_chunks_after,
             causal=self.causal,
             mask=mask,
-            rotations=rotations,
             dropout_rate=attn_rate,
             dropout_rng=r_attn,
             chunks_per_block=self.chunks_per_block,
