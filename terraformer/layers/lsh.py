@@ -59,6 +59,8 @@ MAX_UNFACTORED_BUCKETS = 512
 # Elements of one block of rotated vectors (hashing) or of chunk scores (attention).
 _HASH_BLOCK_ELEMENTS = 1 << 24
 _SCORE_BLOCK_ELEMENTS = 1 << 23
+# Above this many (batch x head x round x position) rows, heads are attended one at a time.
+_HEAD_LOOP_ROWS = 1 << 21
 
 
 # -- buckets ----------------------------------------------------------------------------------
@@ -376,11 +378,41 @@ def _lsh_attention(
     dropout_rate,
     chunks_per_block,
 ):
-    """`lsh_attention` after validation, compiled once per configuration and shape."""
+    """`lsh_attention` after validation, compiled once per configuration and shape.
+
+    Long inputs run one head at a time (a `lax.map` over heads, each step rematerialised in
+    the backward pass), so the sorted copies and key windows of only one head are alive.
+    """
     batch, n_heads, length, d_qk = qk.shape
-    d_v = v.shape[-1]
     if rotations is None:
         rotations = random_rotations(rng, d_qk, n_buckets, n_hashes, n_heads)
+    config = dict(n_buckets=n_buckets, chunk_len=chunk_len, n_chunks_before=n_chunks_before,
+                  n_chunks_after=n_chunks_after, causal=causal, dropout_rate=dropout_rate,
+                  chunks_per_block=chunks_per_block)
+    n_rounds = rotations[0].shape[-3]
+    if n_heads == 1 or batch * n_heads * n_rounds * length <= _HEAD_LOOP_ROWS:
+        return _lsh_attention_heads(qk, v, mask, rotations, dropout_rng, **config)
+
+    def one_head(args):
+        qk_h, v_h, rotations_h, index = args
+        head_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
+        out, lse = _lsh_attention_heads(qk_h[:, None], v_h[:, None], mask,
+                                        tuple(r[None] for r in rotations_h), head_rng, **config)
+        return out[:, 0], lse[:, 0]
+
+    out, lse = lax.map(
+        jax.checkpoint(one_head, prevent_cse=False),
+        (jnp.moveaxis(qk, 1, 0), jnp.moveaxis(v, 1, 0), rotations,
+         jnp.arange(n_heads, dtype=jnp.int32)))
+    return jnp.moveaxis(out, 0, 1), jnp.moveaxis(lse, 0, 1)
+
+
+def _lsh_attention_heads(qk, v, mask, rotations, dropout_rng, *, n_buckets, chunk_len,
+                         n_chunks_before, n_chunks_after, causal, dropout_rate,
+                         chunks_per_block):
+    """The LSH attention of all heads of `qk`, `v` at once, given per-head rotations."""
+    batch, n_heads, length, d_qk = qk.shape
+    d_v = v.shape[-1]
     buckets = hash_vectors(qk, n_buckets, rotations=rotations)  # (B, H, R, L)
     n_rounds = buckets.shape[2]
     c = min(chunk_len, length)
