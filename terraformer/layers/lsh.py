@@ -60,7 +60,7 @@ MAX_UNFACTORED_BUCKETS = 512
 _HASH_BLOCK_ELEMENTS = 1 << 24
 _SCORE_BLOCK_ELEMENTS = 1 << 23
 # Above this many (batch x head x round x position) rows, heads are attended one at a time.
-_HEAD_LOOP_ROWS = 1 << 21
+_HEAD_LOOP_ROWS = 1 << 19
 
 
 # -- buckets ----------------------------------------------------------------------------------
