@@ -3,3 +3,4 @@
 from terraformer.models.reformer import ReformerLM
 from terraformer.models.terraformer import TerraformerLM
 from terraformer.models.transformer import TransformerLM
+from terraformer.models.encoder_decoder import Reformer, Terraformer

@@ -17,12 +17,12 @@ from terraformer.models.reformer import ReformerLM
 
 def sparse_feed_forward(ff_sparsity: int, d_lowrank: int = 64, temperature: float = 0.1,
                         quant_prob: float = 0.3, ff_chunk_size: int = 0):
-    """A `feed_forward_type` for ReformerLM: SparseFF with blocks of `ff_sparsity` units."""
+    """A `feed_forward_type` for ReformerLM: pre-norm SparseFF, blocks of `ff_sparsity` units."""
 
     def make(d_ff, dropout=0.0, mode="train"):
-        return SparseFF(d_ff, n_elements_in_block=ff_sparsity, d_lowrank=d_lowrank,
+        return tl.Serial(tl.LayerNorm(), SparseFF(d_ff, n_elements_in_block=ff_sparsity, d_lowrank=d_lowrank,
                         temperature=temperature, quant_prob=quant_prob, dropout_rate=dropout,
-                        ff_chunk_size=ff_chunk_size, mode=mode)
+                        ff_chunk_size=ff_chunk_size, mode=mode), name="SparseFeedForward")
 
     return make
 
