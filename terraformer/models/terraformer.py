@@ -20,9 +20,10 @@ def sparse_feed_forward(ff_sparsity: int, d_lowrank: int = 64, temperature: floa
     """A `feed_forward_type` for ReformerLM: pre-norm SparseFF, blocks of `ff_sparsity` units."""
 
     def make(d_ff, dropout=0.0, mode="train"):
-        return tl.Serial(tl.LayerNorm(), SparseFF(d_ff, n_elements_in_block=ff_sparsity, d_lowrank=d_lowrank,
-                        temperature=temperature, quant_prob=quant_prob, dropout_rate=dropout,
-                        ff_chunk_size=ff_chunk_size, mode=mode), name="SparseFeedForward")
+        sparse = SparseFF(d_ff, n_elements_in_block=ff_sparsity, d_lowrank=d_lowrank,
+                          temperature=temperature, quant_prob=quant_prob, dropout_rate=dropout,
+                          ff_chunk_size=ff_chunk_size, mode=mode)
+        return tl.Serial(tl.LayerNorm(), sparse, name="SparseFeedForward")
 
     return make
 
