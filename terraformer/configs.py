@@ -47,6 +47,8 @@ MODELS: list[tuple[str, str]] = [
     ("terraformer.models.transformer", "TransformerLM"),
     ("terraformer.models.reformer", "ReformerLM"),
     ("terraformer.models.terraformer", "TerraformerLM"),
+    ("terraformer.models.encoder_decoder", "Reformer"),
+    ("terraformer.models.encoder_decoder", "Terraformer"),
 ]
 
 # (module, attribute) of layers gin files may configure and pass as ``attention_type`` etc.,
@@ -58,6 +60,7 @@ LAYERS: list[tuple[str, str]] = [
     ("terraformer.layers.lsh", "LSHSelfAttention"),
     ("terraformer.layers.sparsity", "MultiplicativeConvCausalAttention"),
     ("terraformer.layers.sparsity", "SparseFF"),
+    ("terraformer.layers.encdec", "EncDecAttention"),
     ("terraformer.layers.core", "Relu"),
     ("terraformer.layers.core", "Gelu"),
     ("terraformer.layers.core", "FastGelu"),
@@ -254,6 +257,51 @@ def text_lm_inputs(
         else:
             rows = streams.pack_documents(docs, seq_len, tok.eos_id, tok.pad_id)
     return LMStream(streams.lm_batches(rows, batch_size), tok)
+
+
+@gin.configurable(module="terraformer.data")
+def summarization_inputs(
+    path=gin.REQUIRED,
+    input_len: int = 2048,
+    target_len: int = 128,
+    batch_size: int = 4,
+    split: str = "train",
+    held_out_fraction: float = 0.1,
+    seed: int = 0,
+    tokenizer=None,
+    input_key: str = "article",
+    target_key: str = "abstract",
+) -> LMStream:
+    """Encoder-decoder batches from a JSONL file of ``{"article", "abstract"}`` pairs.
+
+    The last ``held_out_fraction`` of the lines is ``split='eval'`` (one pass, in order);
+    training repeats the rest forever, reshuffled each epoch with seed ``seed + epoch``.
+
+    Yields (an ``LMStream``): ``(inputs [batch, input_len], targets [batch, target_len],
+    weights [batch, target_len])``; weights are 0 on target padding.
+    """
+    if split not in ("train", "eval"):
+        raise ValueError(f"summarization_inputs: split must be 'train' or 'eval', got {split!r}")
+    if path is gin.REQUIRED:
+        raise ValueError("summarization_inputs: path must be given (gin: "
+                         "summarization_inputs.path)")
+    tok = _resolve_tokenizer(tokenizer)
+    examples = list(streams.summarization_pairs(path, tok, input_len, target_len, input_key,
+                                                target_key))
+    n_eval = max(1, int(round(len(examples) * held_out_fraction)))
+    part = examples[-n_eval:] if split == "eval" else examples[:-n_eval]
+    if len(part) < batch_size:
+        raise ValueError(
+            f"summarization_inputs: the {split} split of {path} has {len(part)} examples, "
+            f"fewer than batch_size {batch_size}")
+
+    def repeated():
+        for epoch in itertools.count():
+            order = np.random.default_rng(seed + epoch).permutation(len(part))
+            yield from (part[i] for i in order)
+
+    rows = repeated() if split == "train" else iter(part)
+    return LMStream(streams.batch(rows, batch_size), tok)
 
 
 register_models()
