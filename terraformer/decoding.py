@@ -106,22 +106,48 @@ class Decoder:
         self._init_rng = jax.random.PRNGKey(0) if rng is None else rng
         self._apply = jax.jit(model.apply, donate_argnums=(2,))
         self._loops = {}
+        self._is_encoder_decoder = model.n_in == 2
 
-    def initial_state(self):
-        """Fresh caches for `batch_size` sequences."""
-        _, state = self.model.init(ShapeDtype((self.batch_size, 1), jnp.int32), self._init_rng)
+    def _model_inputs(self, tokens, encoder_inputs):
+        """What the model takes: tokens, or (encoder inputs, tokens) for an encoder-decoder."""
+        return (encoder_inputs, tokens) if self._is_encoder_decoder else tokens
+
+    def _check_encoder_inputs(self, encoder_inputs):
+        if not self._is_encoder_decoder:
+            if encoder_inputs is not None:
+                raise ValueError("encoder_inputs given, but the model is decoder-only")
+            return None
+        if encoder_inputs is None:
+            raise ValueError("an encoder-decoder model needs encoder_inputs [batch, input_len]")
+        enc = jnp.asarray(encoder_inputs, jnp.int32)
+        enc = enc[None] if enc.ndim == 1 else enc
+        if enc.ndim != 2 or enc.shape[0] != self.batch_size:
+            raise ValueError(f"encoder_inputs must be [batch_size={self.batch_size}, input_len], "
+                             f"got shape {tuple(np.shape(encoder_inputs))}")
+        return enc
+
+    def initial_state(self, encoder_inputs=None):
+        """Fresh caches for `batch_size` sequences (and, for an encoder-decoder, this input)."""
+        token_sig = ShapeDtype((self.batch_size, 1), jnp.int32)
+        sig = token_sig
+        if self._is_encoder_decoder:
+            sig = (ShapeDtype(encoder_inputs.shape, jnp.int32), token_sig)
+        _, state = self.model.init(sig, self._init_rng)
         return state
 
     # -- prefill ------------------------------------------------------------------------
-    def prefill(self, prompt_ids, state=None):
+    def prefill(self, prompt_ids, state=None, encoder_inputs=None):
         """Reads a prompt; returns (log-probs of the next token [batch, vocab], state).
 
         prompt_ids: int [batch, length] (length >= 0). The start token is fed first.
+        encoder_inputs: int [batch, input_len], for an encoder-decoder model only: encoded on
+        the first call and cached in the state.
         """
         prompt = self._check_prompt(prompt_ids)
         self._check_length(prompt.shape[1])
+        enc = self._check_encoder_inputs(encoder_inputs)
         if state is None:
-            state = self.initial_state()
+            state = self.initial_state(enc)
         inputs = jnp.concatenate(
             [jnp.full((self.batch_size, 1), START_ID, jnp.int32), prompt], axis=1)
         total = inputs.shape[1]
@@ -130,7 +156,8 @@ class Decoder:
                                          self.prefill_chunk))
         log_probs = None
         for start, stop in zip(bounds[:-1], bounds[1:]):
-            log_probs, state = self._apply(inputs[:, start:stop], self.weights, state, None)
+            log_probs, state = self._apply(self._model_inputs(inputs[:, start:stop], enc),
+                                           self.weights, state, None)
         return log_probs[:, -1], state
 
     def _check_length(self, total: int) -> None:
@@ -160,7 +187,7 @@ class Decoder:
                                   stop_ids=stop_ids), donate_argnums=(1,))
         return self._loops[key]
 
-    def _run(self, weights, state, log_probs, rng, done, *, n_steps, sampling, stop_ids):
+    def _run(self, weights, state, log_probs, rng, done, enc, *, n_steps, sampling, stop_ids):
         """n_steps of (sample, feed back) in a while_loop; stops early when all are done."""
         batch = log_probs.shape[0]
         stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
@@ -172,7 +199,8 @@ class Decoder:
             token = jnp.where(done, START_ID, token)
             out = out.at[:, i].set(token)
             done = done | jnp.isin(token, stops)
-            next_log_probs, state = self.model.apply(token[:, None], weights, state, None)
+            next_log_probs, state = self.model.apply(self._model_inputs(token[:, None], enc),
+                                                     weights, state, None)
             return i + 1, state, next_log_probs[:, -1], rng, done, out
 
         def cond(carry):
@@ -186,26 +214,30 @@ class Decoder:
 
     def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-                 stop_ids: Sequence[int] = ()):
+                 stop_ids: Sequence[int] = (), encoder_inputs=None):
         """Prefills `prompt_ids` and generates; returns int32 [batch, max_new_tokens].
 
-        Positions after a sequence's stop token are START_ID (0).
+        Positions after a sequence's stop token are START_ID (0). `encoder_inputs`: the
+        input tokens of an encoder-decoder model (see `prefill`).
         """
         blocks = list(self.stream(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed,
-                                  stop_ids, block_size=max_new_tokens))
+                                  stop_ids, block_size=max_new_tokens,
+                                  encoder_inputs=encoder_inputs))
         out = np.concatenate(blocks, axis=1) if blocks else np.zeros((self.batch_size, 0))
         pad = max_new_tokens - out.shape[1]
         return np.pad(out, [(0, 0), (0, pad)]).astype(np.int32)
 
     def stream(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
                top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-               stop_ids: Sequence[int] = (), block_size: int = 16) -> Iterator[np.ndarray]:
+               stop_ids: Sequence[int] = (), block_size: int = 16,
+               encoder_inputs=None) -> Iterator[np.ndarray]:
         """Yields generated tokens in blocks of up to `block_size` ([batch, n] int32)."""
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         self._check_length(np.shape(prompt_ids)[-1] + max_new_tokens)
         sampling = Sampling(temperature, top_k, top_p)
-        log_probs, state = self.prefill(prompt_ids)
+        enc = self._check_encoder_inputs(encoder_inputs)
+        log_probs, state = self.prefill(prompt_ids, encoder_inputs=enc)
         rng = jax.random.PRNGKey(seed)
         done = jnp.zeros((self.batch_size,), bool)
         remaining = max_new_tokens
@@ -213,7 +245,7 @@ class Decoder:
             n = min(block_size, remaining)
             loop = self._loop(n, sampling, tuple(int(s) for s in stop_ids))
             out, steps, state, log_probs, rng, done = loop(self.weights, state, log_probs,
-                                                           rng, done)
+                                                           rng, done, enc)
             steps = int(steps)
             yield np.asarray(out[:, :steps])
             remaining -= n
@@ -236,7 +268,8 @@ def time_per_token(decoder: Decoder, prompt_ids, new_tokens: int) -> dict:
     times = []
     for _ in range(new_tokens):
         start = time.perf_counter()
-        out, _, state, log_probs, rng, done = loop(decoder.weights, state, log_probs, rng, done)
+        out, _, state, log_probs, rng, done = loop(decoder.weights, state, log_probs, rng, done,
+                                                   None)
         jax.block_until_ready(out)
         times.append(time.perf_counter() - start)
     return {"prefill_s": prefill_s, "first_token_s": times[0],

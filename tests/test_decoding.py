@@ -103,3 +103,30 @@ def test_bad_requests_are_clear_errors(trained_like):
         dec.generate(np.ones((3, 4), np.int32), 2)
     with pytest.raises(ValueError, match="top_p"):
         Sampling(1.0, top_p=1.5)
+
+
+def test_encoder_decoder_greedy_equals_eval_forward(np_rng):
+    import functools
+
+    from terraformer.layers.attention import SelfAttention
+    from terraformer.models import Reformer
+
+    cfg = dict(input_vocab_size=13, d_model=16, d_ff=32, n_encoder_layers=1, n_decoder_layers=1,
+               n_heads=2, d_attention_key=4, d_attention_value=4, dropout=0.0, max_len=32,
+               encoder_attention_type=SelfAttention,
+               attention_type=functools.partial(SelfAttention, predict_mem_len=32))
+    key = jax.random.PRNGKey(int(np_rng.integers(1 << 20)))
+    model = Reformer(mode="eval", **cfg)
+    source = jnp.asarray(np_rng.integers(1, 13, size=(1, 10)), jnp.int32)
+    weights, state = model.init((ShapeDtype((1, 10), jnp.int32), ShapeDtype((1, 4), jnp.int32)),
+                                key)
+    dec = Decoder(Reformer(mode="predict", **cfg), weights, batch_size=1, rng=key)
+    out = dec.generate(np.zeros((1, 0), np.int32), 6, encoder_inputs=source)
+    seq = np.zeros((1, 0), np.int32)
+    for _ in range(6):
+        log_probs, _ = model.apply((source, jnp.asarray(np.pad(seq, [(0, 0), (0, 1)]))), weights,
+                                   state, None)
+        seq = np.concatenate([seq, np.argmax(log_probs[:, -1], -1)[:, None]], axis=1)
+    np.testing.assert_array_equal(out, seq)
+    with pytest.raises(ValueError, match="encoder_inputs"):
+        dec.generate(np.zeros((1, 0), np.int32), 2)
