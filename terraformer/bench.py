@@ -113,8 +113,12 @@ def bench_train(args) -> dict:
     weights, state = model.init(ShapeDtype((1, length), jnp.int32), jax.random.PRNGKey(0))
     params = count_params(weights)
     optimizer = optax.adam(1e-3)
-    opt_state = optimizer.init(weights)
-    step = make_train_step(model, optimizer)
+    if args.memory_efficient:
+        step = memory_efficient_step(model, optimizer)
+        opt_state = step.trainer.init_opt_state(weights)
+    else:
+        opt_state = optimizer.init(weights)
+        step = make_train_step(model, optimizer)
     rng = jax.random.PRNGKey(1)
     carry = {"w": weights, "o": opt_state}
 
@@ -130,8 +134,24 @@ def bench_train(args) -> dict:
     workload = {"lsh": "T-len", "full": "T-full"}.get(args.attention, f"T-{args.attention}")
     return dict(workload=workload, impl="terraformer", device=jax.devices()[0].platform,
                 seq_len=length, n_layers=args.n_layers, attention=args.attention,
-                compile_s=compile_s, step_s=step_s, tokens_per_s=length / step_s,
+                memory_efficient=args.memory_efficient, compile_s=compile_s, step_s=step_s,
+                tokens_per_s=length / step_s,
                 peak_rss_gib=peak_memory_gib(), params=params, loss=carry["loss"])
+
+
+def memory_efficient_step(model, optimizer):
+    """`make_train_step`'s (weights, opt_state, state, batch, rng) -> (weights, opt_state,
+    loss) with `memory.offload.MemoryEfficientTrainer` (its trainer at `.trainer`)."""
+    from terraformer.memory.offload import MemoryEfficientTrainer
+
+    trainer = MemoryEfficientTrainer(model, optimizer)
+
+    def step(weights, opt_state, state, batch, rng):
+        weights, _, opt_state, metrics = trainer.step(weights, state, opt_state, batch, rng)
+        return weights, opt_state, metrics["loss"]
+
+    step.trainer = trainer
+    return step
 
 
 D_SHAPE = dict(vocab_size=32000, d_model=1024, d_ff=4096, n_heads=16)
@@ -201,9 +221,15 @@ def bench_decode(args) -> dict:
     model = d_workload_model(args.model, args.n_layers, max_len, mode="eval")
     weights, _ = model.init(ShapeDtype((1, 8), jnp.int32), jax.random.PRNGKey(0))
     del model
-    decoder = Decoder(d_workload_model(args.model, args.n_layers, max_len), weights,
-                      batch_size=1, prefill_chunk=args.prefill_chunk, rng=jax.random.PRNGKey(0),
-                      max_len=max_len)
+    params = count_params(weights)
+    predict_model = d_workload_model(args.model, args.n_layers, max_len)
+    if args.dtype != "float32":  # weights stored quantized, dequantized inside the step
+        from terraformer.memory.quantize import QuantizedModel, quantize
+
+        weights = quantize(weights, args.dtype)
+        predict_model = QuantizedModel(predict_model, args.dtype)
+    decoder = Decoder(predict_model, weights, batch_size=1, prefill_chunk=args.prefill_chunk,
+                      rng=jax.random.PRNGKey(0), max_len=max_len)
     prompt = np.random.default_rng(0).integers(1, D_SHAPE["vocab_size"],
                                                size=(1, args.prompt_len)).astype(np.int32)
     start = time.perf_counter()
@@ -217,12 +243,12 @@ def bench_decode(args) -> dict:
     return dict(workload=f"D-{args.model}", impl="terraformer",
                 device=jax.devices()[0].platform, n_layers=args.n_layers,
                 prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                prefill_chunk=args.prefill_chunk, compile_s=compile_s,
+                prefill_chunk=args.prefill_chunk, dtype=args.dtype, compile_s=compile_s,
                 s_per_token=timing["s_per_token"], tokens_per_s=1 / timing["s_per_token"],
                 prefill_s=timing["prefill_s"], bandwidth_gib_s=bandwidth,
                 weight_bytes_per_token=read, floor_s_per_token=floor_s,
                 over_floor=timing["s_per_token"] / floor_s, peak_rss_gib=peak_memory_gib(),
-                params=count_params(weights))
+                params=params)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,12 +260,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--n_layers", type=int, default=2)
     train.add_argument("--attention", default="lsh", choices=["lsh", "full", "local"])
     train.add_argument("--repeats", type=int, default=3)
+    train.add_argument("--memory_efficient", action="store_true",
+                       help="the memory-efficient step (host-resident reversible stack, "
+                            "per-block updates, chunked loss): terraformer/memory/offload.py")
     decode = sub.add_parser("decode", help="D workloads: batch-1 greedy decoding latency")
     decode.add_argument("--model", default="dense", choices=["dense", "sparse", "lsh"])
     decode.add_argument("--n_layers", type=int, default=12)
     decode.add_argument("--prompt_len", type=int, default=128)
     decode.add_argument("--new_tokens", type=int, default=128)
     decode.add_argument("--prefill_chunk", type=int, default=1024)
+    decode.add_argument("--dtype", default="float32", choices=["float32", "bf16", "int8"],
+                        help="weight storage: bf16 or int8 (per-channel scales) are "
+                             "dequantized inside the compiled step (memory/quantize.py)")
     return parser
 
 

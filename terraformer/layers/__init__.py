@@ -2,6 +2,7 @@
 
 from terraformer.layers.attention import CausalAttention, SelfAttention
 from terraformer.layers.base import EMPTY, MODES, Layer, PureLayer
+from terraformer.layers.chunked_loss import ChunkedLogSoftmaxCrossEntropy, chunked_cross_entropy
 from terraformer.layers.combinators import (
     Add,
     Branch,

@@ -446,6 +446,7 @@ def train(
     progress: bool = True,
     tensorboard: bool = True,
     async_checkpoints: bool = True,
+    memory_efficient: bool = False,
 ) -> TrainResult:
     """Trains ``model`` on ``inputs`` for ``steps`` steps, resuming from ``output_dir``.
 
@@ -475,6 +476,10 @@ def train(
       progress: show a tqdm progress bar.
       tensorboard: write TensorBoard event files.
       async_checkpoints: write checkpoints in the background.
+      memory_efficient: train with ``memory.offload.MemoryEfficientTrainer`` (a model with one
+        reversible stack: its weights and slots in host memory, per-block fused updates,
+        chunked loss); same updates as the plain step. The optimizer must act per weight
+        (no ``clip_grad_norm``).
 
     Raises:
       TrainingDivergedError: the loss or gradient norm became NaN/inf; the newest checkpoint
@@ -513,7 +518,13 @@ def train(
     vocab_size = _check_vocab(probe, train_model, weights, state, batch_sig, "inputs")
     _check_ids(first, vocab_size, "inputs")
     del probe
-    opt_state = jax.jit(opt.init)(weights)
+    if memory_efficient:
+        from terraformer.memory.offload import MemoryEfficientTrainer
+
+        trainer = MemoryEfficientTrainer(train_model, opt)
+        opt_state = trainer.init_opt_state(weights)
+    else:
+        opt_state = jax.jit(opt.init)(weights)
 
     checkpoints = Checkpointer(output_dir / CHECKPOINT_DIR, keep_checkpoints, async_checkpoints)
     best_checkpoints = (
@@ -535,8 +546,10 @@ def train(
         last_saved = start_step
     weights, state, opt_state = jax.device_put((weights, state, opt_state))
 
-    train_step = make_train_step(train_model, opt)
+    train_step = make_train_step(train_model, opt) if not memory_efficient else trainer.step
     eval_step = make_eval_step(eval_model) if eval_model is not None else None
+    if memory_efficient and eval_step is not None:
+        eval_step = trainer.wrap_eval_step(eval_step)
     writer = MetricsWriter(output_dir, start_step=start_step, tensorboard=tensorboard)
     tokens_per_batch = int(np.prod(batch_sig[0].shape))
     losses: dict[int, float] = {}
