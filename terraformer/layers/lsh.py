@@ -50,14 +50,19 @@ from jax import lax
 from terraformer.layers import initializers as init_lib
 from terraformer.layers.base import Layer, as_items, check_mode
 from terraformer.layers.core import dropout as dropout_fn
+from terraformer.layers.window_attention import (
+    MASK_VALUE,
+    gather_rows,
+    inverse_permutation,
+    window_attention,
+)
 
-MASK_VALUE = -1e9
 SELF_ATTENTION_VALUE = -1e5
 NORM_EPSILON = 1e-6
 # Above this many buckets, `n_buckets=None` factors the hash into a pair (a, b).
 MAX_UNFACTORED_BUCKETS = 512
 # Elements of one block of rotated vectors (hashing) or of chunk scores (attention).
-_HASH_BLOCK_ELEMENTS = 1 << 24
+_HASH_BLOCK_ELEMENTS = 1 << 18
 _SCORE_BLOCK_ELEMENTS = 1 << 23
 # Above this many (batch x head x round x position) rows, heads are attended one at a time.
 _HEAD_LOOP_ROWS = 1 << 19
@@ -129,29 +134,35 @@ def random_rotations(rng, d: int, n_buckets, n_hashes: int = 1, n_heads: int | N
 
 
 def _argmax_pm(rotated):
-    """argmax over [r; -r] of the last axis, without building the concatenation."""
+    """argmax over [r; -r] of the last axis, without building the concatenation.
+
+    The winner is the largest |r_i| (i, or half + i when r_i < 0); written as a max and a min
+    reduction, which vectorise on CPU, where XLA's argmax (a value-and-index reduction) does
+    not. Ties go to the lowest index of [r; -r], as argmax would.
+    """
     half = rotated.shape[-1]
-    hi = jnp.max(rotated, axis=-1)
-    lo = jnp.min(rotated, axis=-1)
-    return jnp.where(
-        hi >= -lo,
-        jnp.argmax(rotated, axis=-1),
-        half + jnp.argmin(rotated, axis=-1),
-    ).astype(jnp.int32)
+    magnitude = jnp.abs(rotated)
+    top = jnp.max(magnitude, axis=-1, keepdims=True)
+    index = lax.broadcasted_iota(jnp.int32, rotated.shape, rotated.ndim - 1)
+    code = index + half * (rotated < 0)
+    return jnp.min(jnp.where(magnitude == top, code, 2 * half), axis=-1)
 
 
 def _hash_block(vecs, rotations, factors):
     """Buckets of vecs (..., l, d) -> (..., n_hashes, l)."""
     bucket = None
     for rot, f in zip(rotations, factors):
+        n_rounds = rot.shape[-3]
         if f == 1:
-            part = jnp.zeros(vecs.shape[:-2] + (rot.shape[-3], vecs.shape[-2]), jnp.int32)
+            part = jnp.zeros(vecs.shape[:-2] + (n_rounds, vecs.shape[-2]), jnp.int32)
         else:
-            if rot.ndim == 3:
-                rotated = jnp.einsum("...ld,rdf->...rlf", vecs, rot)
-            else:
-                rotated = jnp.einsum("...hld,hrdf->...hrlf", vecs, rot)
-            part = _argmax_pm(rotated)
+            # One (l, d) x (d, rounds * f/2) product per head: the layout XLA's CPU dot is
+            # fastest on (an einsum straight to (..., rounds, l, f/2) was several times slower).
+            flat = jnp.moveaxis(rot, -3, -2).reshape(*rot.shape[:-3], rot.shape[-2], -1)
+            spec = "...ld,dk->...lk" if rot.ndim == 3 else "...hld,hdk->...hlk"
+            rotated = jnp.einsum(spec, vecs, flat)
+            rotated = rotated.reshape(*rotated.shape[:-1], n_rounds, f // 2)
+            part = jnp.moveaxis(_argmax_pm(rotated), -1, -2)
         bucket = part if bucket is None else bucket * f + part
     return bucket
 
@@ -238,12 +249,6 @@ def window_offsets(n_chunks: int, n_chunks_before: int, n_chunks_after: int) -> 
             seen.add(o % n_chunks)
             offsets.append(o)
     return offsets
-
-
-def _look_around(a, offsets, chunk_axis: int):
-    """(..., n_chunks, c, ...) -> (..., n_chunks, len(offsets) * c, ...): each chunk's window."""
-    parts = [a if o == 0 else jnp.roll(a, -o, axis=chunk_axis) for o in offsets]
-    return jnp.concatenate(parts, axis=chunk_axis + 1)
 
 
 def _check_int(name: str, value, low: int, who: str) -> int:
@@ -419,70 +424,56 @@ def _lsh_attention_heads(qk, v, mask, rotations, dropout_rng, *, n_buckets, chun
     n_chunks = -(-length // c)
     padded_len = n_chunks * c
     pad = padded_len - length
+    pad_bucket = total_buckets(n_buckets)
     if mask is not None:
-        buckets = jnp.where(mask.astype(bool)[:, None, None, :], buckets, total_buckets(n_buckets))
+        buckets = jnp.where(mask.astype(bool)[:, None, None, :], buckets, pad_bucket)
     if pad:
-        buckets = jnp.pad(
-            buckets, [(0, 0)] * 3 + [(0, pad)], constant_values=total_buckets(n_buckets)
-        )
+        buckets = jnp.pad(buckets, [(0, 0)] * 3 + [(0, pad)], constant_values=pad_bucket)
         qk = jnp.pad(qk, [(0, 0), (0, 0), (0, pad), (0, 0)])
         v = jnp.pad(v, [(0, 0), (0, 0), (0, pad), (0, 0)])
 
-    # Sort each round by (bucket, position): the sorted positions are the permutation, and the
-    # sorted buckets tell the padding (bucket n_total) from real tokens.
-    positions = lax.broadcasted_iota(jnp.int32, buckets.shape, 3)
-    sorted_buckets, perm = lax.sort((buckets, positions), dimension=3, num_keys=2)
+    perm, sorted_buckets = _sort_by_bucket(buckets, pad_bucket)
     perm = lax.stop_gradient(perm)
+    inverse = inverse_permutation(perm)
+    groups, shape = batch * n_heads, (batch * n_heads * n_rounds, n_chunks, c)
     dtype = jnp.result_type(qk.dtype, v.dtype)
-    qkv = jnp.concatenate([qk.astype(dtype), v.astype(dtype)], axis=-1)[:, :, None]
-    sqkv = jnp.take_along_axis(qkv, perm[..., None], axis=3)  # (B, H, R, Lp, d_qk + d_v)
-    shape6 = (batch, n_heads, n_rounds, n_chunks, c)
-    sqkv = sqkv.reshape(*shape6, d_qk + d_v)
-    sq = sqkv[..., :d_qk]
-    skv = jnp.concatenate([length_normalized(sq), sqkv[..., d_qk:]], axis=-1)
-    spos = perm.reshape(shape6)
+    qkv = jnp.concatenate([qk.astype(dtype), v.astype(dtype)], axis=-1)
+    sqkv = gather_rows(qkv.reshape(groups, padded_len, d_qk + d_v),
+                       perm.reshape(groups, n_rounds, padded_len),
+                       inverse.reshape(groups, n_rounds, padded_len))
+    sqkv = sqkv.reshape(*shape, d_qk + d_v)
+    sq, sv = sqkv[..., :d_qk], sqkv[..., d_qk:]
+    spos = perm.reshape(shape)
     # Keys' positions, with -1 for padding: never equal to, nor after, a query position.
-    skpos = jnp.where(sorted_buckets.reshape(shape6) < total_buckets(n_buckets), spos, -1)
-
-    offsets = window_offsets(n_chunks, n_chunks_before, n_chunks_after)
-    window = len(offsets) * c
-    n_total = batch * n_heads * n_rounds * n_chunks
-    xs = (
-        sq.reshape(n_total, c, d_qk),
-        _look_around(skv, offsets, 3).reshape(n_total, window, d_qk + d_v),
-        spos.reshape(n_total, c),
-        _look_around(skpos, offsets, 3).reshape(n_total, window),
-        jnp.arange(n_total, dtype=jnp.int32),
-    )
-    scale = 1.0 / math.sqrt(d_qk)
-
-    def attend_chunk(q, kv, qp, kp, i):
-        s = jnp.einsum("qd,kd->qk", q, kv[:, :d_qk], preferred_element_type=jnp.float32) * scale
-        s = jnp.where(qp[:, None] == kp[None, :], SELF_ATTENTION_VALUE, s)
-        bad = kp[None, :] < 0
-        if causal:
-            bad = bad | (kp[None, :] > qp[:, None])
-        s = jnp.where(bad, MASK_VALUE, s)
-        lse = jax.nn.logsumexp(s, axis=-1)
-        p = jnp.exp(s - lse[:, None])
-        if dropout_rate > 0.0:
-            p = dropout_fn(p, dropout_rate, jax.random.fold_in(dropout_rng, i), "train")
-        o = jnp.einsum("qk,kd->qd", p, kv[:, d_qk:].astype(jnp.float32))
-        return jnp.concatenate([o, lse[:, None]], axis=-1)
-
-    attend_chunk = jax.checkpoint(attend_chunk, prevent_cse=False)
-    if chunks_per_block is None:
-        chunks_per_block = max(1, _SCORE_BLOCK_ELEMENTS // (c * window))
-    if n_total <= chunks_per_block:
-        o_lse = jax.vmap(attend_chunk)(*xs)
-    else:
-        o_lse = lax.map(lambda a: attend_chunk(*a), xs, batch_size=chunks_per_block)
+    skpos = jnp.where(sorted_buckets.reshape(shape) < pad_bucket, spos, -1)
+    out, lse = window_attention(
+        sq, length_normalized(sq), sv, spos, skpos,
+        offsets=window_offsets(n_chunks, n_chunks_before, n_chunks_after),
+        scale=1.0 / math.sqrt(d_qk), causal=causal, self_value=SELF_ATTENTION_VALUE,
+        dropout_rate=dropout_rate, dropout_rng=dropout_rng, chunks_per_block=chunks_per_block)
 
     # Undo the sort, cut the padding, merge the rounds.
-    inv = jnp.argsort(perm, axis=3)
-    o_lse = o_lse.reshape(batch, n_heads, n_rounds, padded_len, d_v + 1)
-    o_lse = jnp.take_along_axis(o_lse, inv[..., None], axis=3)[:, :, :, :length]
+    o_lse = jnp.concatenate([out, lse[..., None]], axis=-1).reshape(
+        groups * n_rounds, padded_len, d_v + 1)
+    flat = (groups * n_rounds, 1, padded_len)
+    o_lse = gather_rows(o_lse, inverse.reshape(flat), perm.reshape(flat))
+    o_lse = o_lse.reshape(batch, n_heads, n_rounds, padded_len, d_v + 1)[:, :, :, :length]
     return _merge_rounds(o_lse[..., :d_v], o_lse[..., d_v], v.dtype)
+
+
+def _sort_by_bucket(buckets, pad_bucket):
+    """Sorts each round by (bucket, position): `(perm, sorted_buckets)`, both like `buckets`.
+
+    One int32 key `bucket * length + position` when it fits (a one-operand sort is several
+    times faster on CPU than a two-key sort), else a two-key sort.
+    """
+    length = buckets.shape[-1]
+    positions = lax.broadcasted_iota(jnp.int32, buckets.shape, buckets.ndim - 1)
+    if (pad_bucket + 1) * length < 2**31:
+        key = lax.sort(buckets * length + positions, dimension=buckets.ndim - 1)
+        return key % length, key // length
+    sorted_buckets, perm = lax.sort((buckets, positions), dimension=buckets.ndim - 1, num_keys=2)
+    return perm, sorted_buckets
 
 
 def _merge_rounds(o, lse, dtype):

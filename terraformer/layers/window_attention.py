@@ -1,0 +1,275 @@
+"""Attention of each chunk on a window of neighbouring chunks, with a memory-light gradient.
+
+The core of LSH attention (chunks of the hash-sorted sequence). Shapes:
+
+- `q, k: (n, n_chunks, c, d_qk)`, `v: (n, n_chunks, c, d_v)`: `n` independent sequences
+  (batch x heads x hash rounds), each cut in `n_chunks` chunks of `c` positions.
+- `q_pos, k_pos: (n, n_chunks, c)` int32: the original position of each query and key;
+  `k_pos < 0` marks a key that is never attended to (padding).
+- Chunk `i` attends to chunks `(i + o) mod n_chunks` for `o` in `offsets`.
+- Returns `out: (n, n_chunks, c, d_v)` and `lse: (n, n_chunks, c)`, float32.
+
+Masking: a key with `k_pos < 0`, or (causal) `k_pos > q_pos`, scores `MASK_VALUE`; with
+`self_value` set, a key at the query's own position scores `self_value` (shared-QK attention).
+
+Why a custom gradient: the scores are computed a block of chunks at a time, sized to stay in
+cache (`chunks_per_block`), forward and backward; the backward recomputes each block's
+probabilities from the saved log-sum-exp (as FlashAttention does) instead of differentiating
+through the softmax, so nothing of size `c x window` outlives its block and each score is
+exponentiated once per pass.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+MASK_VALUE = -1e9
+# Scores (float32) per block: small enough that a block's scores stay in the CPU's cache.
+BLOCK_SCORES = 1 << 19
+
+
+def blocks_of(n_chunks: int, scores_per_chunk: int, chunks_per_block: int | None) -> int:
+    """Chunks per block: a divisor of `n_chunks`, at most `chunks_per_block` (default: cache)."""
+    target = chunks_per_block or max(1, BLOCK_SCORES // max(1, scores_per_chunk))
+    target = max(1, min(int(target), n_chunks))
+    return max(m for m in range(1, target + 1) if n_chunks % m == 0)
+
+
+def window_attention(q, k, v, q_pos, k_pos, *, offsets, scale, causal=False, self_value=None,
+                     dropout_rate=0.0, dropout_rng=None, chunks_per_block=None):
+    """Chunked window attention (see the module docstring for shapes and masking)."""
+    if dropout_rate > 0.0 and dropout_rng is None:
+        raise ValueError("window_attention: dropout_rate > 0 needs a dropout_rng")
+    if dropout_rng is None:
+        dropout_rng = jax.random.PRNGKey(0)
+    n, n_chunks, c, _ = q.shape
+    block = blocks_of(n_chunks, n * c * len(offsets) * k.shape[2], chunks_per_block)
+    config = _Config(tuple(int(o) for o in offsets), float(scale), bool(causal),
+                     None if self_value is None else float(self_value), float(dropout_rate),
+                     block)
+    return _window_attention(config, q, k, v, q_pos, k_pos, dropout_rng)
+
+
+class _Config(tuple):
+    """Static settings (hashable): offsets, scale, causal, self_value, dropout_rate, block."""
+
+    def __new__(cls, *values):
+        return super().__new__(cls, values)
+
+    offsets = property(lambda self: self[0])
+    scale = property(lambda self: self[1])
+    causal = property(lambda self: self[2])
+    self_value = property(lambda self: self[3])
+    dropout_rate = property(lambda self: self[4])
+    block = property(lambda self: self[5])
+
+
+def _window_chunks(a, start, block, offsets):
+    """Chunks `(start + j + o) mod n_chunks` of `a (n, n_chunks, ...)` for j < block, o in
+    offsets -> `(n, block, len(offsets) * c, ...)`."""
+    n_chunks = a.shape[1]
+    index = (start + jnp.arange(block)[:, None] + jnp.asarray(offsets)[None, :]) % n_chunks
+    w = jnp.take(a, index.reshape(-1), axis=1)  # (n, block * n_off, c, ...)
+    return w.reshape(a.shape[0], block, len(offsets) * a.shape[2], *a.shape[3:])
+
+
+def _scores(config, qb, kw, qp, kp):
+    """Masked scores of a block and where they were replaced: `(n, m, c, W)` each."""
+    s = jnp.einsum("nmqd,nmkd->nmqk", qb, kw, preferred_element_type=jnp.float32)
+    s = s * config.scale
+    qp, kp = qp[..., :, None], kp[..., None, :]
+    masked = kp < 0
+    if config.causal:
+        masked = masked | (kp > qp)
+    replaced = masked
+    if config.self_value is not None:
+        is_self = kp == qp
+        s = jnp.where(is_self, config.self_value, s)
+        replaced = replaced | is_self
+    return jnp.where(masked, MASK_VALUE, s), replaced
+
+
+def _scores_t(config, qb, kw, qp, kp):
+    """`_scores` transposed: `(n, m, W, c)` (keys x queries), for the backward pass."""
+    s = jnp.einsum("nmkd,nmqd->nmkq", kw, qb, preferred_element_type=jnp.float32)
+    s = s * config.scale
+    qp, kp = qp[..., None, :], kp[..., :, None]
+    masked = kp < 0
+    if config.causal:
+        masked = masked | (kp > qp)
+    replaced = masked
+    if config.self_value is not None:
+        is_self = kp == qp
+        s = jnp.where(is_self, config.self_value, s)
+        replaced = replaced | is_self
+    return jnp.where(masked, MASK_VALUE, s), replaced
+
+
+def _keep(config, rng, start, shape):
+    """The dropout mask of the block starting at chunk `start`, scaled by 1 / (1 - rate)."""
+    keep = jax.random.bernoulli(jax.random.fold_in(rng, start), 1.0 - config.dropout_rate, shape)
+    return keep.astype(jnp.float32) / (1.0 - config.dropout_rate)
+
+
+def _block_inputs(config, q, k, v, q_pos, k_pos, start):
+    m = config.block
+    qb = lax.dynamic_slice_in_dim(q, start, m, axis=1)
+    qp = lax.dynamic_slice_in_dim(q_pos, start, m, axis=1)
+    kw = _window_chunks(k, start, m, config.offsets)
+    vw = _window_chunks(v, start, m, config.offsets)
+    kp = _window_chunks(k_pos, start, m, config.offsets)
+    return qb, kw, vw, qp, kp
+
+
+def _forward(config, q, k, v, q_pos, k_pos, rng):
+    n, n_chunks, c, _ = q.shape
+    m = config.block
+    out = jnp.zeros((n, n_chunks, c, v.shape[-1]), jnp.float32)
+    lse = jnp.zeros((n, n_chunks, c), jnp.float32)
+
+    def body(b, carry):
+        out, lse = carry
+        start = b * m
+        qb, kw, vw, qp, kp = _block_inputs(config, q, k, v, q_pos, k_pos, start)
+        s, _ = _scores(config, qb, kw, qp, kp)
+        top = jnp.max(s, axis=-1, keepdims=True)
+        e = jnp.exp(s - top)
+        total = jnp.sum(e, axis=-1)
+        if config.dropout_rate > 0.0:
+            e = e * _keep(config, rng, start, e.shape)
+        o = jnp.einsum("nmqk,nmkd->nmqd", e, vw.astype(jnp.float32)) / total[..., None]
+        block_lse = top[..., 0] + jnp.log(total)
+        out = lax.dynamic_update_slice_in_dim(out, o, start, axis=1)
+        lse = lax.dynamic_update_slice_in_dim(lse, block_lse, start, axis=1)
+        return out, lse
+
+    return lax.fori_loop(0, n_chunks // m, body, (out, lse))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _window_attention(config, q, k, v, q_pos, k_pos, rng):
+    return _forward(config, q, k, v, q_pos, k_pos, rng)
+
+
+def _window_attention_fwd(config, q, k, v, q_pos, k_pos, rng):
+    out, lse = _forward(config, q, k, v, q_pos, k_pos, rng)
+    return (out, lse), (q, k, v, q_pos, k_pos, rng, out, lse)
+
+
+def _window_attention_bwd(config, residuals, cotangents):
+    q, k, v, q_pos, k_pos, rng, out, lse = residuals
+    d_out, d_lse = cotangents
+    n, n_chunks, c, _ = q.shape
+    m, offsets = config.block, config.offsets
+    before, after = max(0, -min(offsets)), max(0, max(offsets))
+    # dk, dv are accumulated in buffers with `before` extra chunks in front and `after` at the
+    # back, so that every block adds its window's contribution as one contiguous slice; the
+    # extra chunks are folded onto the chunks they wrap around to at the end.
+    padded = before + n_chunks + after
+    dq = jnp.zeros(q.shape, jnp.float32)
+    dk = jnp.zeros((n, padded, c, k.shape[-1]), jnp.float32)
+    dv = jnp.zeros((n, padded, c, v.shape[-1]), jnp.float32)
+    delta = jnp.sum(d_out * out, axis=-1) if config.dropout_rate == 0.0 else None
+
+    def body(b, carry):
+        dq, dk, dv = carry
+        start = b * m
+        qb, kw, vw, qp, kp = _block_inputs(config, q, k, v, q_pos, k_pos, start)
+        # Transposed scores (keys x queries): four of the five products below then contract
+        # over the last axis of both operands, the layout XLA's CPU dot handles best.
+        s_t, replaced_t = _scores_t(config, qb, kw, qp, kp)
+        lse_b = lax.dynamic_slice_in_dim(lse, start, m, axis=1)
+        p_t = jnp.exp(s_t - lse_b[..., None, :])
+        do = lax.dynamic_slice_in_dim(d_out, start, m, axis=1)
+        dl = lax.dynamic_slice_in_dim(d_lse, start, m, axis=1)
+        dp_t = jnp.einsum("nmkd,nmqd->nmkq", vw.astype(jnp.float32), do)
+        do_t = jnp.swapaxes(do, -1, -2)
+        if config.dropout_rate > 0.0:
+            keep_t = jnp.swapaxes(_keep(config, rng, start, p_t.shape[:2] + p_t.shape[:1:-1]),
+                                  -1, -2)
+            dvw = jnp.einsum("nmkq,nmdq->nmkd", p_t * keep_t, do_t)
+            dp_t = dp_t * keep_t
+            row = jnp.sum(p_t * dp_t, axis=-2)
+        else:
+            dvw = jnp.einsum("nmkq,nmdq->nmkd", p_t, do_t)
+            row = lax.dynamic_slice_in_dim(delta, start, m, axis=1)
+        ds_t = p_t * (dp_t - row[..., None, :] + dl[..., None, :])
+        ds_t = jnp.where(replaced_t, 0.0, ds_t) * config.scale
+        dkw = jnp.einsum("nmkq,nmdq->nmkd", ds_t, jnp.swapaxes(qb.astype(jnp.float32), -1, -2))
+        dqb = jnp.einsum("nmkq,nmkd->nmqd", ds_t, kw.astype(jnp.float32))
+        dq = lax.dynamic_update_slice_in_dim(dq, dqb, start, axis=1)
+        for i, o in enumerate(offsets):
+            at = start + before + o
+            piece = slice(i * c, (i + 1) * c)
+            dk = _add_slice(dk, dkw[:, :, piece], at)
+            dv = _add_slice(dv, dvw[:, :, piece], at)
+        return dq, dk, dv
+
+    dq, dk, dv = lax.fori_loop(0, n_chunks // m, body, (dq, dk, dv))
+    dk, dv = (_fold_wrapped(a, before, n_chunks) for a in (dk, dv))
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None)
+
+
+def _add_slice(buffer, update, start):
+    """`buffer[:, start:start + m] += update` for `update (n, m, ...)`."""
+    current = lax.dynamic_slice_in_dim(buffer, start, update.shape[1], axis=1)
+    return lax.dynamic_update_slice_in_dim(buffer, current + update, start, axis=1)
+
+
+def _fold_wrapped(buffer, before, n_chunks):
+    """Adds the extra front/back chunks of a padded gradient buffer onto the chunks they wrap
+    around to: `(n, before + n_chunks + after, ...) -> (n, n_chunks, ...)`."""
+    out = buffer[:, before:before + n_chunks]
+    for t in range(buffer.shape[1]):
+        if before <= t < before + n_chunks:
+            continue
+        target = (t - before) % n_chunks
+        out = out.at[:, target].add(buffer[:, t])
+    return out
+
+
+_window_attention.defvjp(_window_attention_fwd, _window_attention_bwd)
+
+
+# -- permutations with gather-only gradients ------------------------------------------------------
+@jax.custom_vjp
+def gather_rows(x, perm, inverse):
+    """`out[g, r, i] = x[g, perm[g, r, i]]`: `x (G, n, d)`, `perm, inverse (G, R, n)` -> `(G, R,
+    n, d)`. `perm[g, r]` must be a permutation of `range(n)` and `inverse[g, r]` its inverse; the
+    gradient is then a gather too (XLA's scatter-add, the generic gradient, is slow on CPU)."""
+    return _gather(x, perm)
+
+
+def _gather(x, perm):
+    g, n, d = x.shape
+    rows = (jnp.arange(g, dtype=perm.dtype)[:, None, None] * n + perm).reshape(-1)
+    return x.reshape(g * n, d).at[rows].get(mode="promise_in_bounds").reshape(
+        *perm.shape, d)
+
+
+def _gather_rows_fwd(x, perm, inverse):
+    return _gather(x, perm), (perm, inverse)
+
+
+def _gather_rows_bwd(residuals, g):
+    perm, inverse = residuals
+    n_groups, n_rounds, n, d = g.shape
+    back = _gather(g.reshape(n_groups * n_rounds, n, d),
+                   inverse.reshape(n_groups * n_rounds, 1, n))
+    return back.reshape(n_groups, n_rounds, n, d).sum(axis=1), None, None
+
+
+gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
+def inverse_permutation(perm):
+    """`inv` with `inv[..., perm[..., i]] = i`, for permutations along the last axis."""
+    n = perm.shape[-1]
+    flat = perm.reshape(-1, n)
+    iota = jnp.arange(n, dtype=perm.dtype)
+    inv = jax.vmap(lambda p: jnp.zeros_like(p).at[p].set(iota, unique_indices=True))(flat)
+    return inv.reshape(perm.shape)

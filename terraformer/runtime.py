@@ -1,0 +1,45 @@
+"""Process settings that make XLA:CPU fast on this library's workloads, applied at import.
+
+Two measured problems, two settings (see benchmarks/RESULTS.md for the figures):
+
+- XLA:CPU in jax 0.10 routes dots and reductions through YNNPACK fusions by default; on the
+  batched chunk-by-chunk products of chunked and LSH attention those ran 2x slower than XLA's
+  own kernels here. `--xla_cpu_experimental_ynn_fusion_type=` (an empty list) turns them off.
+  This only takes effect if set before JAX creates its CPU backend (the first array op).
+- glibc's malloc hands buffers above 32 MiB back to the kernel when XLA frees them, so every
+  step page-faults its large temporaries in again. Raising the mmap and trim thresholds
+  (`mallopt`) keeps that memory in the process for the next step.
+
+Neither is applied when the environment sets `TERRAFORMER_CPU_TUNING=0`, and a YNN setting
+already present in `XLA_FLAGS` is left as it is.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+_YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_KEEP_BYTES = 1 << 30
+
+
+def tune_cpu_runtime() -> dict:
+    """Applies the settings above (idempotent); returns what was applied."""
+    applied = {}
+    if os.environ.get("TERRAFORMER_CPU_TUNING", "1") == "0":
+        return applied
+    flags = os.environ.get("XLA_FLAGS", "")
+    if _YNN_FLAG not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {_YNN_FLAG}=".strip()
+        applied["XLA_FLAGS"] = os.environ["XLA_FLAGS"]
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            ok = libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(_KEEP_BYTES))
+            ok &= libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(2 * _KEEP_BYTES - 1))
+            applied["mallopt"] = bool(ok)
+        except (OSError, AttributeError):  # not glibc (musl, ...): leave malloc alone
+            pass
+    return applied
