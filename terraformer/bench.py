@@ -55,8 +55,18 @@ def axial_shape(seq_len: int) -> tuple[int, int]:
     return a, seq_len // a
 
 
-def t_workload_model(seq_len: int, n_layers: int, attention: str, mode: str = "train"):
+def default_ff_chunk_size(seq_len: int) -> int:
+    """Feed-forward chunking of the T model: none up to 64K tokens (as the trax peer runs it);
+    above, 32K positions at a time, so that the [length, d_ff] hidden activations of the
+    reversible backward (2 GiB each at 1M tokens) never exist whole."""
+    return 0 if seq_len <= 65536 else 32768
+
+
+def t_workload_model(seq_len: int, n_layers: int, attention: str, mode: str = "train",
+                     ff_chunk_size: int | None = None):
     """The model of the T workloads (vocab 256, d_model 256, d_ff 512, 4 heads of 64)."""
+    if ff_chunk_size is None:
+        ff_chunk_size = default_ff_chunk_size(seq_len)
     common = dict(vocab_size=256, d_model=256, d_ff=512, n_layers=n_layers, n_heads=4,
                   dropout=0.0, mode=mode)
     if attention == "full":
@@ -72,7 +82,7 @@ def t_workload_model(seq_len: int, n_layers: int, attention: str, mode: str = "t
         raise ValueError(f"--attention must be lsh, full or local, got {attention!r}")
     return ReformerLM(d_attention_key=64, d_attention_value=64, attention_type=attn,
                       max_len=seq_len, pos_type="axial", pos_axial_shape=axial_shape(seq_len),
-                      pos_d_axial_embs=(128, 128), ff_chunk_size=0, **common)
+                      pos_d_axial_embs=(128, 128), ff_chunk_size=ff_chunk_size, **common)
 
 
 def count_params(weights) -> int:
@@ -107,7 +117,10 @@ def timed(fn, repeats: int) -> float:
 
 def bench_train(args) -> dict:
     length = args.seq_len
-    model = t_workload_model(length, args.n_layers, args.attention)
+    ff_chunk_size = (default_ff_chunk_size(length) if args.ff_chunk_size is None
+                     else args.ff_chunk_size)
+    model = t_workload_model(length, args.n_layers, args.attention,
+                             ff_chunk_size=ff_chunk_size)
     tokens = np.random.default_rng(0).integers(1, 256, size=(1, length)).astype(np.int32)
     batch = (jnp.asarray(tokens), jnp.asarray(tokens), jnp.ones((1, length), jnp.float32))
     weights, state = model.init(ShapeDtype((1, length), jnp.int32), jax.random.PRNGKey(0))
@@ -134,7 +147,8 @@ def bench_train(args) -> dict:
     workload = {"lsh": "T-len", "full": "T-full"}.get(args.attention, f"T-{args.attention}")
     return dict(workload=workload, impl="terraformer", device=jax.devices()[0].platform,
                 seq_len=length, n_layers=args.n_layers, attention=args.attention,
-                memory_efficient=args.memory_efficient, compile_s=compile_s, step_s=step_s,
+                ff_chunk_size=ff_chunk_size, memory_efficient=args.memory_efficient,
+                compile_s=compile_s, step_s=step_s,
                 tokens_per_s=length / step_s,
                 peak_rss_gib=peak_memory_gib(), params=params, loss=carry["loss"])
 
@@ -260,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--n_layers", type=int, default=2)
     train.add_argument("--attention", default="lsh", choices=["lsh", "full", "local"])
     train.add_argument("--repeats", type=int, default=3)
+    train.add_argument("--ff_chunk_size", type=int, default=None,
+                       help="feed-forward positions per chunk (0: whole length); default: "
+                            "0 up to 65,536 tokens, 32,768 above")
     train.add_argument("--memory_efficient", action="store_true",
                        help="the memory-efficient step (host-resident reversible stack, "
                             "per-block updates, chunked loss): terraformer/memory/offload.py")

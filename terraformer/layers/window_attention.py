@@ -184,6 +184,9 @@ def _window_attention_bwd(config, residuals, cotangents):
         s_t, replaced_t = _scores_t(config, qb, kw, qp, kp)
         lse_b = lax.dynamic_slice_in_dim(lse, start, m, axis=1)
         p_t = jnp.exp(s_t - lse_b[..., None, :])
+        # A query that sees no key at all has every score at MASK_VALUE and a uniform softmax,
+        # which exp(s - lse) cannot give back: lse rounds to MASK_VALUE in float32.
+        p_t = jnp.where(lse_b[..., None, :] < MASK_VALUE / 2, 1.0 / s_t.shape[-2], p_t)
         do = lax.dynamic_slice_in_dim(d_out, start, m, axis=1)
         dl = lax.dynamic_slice_in_dim(d_lse, start, m, axis=1)
         dp_t = jnp.einsum("nmkd,nmqd->nmkq", vw.astype(jnp.float32), do)
