@@ -221,17 +221,22 @@ def hash_vectors(
 def _hash_vectors(vecs, rotations, *, factors, block_len):
     vecs = lax.stop_gradient(vecs).astype(jnp.float32)
     rotations = tuple(lax.stop_gradient(r) for r in rotations)
-    length, d = vecs.shape[-2:]
+    length = vecs.shape[-2]
     if length <= block_len:
         return _hash_block(vecs, rotations, factors)
     n_blocks = -(-length // block_len)
-    pad = n_blocks * block_len - length
-    padded = jnp.pad(vecs, [(0, 0)] * (vecs.ndim - 2) + [(0, pad), (0, 0)])
-    blocks = padded.reshape(*vecs.shape[:-2], n_blocks, block_len, d)
-    blocks = jnp.moveaxis(blocks, -3, 0)
-    out = lax.map(lambda b: _hash_block(b, rotations, factors), blocks)  # (nb, ..., R, blk)
-    out = jnp.moveaxis(out, 0, -2)  # (..., R, nb, blk)
-    return out.reshape(*out.shape[:-2], n_blocks * block_len)[..., :length]
+    one = jax.eval_shape(lambda x: _hash_block(x, rotations, factors), vecs[..., :1, :])
+    out = jnp.zeros(one.shape[:-1] + (length,), jnp.int32)
+
+    def body(b, out):
+        # The last block starts early instead of being padded: hashing is per position, so
+        # the positions it computes twice get the same buckets.
+        start = jnp.minimum(b * block_len, length - block_len)
+        block = lax.dynamic_slice_in_dim(vecs, start, block_len, axis=vecs.ndim - 2)
+        return lax.dynamic_update_slice_in_dim(out, _hash_block(block, rotations, factors),
+                                               start, axis=out.ndim - 1)
+
+    return lax.fori_loop(0, n_blocks, body, out)
 
 
 # -- attention --------------------------------------------------------------------------------
@@ -385,8 +390,9 @@ def _lsh_attention(
 ):
     """`lsh_attention` after validation, compiled once per configuration and shape.
 
-    Long inputs run one head at a time (a `lax.map` over heads, each step rematerialised in
-    the backward pass), so the sorted copies and key windows of only one head are alive.
+    Long inputs run one head at a time (a `lax.map` over heads) and, within a head, one hash
+    round at a time, each rematerialised in the backward pass: the sorted copies of only one
+    round of one head are alive at once.
     """
     batch, n_heads, length, d_qk = qk.shape
     if rotations is None:
@@ -398,11 +404,27 @@ def _lsh_attention(
     if n_heads == 1 or batch * n_heads * n_rounds * length <= _HEAD_LOOP_ROWS:
         return _lsh_attention_heads(qk, v, mask, rotations, dropout_rng, **config)
 
-    def one_head(args):
-        qk_h, v_h, rotations_h, index = args
-        head_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
+    def one_round(qk_h, v_h, rotations_hr, round_rng):
         out, lse = _lsh_attention_heads(qk_h[:, None], v_h[:, None], mask,
-                                        tuple(r[None] for r in rotations_h), head_rng, **config)
+                                        tuple(r[None, None] for r in rotations_hr), round_rng,
+                                        merge=False, **config)
+        return out[:, 0, 0], lse[:, 0, 0]
+
+    one_round = jax.checkpoint(one_round, prevent_cse=False)
+
+    def one_head(args):
+        # Each round is its own rematerialised region: the backward pass rebuilds and
+        # differentiates one round of one head at a time.
+        qk_h, v_h, rotations_h, index = args
+        outs, lses = [], []
+        for r in range(n_rounds):
+            round_rng = (None if dropout_rng is None else
+                         jax.random.fold_in(dropout_rng, index * n_rounds + r))
+            out, lse = one_round(qk_h, v_h, tuple(a[r] for a in rotations_h), round_rng)
+            outs.append(out)
+            lses.append(lse)
+        out, lse = _merge_rounds(jnp.stack(outs, 1)[:, None], jnp.stack(lses, 1)[:, None],
+                                 v.dtype)
         return out[:, 0], lse[:, 0]
 
     out, lse = lax.map(
@@ -414,10 +436,13 @@ def _lsh_attention(
 
 def _lsh_attention_heads(qk, v, mask, rotations, dropout_rng, *, n_buckets, chunk_len,
                          n_chunks_before, n_chunks_after, causal, dropout_rate,
-                         chunks_per_block):
-    """The LSH attention of all heads of `qk`, `v` at once, given per-head rotations."""
+                         chunks_per_block, merge=True):
+    """The LSH attention of all heads of `qk`, `v` at once, given per-head rotations.
+
+    Returns the rounds merged, `(B, H, L, d_v), (B, H, L)`, or with `merge=False` each round's
+    `(B, H, R, L, d_v)` output and `(B, H, R, L)` log-sum-exp.
+    """
     batch, n_heads, length, d_qk = qk.shape
-    d_v = v.shape[-1]
     buckets = hash_vectors(qk, n_buckets, rotations=rotations)  # (B, H, R, L)
     n_rounds = buckets.shape[2]
     c = min(chunk_len, length)
@@ -436,13 +461,14 @@ def _lsh_attention_heads(qk, v, mask, rotations, dropout_rng, *, n_buckets, chun
     perm = lax.stop_gradient(perm)
     inverse = inverse_permutation(perm)
     groups, shape = batch * n_heads, (batch * n_heads * n_rounds, n_chunks, c)
-    dtype = jnp.result_type(qk.dtype, v.dtype)
-    qkv = jnp.concatenate([qk.astype(dtype), v.astype(dtype)], axis=-1)
-    sqkv = gather_rows(qkv.reshape(groups, padded_len, d_qk + d_v),
-                       perm.reshape(groups, n_rounds, padded_len),
-                       inverse.reshape(groups, n_rounds, padded_len))
-    sqkv = sqkv.reshape(*shape, d_qk + d_v)
-    sq, sv = sqkv[..., :d_qk], sqkv[..., d_qk:]
+    by_round = (groups, n_rounds, padded_len)
+    perm_g, inverse_g = perm.reshape(by_round), inverse.reshape(by_round)
+
+    def sort(a):  # (B, H, Lp, d) -> (B*H*R, n_chunks, c, d) in each round's sorted order
+        return gather_rows(a.reshape(groups, padded_len, -1), perm_g, inverse_g).reshape(
+            *shape, a.shape[-1])
+
+    sq, sv = sort(qk), sort(v)
     spos = perm.reshape(shape)
     # Keys' positions, with -1 for padding: never equal to, nor after, a query position.
     skpos = jnp.where(sorted_buckets.reshape(shape) < pad_bucket, spos, -1)
@@ -453,12 +479,17 @@ def _lsh_attention_heads(qk, v, mask, rotations, dropout_rng, *, n_buckets, chun
         dropout_rate=dropout_rate, dropout_rng=dropout_rng, chunks_per_block=chunks_per_block)
 
     # Undo the sort, cut the padding, merge the rounds.
-    o_lse = jnp.concatenate([out, lse[..., None]], axis=-1).reshape(
-        groups * n_rounds, padded_len, d_v + 1)
     flat = (groups * n_rounds, 1, padded_len)
-    o_lse = gather_rows(o_lse, inverse.reshape(flat), perm.reshape(flat))
-    o_lse = o_lse.reshape(batch, n_heads, n_rounds, padded_len, d_v + 1)[:, :, :, :length]
-    return _merge_rounds(o_lse[..., :d_v], o_lse[..., d_v], v.dtype)
+    inverse_f, perm_f = inverse.reshape(flat), perm.reshape(flat)
+
+    def unsort(a):  # (B*H*R, n_chunks, c, d) -> (B, H, R, L, d) in position order
+        a = gather_rows(a.reshape(groups * n_rounds, padded_len, -1), inverse_f, perm_f)
+        return a.reshape(batch, n_heads, n_rounds, padded_len, -1)[:, :, :, :length]
+
+    out, lse = unsort(out), unsort(lse[..., None])[..., 0]
+    if not merge:
+        return out, lse
+    return _merge_rounds(out, lse, v.dtype)
 
 
 def _sort_by_bucket(buckets, pad_bucket):
