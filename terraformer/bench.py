@@ -206,8 +206,11 @@ def bytes_read_per_token(weights, vocab_size: int, ff_sparsity: int) -> int:
     """Weight bytes one decoding step must read.
 
     The embedding table contributes one row; a sparse feed-forward's w1/b1/w2 one unit in
-    `ff_sparsity`; everything else is read whole.
+    `ff_sparsity`; everything else (PackedKernels and QuantizedArrays at their stored size)
+    is read whole.
     """
+    from terraformer.layers.core import PackedKernel
+
     total = 0
 
     def visit(tree):
@@ -222,6 +225,8 @@ def bytes_read_per_token(weights, vocab_size: int, ff_sparsity: int) -> int:
         elif isinstance(tree, (tuple, list)):
             for item in tree:
                 visit(item)
+        elif isinstance(tree, PackedKernel):
+            total += tree.nbytes
         elif hasattr(tree, "nbytes"):
             is_table = tree.ndim == 2 and tree.shape[0] == vocab_size
             total += tree.nbytes // vocab_size if is_table else tree.nbytes
@@ -237,13 +242,9 @@ def bench_decode(args) -> dict:
     del model
     params = count_params(weights)
     predict_model = d_workload_model(args.model, args.n_layers, max_len)
-    if args.dtype != "float32":  # weights stored quantized, dequantized inside the step
-        from terraformer.memory.quantize import QuantizedModel, quantize
-
-        weights = quantize(weights, args.dtype)
-        predict_model = QuantizedModel(predict_model, args.dtype)
     decoder = Decoder(predict_model, weights, batch_size=1, prefill_chunk=args.prefill_chunk,
-                      rng=jax.random.PRNGKey(0), max_len=max_len)
+                      rng=jax.random.PRNGKey(0), max_len=max_len, weight_dtype=args.dtype)
+    del weights
     prompt = np.random.default_rng(0).integers(1, D_SHAPE["vocab_size"],
                                                size=(1, args.prompt_len)).astype(np.int32)
     start = time.perf_counter()
@@ -251,7 +252,7 @@ def bench_decode(args) -> dict:
     compile_s = time.perf_counter() - start
     timing = time_per_token(decoder, prompt, args.new_tokens)
     bandwidth = measure_bandwidth_gib_s()
-    read = bytes_read_per_token(weights, D_SHAPE["vocab_size"],
+    read = bytes_read_per_token(decoder.weights, D_SHAPE["vocab_size"],
                                 D_FF_SPARSITY if args.model == "sparse" else 1)
     floor_s = read / (bandwidth * 2**30)
     return dict(workload=f"D-{args.model}", impl="terraformer",
@@ -287,8 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--new_tokens", type=int, default=128)
     decode.add_argument("--prefill_chunk", type=int, default=1024)
     decode.add_argument("--dtype", default="float32", choices=["float32", "bf16", "int8"],
-                        help="weight storage: bf16 or int8 (per-channel scales) are "
-                             "dequantized inside the compiled step (memory/quantize.py)")
+                        help="how the decoder stores the kernels it multiplies by: float32, "
+                             "bf16 or int8 (a scale per output unit), converted inside the "
+                             "fused matrix-vector products (memory.quantize.pack_for_decoding)")
     return parser
 
 

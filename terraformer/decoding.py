@@ -92,15 +92,24 @@ class Decoder:
       max_len: the longest prompt + generation the model's caches hold exactly (e.g. the
         model's max_len); longer requests are a ValueError. None: no check (attention caches
         then slide over their last positions).
+      weight_dtype: how the kernels the model multiplies by are stored for decoding
+        (`memory.quantize.pack_for_decoding`): 'float32' (default: same values, a layout the
+        per-token matrix-vector products read fastest), 'bf16' or 'int8' (a quarter of the
+        bytes; logits within the tolerance documented in memory/quantize.py), or None to use
+        `weights` as given. Weights already holding QuantizedArrays (for a QuantizedModel)
+        are used as given.
+      output_dtype: the output layer's storage when it should differ from weight_dtype
+        (e.g. 'int8': its vocabulary-sized matrix is most of what a sparse model reads).
     """
 
     def __init__(self, model: Layer, weights, batch_size: int = 1, prefill_chunk: int = 1024,
-                 rng=None, max_len: int | None = None):
+                 rng=None, max_len: int | None = None, weight_dtype: str | None = "float32",
+                 output_dtype: str | None = None):
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.max_len = max_len
         self.model = model
-        self.weights = weights
+        self.weights = _decoding_weights(model, weights, weight_dtype, output_dtype)
         self.batch_size = batch_size
         self.prefill_chunk = prefill_chunk
         self._init_rng = jax.random.PRNGKey(0) if rng is None else rng
@@ -251,6 +260,17 @@ class Decoder:
             remaining -= n
             if steps < n or bool(jnp.all(done)):
                 return
+
+
+def _decoding_weights(model: Layer, weights, weight_dtype: str | None,
+                      output_dtype: str | None):
+    from terraformer.memory.quantize import is_quantized, pack_for_decoding
+
+    if weight_dtype is None:
+        return weights
+    if any(is_quantized(x) for x in jax.tree.leaves(weights, is_leaf=is_quantized)):
+        return weights
+    return pack_for_decoding(model, weights, weight_dtype, output_dtype)
 
 
 def time_per_token(decoder: Decoder, prompt_ids, new_tokens: int) -> dict:

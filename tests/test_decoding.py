@@ -130,3 +130,61 @@ def test_encoder_decoder_greedy_equals_eval_forward(np_rng):
     np.testing.assert_array_equal(out, seq)
     with pytest.raises(ValueError, match="encoder_inputs"):
         dec.generate(np.zeros((1, 0), np.int32), 2)
+
+
+def _lm(kind, mode):
+    from terraformer.layers.attention import SelfAttention
+    from terraformer.models import ReformerLM, TerraformerLM
+
+    common = dict(vocab_size=19, d_model=16, d_ff=32, n_layers=2, n_heads=2, max_len=24,
+                  dropout=0.0, mode=mode)
+    if kind == "transformer":
+        return TransformerLM(**common)
+    if kind == "reformer_local":
+        import functools
+
+        attn = functools.partial(SelfAttention, chunk_len=4, n_chunks_before=1,
+                                 predict_mem_len=12)
+        return ReformerLM(d_attention_key=4, d_attention_value=4, attention_type=attn, **common)
+    return TerraformerLM(attention_sparsity=2, ff_sparsity=4, d_lowrank=4, **common)
+
+
+@pytest.mark.parametrize("kind", ["transformer", "reformer_local", "terraformer"])
+def test_step_by_step_log_probs_equal_eval(np_rng, kind):
+    """The decoder's packed-weight steps reproduce the eval forward pass (< 1e-4)."""
+    key = jax.random.PRNGKey(int(np_rng.integers(1 << 20)))
+    tokens = np_rng.integers(1, 19, size=(1, 14)).astype(np.int32)
+    model = _lm(kind, "eval")
+    weights, state = model.init(ShapeDtype((1, 14), jnp.int32), key)
+    want, _ = model.apply(jnp.asarray(tokens), weights, state, None)
+    dec = Decoder(_lm(kind, "predict"), weights, rng=key)
+    step_state = dec.initial_state()
+    inputs = np.concatenate([np.zeros((1, 1), np.int32), tokens[:, :-1]], axis=1)
+    got = []
+    for t in range(14):
+        log_probs, step_state = dec._apply(jnp.asarray(inputs[:, t : t + 1]), dec.weights,
+                                           step_state, None)
+        got.append(log_probs)
+    np.testing.assert_allclose(jnp.concatenate(got, 1), want, atol=1e-4)
+    by_token = Decoder(_lm(kind, "predict"), weights, rng=key, prefill_chunk=1)
+    chunked = Decoder(_lm(kind, "predict"), weights, rng=key, prefill_chunk=5)
+    np.testing.assert_array_equal(chunked.generate(tokens[:, :8], 8),
+                                  by_token.generate(tokens[:, :8], 8))
+
+
+@pytest.mark.parametrize("dtype,tol", [("int8", 0.1), ("bf16", 0.05)])
+def test_quantized_decoding_weights_within_tolerance(np_rng, dtype, tol):
+    """int8 / bf16 kernels (all, or the output layer only): log-probs near float32."""
+    key = jax.random.PRNGKey(int(np_rng.integers(1 << 20)))
+    model = _lm("terraformer", "eval")
+    weights, _ = model.init(ShapeDtype((1, 8), jnp.int32), key)
+    inputs = jnp.asarray(np_rng.integers(1, 19, size=(1, 20)), jnp.int32)
+
+    def log_probs(dec):
+        return dec._apply(inputs, dec.weights, dec.initial_state(), None)[0]
+
+    want = log_probs(Decoder(_lm("terraformer", "predict"), weights, rng=key))
+    for kwargs in (dict(weight_dtype=dtype), dict(output_dtype=dtype)):
+        got = log_probs(Decoder(_lm("terraformer", "predict"), weights, rng=key, **kwargs))
+        assert float(jnp.max(jnp.abs(got - want))) < tol
+        assert (jnp.argmax(got, -1) == jnp.argmax(want, -1)).mean() >= 0.9

@@ -4,25 +4,34 @@ Functional pieces (`dot_product_attention`, `local_attention`) work on per-head 
 `[batch, n_heads, length, d]`; the layers (`SelfAttention`, `CausalAttention`) add the
 projections, masks, dropout and the decoding cache.
 
-Predict mode keeps a ring buffer of the last `predict_mem_len` keys and values with their
-positions in `state`. Each call writes its tokens at `position % predict_mem_len`, so shapes
-never change between decoding steps. Attention from the cache equals the full forward pass as
-long as every key a query may look at is still in the buffer: always for local attention when
-`predict_mem_len >= (n_chunks_before + 1) * chunk_len + tokens per call`, and for full
-attention while the total length fits in `predict_mem_len` (beyond that it is a sliding window
-over the last `predict_mem_len` positions).
+Predict mode keeps a ring buffer of keys and values in `state`, laid out
+[batch, n_heads, ring, d] so that a query's dot with the cache is a plain batched product. The
+ring holds at least `predict_mem_len` positions (rounded up to whole blocks of
+PREDICT_BLOCK_LEN when larger); position p lives in slot p % ring, so shapes never change
+between decoding steps. One token is written with `dynamic_update_slice`; a prefill chunk with
+a scatter (it may wrap). Attention visits only the cache blocks between the oldest key any new
+query may see and the newest position, combining them with a running softmax, so a step costs
+what the window holds, not the whole buffer. Attention from the cache equals the full forward
+pass as long as every key a query may look at is still in the buffer: always for local
+attention when `predict_mem_len >= (n_chunks_before + 1) * chunk_len + tokens per call`, and
+for full attention while the total length fits in `predict_mem_len`; beyond that it is a
+sliding window over the last `predict_mem_len` positions (query q sees keys q -
+predict_mem_len < p <= q), so feeding tokens one at a time or in chunks gives the same outputs
+while the chunk is at most ring - predict_mem_len + 1 tokens (token by token always).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from terraformer.layers import initializers as init_lib
 from terraformer.layers.base import EMPTY, Layer, as_items, check_mode
-from terraformer.layers.core import check_feature_dim, dropout
+from terraformer.layers.core import check_feature_dim, dropout, matmul, pack_kernel
 
 MASK_VALUE = -1e9
+PREDICT_BLOCK_LEN = 256  # key positions per block of a predict cache
 
 
 def dot_product_attention(q, k, v, mask=None, dropout_rate=0.0, rng=None, mode="eval"):
@@ -194,17 +203,22 @@ class SelfAttention(Layer):
         state = EMPTY
         if self._mode == "predict":
             batch = x_sig.shape[0]
+            ring, _ = _ring_layout(self._mem_len)
             state = {
-                "k": jnp.zeros((batch, h, self._mem_len, self._d_qk), x_sig.dtype),
-                "v": jnp.zeros((batch, h, self._mem_len, self._d_v), x_sig.dtype),
-                "k_pos": jnp.full((self._mem_len,), -1, jnp.int32),
-                "k_valid": jnp.zeros((batch, self._mem_len), bool),
+                "k": jnp.zeros((batch, h, ring, self._d_qk), x_sig.dtype),
+                "v": jnp.zeros((batch, h, ring, self._d_v), x_sig.dtype),
+                "k_valid": jnp.zeros((batch, ring), bool),
                 "position": jnp.zeros((), jnp.int32),
             }
         return weights, state
 
+    def pack_for_decoding(self, weights, dtype: str):
+        """These weights with the four kernels as PackedKernels (see `core.pack_kernel`)."""
+        kernels = {name: pack_kernel(weights[name], dtype) for name in ("wq", "wk", "wv", "wo")}
+        return {**weights, **kernels}
+
     def _project(self, x, weights, name):
-        y = jnp.dot(x, weights["w" + name].astype(x.dtype))
+        y = matmul(x, weights["w" + name])
         if self._use_bias:
             y = y + weights["b" + name]
         return y
@@ -215,7 +229,7 @@ class SelfAttention(Layer):
         if x.ndim != 3:
             raise ValueError(f"{self.name}: expected x of shape (batch, length, d_model), "
                              f"got {tuple(x.shape)}")
-        check_feature_dim(x, weights["wq"].shape[0], self.name)
+        check_feature_dim(x, weights["wq"].shape[-2], self.name)
         rng_attn, rng_out = (None, None) if rng is None else jax.random.split(rng)
         q = split_heads(self._project(x, weights, "q"), self._n_heads)
         k = split_heads(self._project(x, weights, "k"), self._n_heads)
@@ -224,7 +238,7 @@ class SelfAttention(Layer):
             out, state = self._attend_cached(q, k, v, mask, state)
         else:
             out = self._attend(q, k, v, mask, rng_attn)
-        y = jnp.dot(merge_heads(out), weights["wo"].astype(x.dtype))
+        y = matmul(merge_heads(out), weights["wo"])
         if self._use_bias:
             y = y + weights["bo"]
         y = dropout(y, self._output_dropout, rng_out, self._mode)
@@ -259,22 +273,102 @@ class SelfAttention(Layer):
                 f"predict_mem_len={self._mem_len}; feed the prompt in smaller chunks"
             )
         start = state["position"]
-        positions = start + jnp.arange(n_new)
-        slots = positions % self._mem_len
         new_valid = jnp.ones((q.shape[0], n_new), bool) if mask is None else mask.astype(bool)
         state = dict(state)
-        state["k"] = state["k"].at[:, :, slots].set(k.astype(state["k"].dtype))
-        state["v"] = state["v"].at[:, :, slots].set(v.astype(state["v"].dtype))
-        state["k_pos"] = state["k_pos"].at[slots].set(positions)
-        state["k_valid"] = state["k_valid"].at[:, slots].set(new_valid)
+        state["k"] = ring_write(state["k"], k, start, axis=2)
+        state["v"] = ring_write(state["v"], v, start, axis=2)
+        state["k_valid"] = ring_write(state["k_valid"], new_valid, start, axis=1)
         state["position"] = start + n_new
-        allowed = _position_mask(
-            positions, state["k_pos"], True, self._chunk_len, self._n_before, 0
-        )
-        allowed = allowed[None, None] & state["k_valid"][:, None, None, :]
-        out = dot_product_attention(q, state["k"].astype(q.dtype), state["v"].astype(q.dtype),
-                                    allowed)
+        q_pos = start + jnp.arange(n_new)
+        lo = jnp.maximum(start - self._mem_len + 1, 0)
+        if self._chunk_len is not None:
+            lo = jnp.maximum(lo, (start // self._chunk_len - self._n_before) * self._chunk_len)
+
+        def key_mask(k_pos, slot0, block_len):
+            allowed = _position_mask(q_pos, k_pos, True, self._chunk_len, self._n_before, 0)
+            allowed &= k_pos[None, :] > q_pos[:, None] - self._mem_len
+            valid = lax.dynamic_slice_in_dim(state["k_valid"], slot0, block_len, axis=1)
+            return allowed[None, None] & valid[:, None, None, :]
+
+        out = ring_attention(q, q_pos, state["k"], state["v"], key_mask, lo,
+                             _ring_layout(self._mem_len)[1])
         return out, state
+
+
+def _ring_layout(mem_len: int) -> tuple[int, int]:
+    """(ring slots, block length) of a predict cache that must hold `mem_len` positions.
+
+    One block when mem_len <= PREDICT_BLOCK_LEN; else blocks of that many, mem_len rounded up.
+    """
+    block_len = PREDICT_BLOCK_LEN
+    if mem_len <= block_len:
+        return mem_len, mem_len
+    return -(-mem_len // block_len) * block_len, block_len
+
+
+def ring_write(cache, new, start, axis: int):
+    """`cache` with `new` written at ring slots (start + i) % ring_len along `axis`.
+
+    One token is a `dynamic_update_slice` (in place in a compiled loop); several are a
+    scatter, since they may wrap around the end of the ring.
+    """
+    n, ring = new.shape[axis], cache.shape[axis]
+    new = new.astype(cache.dtype)
+    if n == 1:
+        return lax.dynamic_update_slice_in_dim(cache, new, start % ring, axis)
+    slots = (start + jnp.arange(n)) % ring
+    index = (slice(None),) * axis + (slots,)
+    return cache.at[index].set(new)
+
+
+def ring_attention(q, q_pos, k_cache, v_cache, key_mask, lo, block_len: int):
+    """Attention of new queries over a ring-buffer cache, visiting only the blocks in use.
+
+    Args:
+      q: [batch, n_heads, n, d_qk] at consecutive positions q_pos [n] (int32).
+      k_cache, v_cache: [batch, n_heads, ring, d] with ring a multiple of block_len; slot s
+        holds the latest position p <= q_pos[-1] with p % ring == s (written before calling).
+      key_mask: (k_pos [block_len], first slot, block_len) -> bool mask broadcastable to
+        [batch, n_heads, n, block_len] (True = may attend); k_pos < 0 marks unwritten slots.
+      lo: the smallest key position any query may see (int32 scalar).
+    Returns:
+      [batch, n_heads, n, d_v]. Cost grows with the blocks between lo and q_pos[-1], not with
+      the ring: blocks are combined with a running (online) softmax.
+    """
+    ring = k_cache.shape[2]
+    n_blocks = ring // block_len
+    hi = q_pos[-1]
+
+    def block(slot0):
+        k_pos = hi - (hi - slot0 - jnp.arange(block_len)) % ring
+        kb = lax.dynamic_slice_in_dim(k_cache, slot0, block_len, axis=2).astype(q.dtype)
+        vb = lax.dynamic_slice_in_dim(v_cache, slot0, block_len, axis=2).astype(q.dtype)
+        return kb, vb, key_mask(k_pos, slot0, block_len)
+
+    if n_blocks == 1:
+        kb, vb, allowed = block(0)
+        return dot_product_attention(q, kb, vb, allowed)
+    last = hi // block_len
+    count = jnp.minimum(last - lo // block_len + 1, n_blocks)
+    scale = 1.0 / jnp.sqrt(jnp.asarray(q.shape[-1], jnp.float32))
+
+    def body(j, carry):
+        m, total, acc = carry
+        kb, vb, allowed = block(((last - j) % n_blocks) * block_len)
+        scores = jnp.einsum("...qd,...kd->...qk", q, kb).astype(jnp.float32) * scale
+        scores = jnp.where(allowed, scores, MASK_VALUE)
+        m_new = jnp.maximum(m, scores.max(-1))
+        p = jnp.exp(scores - m_new[..., None])
+        correction = jnp.exp(m - m_new)
+        total = total * correction + p.sum(-1)
+        acc = acc * correction[..., None] + jnp.einsum("...qk,...kd->...qd", p, vb)
+        return m_new, total, acc
+
+    shape = q.shape[:-1]
+    init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+            jnp.zeros(shape + (v_cache.shape[-1],), jnp.float32))
+    _, total, acc = lax.fori_loop(0, count, body, init)
+    return (acc / total[..., None]).astype(q.dtype)
 
 
 def CausalAttention(  # noqa: N802

@@ -45,10 +45,100 @@ def check_token_ids(ids, vocab_size: int, who: str) -> None:
         )
 
 
+DECODE_DTYPES = ("float32", "bf16", "int8")
+INT8_MAX = 127
+
+
+@jax.tree_util.register_pytree_node_class
+class PackedKernel:
+    """A Dense kernel [..., d_in, d_out] stored for decoding as rows [..., d_out, d_in].
+
+    `rows` is float32, bfloat16, or int8 with `scale` [..., d_out] (float32, one per output
+    unit: |w - rows * scale| <= scale / 2). XLA:CPU fuses the conversion of `rows` into a
+    matrix-vector product whose contraction is the minor axis, so a decoding step reads only
+    the stored bytes (the [d_in, d_out] layout, or an int8 table dequantized first,
+    materialises a float32 copy per step), and inside `lax.scan` over stacked layers the
+    layer's slice is read in place instead of copied out first.
+    """
+
+    def __init__(self, rows, scale=None):
+        self.rows = rows
+        self.scale = scale
+
+    def tree_flatten(self):
+        return (self.rows, self.scale), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        del aux
+        return cls(*children)
+
+    @property
+    def shape(self) -> tuple:
+        """The logical kernel shape [..., d_in, d_out]."""
+        shape = tuple(self.rows.shape)
+        return shape[:-2] + (shape[-1], shape[-2])
+
+    @property
+    def ndim(self) -> int:
+        return len(self.rows.shape)
+
+    @property
+    def nbytes(self) -> int:
+        total = math.prod(self.rows.shape) * jnp.dtype(self.rows.dtype).itemsize
+        if self.scale is not None:
+            total += math.prod(self.scale.shape) * jnp.dtype(self.scale.dtype).itemsize
+        return total
+
+    def matmul(self, x):
+        """x [..., d_in] -> x @ kernel [..., d_out], computed in x's dtype."""
+        if self.rows.dtype == x.dtype:  # a plain matrix-vector product, no copy of rows
+            return jax.lax.dot_general(x, self.rows, (((x.ndim - 1,), (1,)), ((), ())))
+        # Written as x @ rows.T: the form XLA:CPU can turn into one fused loop that converts
+        # `rows` as it reads them; a dot_general contracting rows' minor axis directly gets a
+        # materialised float32 copy instead. The barrier keeps a following bias add from
+        # claiming the dot as an output fusion, which also materialises the copy.
+        y = jax.lax.optimization_barrier(jnp.matmul(x, self.rows.astype(x.dtype).T))
+        return y if self.scale is None else y * self.scale.astype(x.dtype)
+
+    def dense(self):
+        """The float32 kernel [..., d_in, d_out] this stands for."""
+        rows = self.rows.astype(jnp.float32)
+        if self.scale is not None:
+            rows = rows * self.scale[..., None]
+        return jnp.swapaxes(rows, -1, -2)
+
+
+def pack_kernel(w, dtype: str = "float32") -> PackedKernel:
+    """A Dense kernel [..., d_in, d_out] as a PackedKernel of `dtype` ('float32', 'bf16',
+    'int8': symmetric, one scale max|w| / 127 per output unit)."""
+    if dtype not in DECODE_DTYPES:
+        raise ValueError(f"pack_kernel: dtype must be one of {DECODE_DTYPES}, got {dtype!r}")
+    if isinstance(w, PackedKernel):
+        w = w.dense()
+    rows = jnp.swapaxes(jnp.asarray(w, jnp.float32), -1, -2)
+    if dtype == "float32":
+        return PackedKernel(rows)
+    if dtype == "bf16":
+        return PackedKernel(rows.astype(jnp.bfloat16))
+    amax = jnp.max(jnp.abs(rows), axis=-1)
+    scale = jnp.where(amax > 0, amax / INT8_MAX, 1.0).astype(jnp.float32)
+    q = jnp.clip(jnp.round(rows / scale[..., None]), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+    return PackedKernel(q, scale)
+
+
+def matmul(x, w):
+    """x [..., d_in] @ w [d_in, d_out], w a float array or a PackedKernel."""
+    if isinstance(w, PackedKernel):
+        return w.matmul(x)
+    return jnp.dot(x, w.astype(x.dtype))
+
+
 class Dense(Layer):
     """Affine map of the last axis: (..., d_in) -> (..., n_units).
 
-    Weights: `{'w': [d_in, n_units], 'b': [n_units]}` (no 'b' when use_bias=False).
+    Weights: `{'w': [d_in, n_units], 'b': [n_units]}` (no 'b' when use_bias=False); for
+    decoding 'w' may be a `PackedKernel` (`pack_for_decoding`).
     """
 
     def __init__(
@@ -74,9 +164,13 @@ class Dense(Layer):
             weights["b"] = self._bias_init(rng_b, (self._n_units,))
         return weights, EMPTY
 
+    def pack_for_decoding(self, weights, dtype: str):
+        """These weights with the kernel as a PackedKernel (see `pack_kernel`)."""
+        return {**weights, "w": pack_kernel(weights["w"], dtype)}
+
     def apply(self, x, weights, state, rng):
-        check_feature_dim(x, weights["w"].shape[0], self.name)
-        y = jnp.dot(x, weights["w"].astype(x.dtype))
+        check_feature_dim(x, weights["w"].shape[-2], self.name)
+        y = matmul(x, weights["w"])
         if "b" in weights:
             y = y + weights["b"].astype(x.dtype)
         return y, state

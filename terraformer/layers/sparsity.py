@@ -17,9 +17,17 @@ import jax.numpy as jnp
 from jax import lax
 
 from terraformer.layers import initializers as init_lib
+from terraformer.layers.attention import (
+    _position_mask,
+    _ring_layout,
+    merge_heads,
+    ring_attention,
+    ring_write,
+    split_heads,
+)
 from terraformer.layers.base import EMPTY, Layer, check_mode
 from terraformer.layers.combinators import Branch, Chunk, Serial
-from terraformer.layers.core import Dense, check_feature_dim, dropout
+from terraformer.layers.core import Dense, check_feature_dim, dropout, matmul, pack_kernel
 
 
 def _feature_dim(input_signature, who: str, min_ndim: int = 1) -> int:
@@ -181,8 +189,16 @@ class SparseFF(Layer):
         }
         return weights, EMPTY
 
+    def pack_for_decoding(self, weights, dtype: str):
+        """These weights with the controller's kernels m1, m2 as PackedKernels.
+
+        w1 and w2 stay as they are: decoding gathers their rows, already contiguous.
+        """
+        return {**weights, "m1": pack_kernel(weights["m1"], dtype),
+                "m2": pack_kernel(weights["m2"], dtype)}
+
     def apply(self, x, weights, state, rng):
-        check_feature_dim(x, weights["m1"].shape[0], self.name)
+        check_feature_dim(x, weights["m1"].shape[-2], self.name)
         if self._mode == "train" and rng is None:
             raise ValueError(f"{self.name} in train mode needs an rng; pass rng= to apply")
         if self._chunked is not None:
@@ -199,7 +215,7 @@ class SparseFF(Layer):
     def controller_logits(self, x, weights):
         """Unit scores: (..., d_model) -> (..., n_blocks, n_elements_in_block)."""
         dtype = x.dtype
-        logits = jnp.dot(jnp.dot(x, weights["m1"].astype(dtype)), weights["m2"].astype(dtype))
+        logits = matmul(matmul(x, weights["m1"]), weights["m2"])
         logits = logits + weights["mb"].astype(dtype)
         return logits.reshape(x.shape[:-1] + (self._n_blocks, self._n_elements_in_block))
 
@@ -506,11 +522,12 @@ def _attend(q, k, v, mask, n_heads: int, dropout_rate: float, rng, mode: str):
 class _CausalAttentionCore(Layer):
     """(q, k, v) -> attention output, each [batch, length, d]; causal.
 
-    In `predict` mode the state is `{'k': [batch, max_len, d], 'v': [batch, max_len, d_v],
-    'pos': int32}`: each call writes its keys/values at `pos` (lax.dynamic_update_slice),
-    attends to every cached position up to its own, and advances `pos` by its length. Going
-    past max_inference_length is a ValueError when `pos` is concrete; under jit it cannot be
-    checked (the write would be clamped), so the decoding loop must stop in time.
+    In `predict` mode the state is `{'k': [batch, n_heads, ring, d / n_heads], 'v': the same
+    for values, 'pos': int32}` with ring >= max_inference_length (see `attention.ring_attention`;
+    positions never wrap here): each call writes its keys/values at `pos` (one token with
+    lax.dynamic_update_slice), attends to the cached blocks up to its own position, and advances
+    `pos` by its length. Going past max_inference_length is a ValueError when `pos` is concrete;
+    under jit it cannot be checked, so the decoding loop must stop in time.
     """
 
     def __init__(self, n_heads: int, dropout_rate: float, max_inference_length: int, mode: str):
@@ -524,10 +541,11 @@ class _CausalAttentionCore(Layer):
         q_sig, k_sig, v_sig = input_signature
         if self._mode != "predict":
             return EMPTY, EMPTY
-        batch = k_sig.shape[0]
+        batch, h = k_sig.shape[0], self._n_heads
+        ring, _ = _ring_layout(self._max_len)
         state = {
-            "k": jnp.zeros((batch, self._max_len, k_sig.shape[-1]), k_sig.dtype),
-            "v": jnp.zeros((batch, self._max_len, v_sig.shape[-1]), v_sig.dtype),
+            "k": jnp.zeros((batch, h, ring, k_sig.shape[-1] // h), k_sig.dtype),
+            "v": jnp.zeros((batch, h, ring, v_sig.shape[-1] // h), v_sig.dtype),
             "pos": jnp.zeros((), jnp.int32),
         }
         return EMPTY, state
@@ -549,21 +567,17 @@ class _CausalAttentionCore(Layer):
                 f"{self.name}: decoding past max_inference_length={self._max_len} "
                 f"(at position {int(pos)}, feeding {length} more)"
             )
-        k_cache = lax.dynamic_update_slice(state["k"], k.astype(state["k"].dtype), (0, pos, 0))
-        v_cache = lax.dynamic_update_slice(state["v"], v.astype(state["v"].dtype), (0, pos, 0))
+        h = self._n_heads
+        k_cache = ring_write(state["k"], split_heads(k, h), pos, axis=2)
+        v_cache = ring_write(state["v"], split_heads(v, h), pos, axis=2)
         q_pos = pos + jnp.arange(length)
-        mask = jnp.arange(self._max_len)[None, :] <= q_pos[:, None]
-        out = _attend(
-            q,
-            k_cache.astype(k.dtype),
-            v_cache.astype(v.dtype),
-            mask,
-            self._n_heads,
-            0.0,
-            None,
-            self._mode,
-        )
-        return out, {"k": k_cache, "v": v_cache, "pos": pos + length}
+
+        def key_mask(k_pos, slot0, block_len):
+            return _position_mask(q_pos, k_pos, True, None, 0, 0)
+
+        out = ring_attention(split_heads(q, h), q_pos, k_cache, v_cache, key_mask,
+                             jnp.zeros((), jnp.int32), _ring_layout(self._max_len)[1])
+        return merge_heads(out), {"k": k_cache, "v": v_cache, "pos": pos + length}
 
 
 def MultiplicativeConvCausalAttention(  # noqa: N802

@@ -48,6 +48,7 @@ from terraformer.layers.base import Layer
 
 __all__ = [
     "DTYPES",
+    "pack_for_decoding",
     "QuantizedArray",
     "QuantizedModel",
     "dequantize",
@@ -230,6 +231,65 @@ class QuantizedModel(Layer):
 
     def apply(self, x, weights, state, rng):
         return self.sublayers[0].apply(x, dequantize(weights), state, rng)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding weights.
+
+
+def _pass_through_types() -> tuple:
+    """Combinators whose weights are their single sublayer's weights (not a tuple of them)."""
+    from terraformer.layers.combinators import Chunk, Scan
+    from terraformer.layers.reversible import ReversibleRepeat
+
+    return (Chunk, Scan, ReversibleRepeat, QuantizedModel)
+
+
+def pack_for_decoding(model: Layer, weights, dtype: str = "float32",
+                      output_dtype: str | None = None):
+    """`weights` of `model` with the kernels its layers multiply by stored for decoding.
+
+    Walks the layer tree beside the weights tree: a layer with a `pack_for_decoding(weights,
+    dtype)` method (Dense, SelfAttention, SparseFF) repacks its own weights, typically as
+    `core.PackedKernel`s (rows [d_out, d_in] in float32, bfloat16 or int8 with a scale per
+    output unit), which their `apply` multiplies by without building a float32 copy per step;
+    combinators are entered (weights a tuple per sublayer, or their one sublayer's, stacked
+    for ReversibleRepeat); everything else is kept as it is. QuantizedArray leaves are
+    dequantized first. The result goes to `decoding.Decoder` in place of `weights`.
+
+    Numerics: 'float32' only changes the layout (outputs equal to float rounding); 'int8'
+    rounds each kernel entry to within half its row's step, scale / 2 (the module docstring's
+    tolerances hold for the logits); 'bf16' to 2**-8 relative. `output_dtype`, when given,
+    is used instead of `dtype` for the output layer: the last Dense of the top-level Serial
+    (the vocabulary projection, the largest matrix a decoding step reads).
+    """
+    from terraformer.layers.core import DECODE_DTYPES, Dense
+
+    for name, value in (("dtype", dtype), ("output_dtype", output_dtype or dtype)):
+        if value not in DECODE_DTYPES:
+            raise ValueError(f"pack_for_decoding: {name} must be one of {DECODE_DTYPES}, "
+                             f"got {value!r}")
+    pass_through = _pass_through_types()
+
+    def walk(layer, w):
+        if hasattr(layer, "pack_for_decoding"):
+            return layer.pack_for_decoding(w, dtype)
+        subs = layer.sublayers
+        if isinstance(layer, pass_through):
+            return walk(subs[0], w)
+        if subs and isinstance(w, tuple) and len(w) == len(subs):
+            return tuple(walk(sub, sw) for sub, sw in zip(subs, w))
+        return w
+
+    weights = dequantize(weights)
+    subs = model.sublayers
+    dense_at = [i for i, sub in enumerate(subs) if isinstance(sub, Dense)]
+    if output_dtype is None or not dense_at or not (
+            isinstance(weights, tuple) and len(weights) == len(subs)):
+        return walk(model, weights)
+    out = dense_at[-1]
+    return tuple(subs[i].pack_for_decoding(w, output_dtype) if i == out else walk(subs[i], w)
+                 for i, w in enumerate(weights))
 
 
 # ---------------------------------------------------------------------------------------------

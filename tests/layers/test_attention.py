@@ -144,3 +144,45 @@ def test_attention_gradients_match_finite_differences(np_rng):
     w64 = jax.tree.map(lambda a: a.astype(jnp.float64), w) if jax.config.x64_enabled else w
     check_grads(lambda xx, ww: layer.apply(xx, ww, s, None)[0], (x, w64), order=1,
                 modes=["rev"], atol=5e-2, rtol=5e-2, eps=1e-2)
+
+
+@pytest.mark.parametrize("chunk_len,mem_len", [(None, 21), (4, 12)])
+def test_predict_cache_in_blocks_equals_eval(np_rng, monkeypatch, chunk_len, mem_len):
+    """A cache of several blocks (visited with a running softmax) gives the eval outputs."""
+    import terraformer.layers.attention as attention
+
+    monkeypatch.setattr(attention, "PREDICT_BLOCK_LEN", 4)
+    x = jnp.asarray(np_rng.normal(size=(2, 20, 8)), jnp.float32)
+    kwargs = dict(n_heads=2, d_qk=4, d_v=4, causal=True, chunk_len=chunk_len, n_chunks_before=1)
+    w, s = SelfAttention(mode="eval", **kwargs).init(ShapeDtype(x.shape))
+    want, _ = SelfAttention(mode="eval", **kwargs).apply(x, w, s, None)
+    step = SelfAttention(mode="predict", predict_mem_len=mem_len, **kwargs)
+    _, state = step.init(ShapeDtype((2, 1, 8)))
+    assert state["k"].shape[2] % 4 == 0 and state["k"].shape[2] >= mem_len
+    apply = jax.jit(step.apply)
+    outs = []
+    for t in range(20):
+        y, state = apply(x[:, t : t + 1], w, state, None)
+        outs.append(y)
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), want, atol=1e-5)
+    _, state = step.init(ShapeDtype((2, 1, 8)))
+    a, state = step.apply(x[:, :7], w, state, None)
+    b, state = step.apply(x[:, 7:8], w, state, None)
+    np.testing.assert_allclose(jnp.concatenate([a, b], 1), want[:, :8], atol=1e-5)
+
+
+def test_predict_sliding_window_beyond_mem_len(np_rng):
+    """Past predict_mem_len, full attention sees exactly the last predict_mem_len positions."""
+    x = jnp.asarray(np_rng.normal(size=(1, 14, 8)), jnp.float32)
+    kwargs = dict(n_heads=2, d_qk=4, d_v=4, causal=True)
+    layer = SelfAttention(mode="predict", predict_mem_len=5, **kwargs)
+    w, state = layer.init(ShapeDtype((1, 1, 8)))
+    apply = jax.jit(layer.apply)
+    outs = []
+    for t in range(14):
+        y, state = apply(x[:, t : t + 1], w, state, None)
+        outs.append(y)
+    eval_layer = SelfAttention(mode="eval", **kwargs)
+    for t in (4, 9, 13):  # the eval pass over the window ending at t, last position
+        want, _ = eval_layer.apply(x[:, t - 4 : t + 1], w, (), None)
+        np.testing.assert_allclose(outs[t][:, 0], want[:, -1], atol=1e-5)

@@ -65,3 +65,27 @@ def test_log_softmax_and_bad_mode():
     np.testing.assert_allclose(jnp.exp(y).sum(-1), 1.0, rtol=1e-6)
     with pytest.raises(ValueError, match="mode must be one of"):
         tl.Dropout(0.1, mode="training")
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("int8", None), ("bf16", 2e-2)])
+def test_packed_kernel_matmul_matches_dense(np_rng, dtype, tol):
+    from terraformer.layers.core import Dense, matmul, pack_kernel
+
+    w = jnp.asarray(np_rng.normal(size=(12, 7)), jnp.float32)
+    x = jnp.asarray(np_rng.normal(size=(2, 3, 12)), jnp.float32)
+    packed = pack_kernel(w, dtype)
+    assert packed.shape == (12, 7) and packed.rows.shape == (7, 12)
+    want = np.asarray(x) @ np.asarray(w)
+    for xs in (x, x[:1, :1]):  # several rows and the single decoding row
+        got = np.asarray(matmul(xs, packed))
+        ref = want[: xs.shape[0], : xs.shape[1]]
+        if tol is None:  # int8: each entry within half its output unit's step
+            step = np.abs(np.asarray(w)).max(0) / 127
+            bound = 0.5 * np.abs(np.asarray(xs)).sum(-1, keepdims=True) * step + 1e-5
+            assert (np.abs(got - ref) <= bound).all()
+        else:
+            np.testing.assert_allclose(got, ref, atol=tol * np.abs(ref).max(), rtol=0)
+    layer = Dense(7)
+    weights, _ = layer.init(ShapeDtype(x.shape))
+    y, _ = layer.apply(x, layer.pack_for_decoding(weights, "float32"), (), None)
+    np.testing.assert_allclose(y, layer.apply(x, weights, (), None)[0], atol=1e-5)
