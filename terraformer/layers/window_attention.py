@@ -80,24 +80,18 @@ def _window_chunks(a, start, block, offsets):
 def _scores(config, qb, kw, qp, kp):
     """Masked scores of a block and where they were replaced: `(n, m, c, W)` each."""
     s = jnp.einsum("nmqd,nmkd->nmqk", qb, kw, preferred_element_type=jnp.float32)
-    s = s * config.scale
-    qp, kp = qp[..., :, None], kp[..., None, :]
-    masked = kp < 0
-    if config.causal:
-        masked = masked | (kp > qp)
-    replaced = masked
-    if config.self_value is not None:
-        is_self = kp == qp
-        s = jnp.where(is_self, config.self_value, s)
-        replaced = replaced | is_self
-    return jnp.where(masked, MASK_VALUE, s), replaced
+    return _mask(config, s * config.scale, qp[..., :, None], kp[..., None, :])
 
 
 def _scores_t(config, qb, kw, qp, kp):
     """`_scores` transposed: `(n, m, W, c)` (keys x queries), for the backward pass."""
     s = jnp.einsum("nmkd,nmqd->nmkq", kw, qb, preferred_element_type=jnp.float32)
-    s = s * config.scale
-    qp, kp = qp[..., None, :], kp[..., :, None]
+    return _mask(config, s * config.scale, qp[..., None, :], kp[..., :, None])
+
+
+def _mask(config, s, qp, kp):
+    """Scores with the masking rules applied, and where a score was replaced by a constant;
+    `qp`, `kp` are the query and key positions broadcastable to `s`."""
     masked = kp < 0
     if config.causal:
         masked = masked | (kp > qp)
