@@ -25,10 +25,10 @@ Conventions (those of Trax's LSHSelfAttention, re-derived from the Reformer pape
   so they sort to the end of every round: they never take a real token's place in a chunk, are
   never attended to, and their values cannot change which keys a real token sees.
 
-Memory: the sorted queries, keys and values and each chunk's window of keys take
-O(n_hashes * length * d) memory; the scores are computed a block of chunks at a time in a
-`lax.map` whose body is rematerialised in the backward pass (`jax.checkpoint`), so no more than
-one block of `chunk_len x window` score matrices is alive, forward or backward. Hashing projects
+Memory: the sorted queries, keys and values take O(n_hashes * length * d) memory; the scores
+are computed a cache-sized block of chunks at a time (`window_attention`, whose hand-written
+backward rebuilds each block's probabilities from the saved log-sum-exp), so no more than one
+block of `chunk_len x window` score matrices is alive, forward or backward. Hashing projects
 at most a block of positions at a time, and a factored `n_buckets=(a, b)` projects on a/2 + b/2
 directions instead of a*b/2.
 
@@ -63,7 +63,8 @@ NORM_EPSILON = 1e-6
 MAX_UNFACTORED_BUCKETS = 512
 # Elements of one block of rotated vectors (hashing) or of chunk scores (attention).
 _HASH_BLOCK_ELEMENTS = 1 << 18
-_SCORE_BLOCK_ELEMENTS = 1 << 23
+# Scores per block of new queries in predict mode (`_predict_attention`).
+_PREDICT_BLOCK_SCORES = 1 << 23
 # Above this many (batch x head x round x position) rows, heads are attended one at a time.
 _HEAD_LOOP_ROWS = 1 << 19
 
@@ -190,7 +191,7 @@ def hash_vectors(
       rng: draws the rotations (shared by all leading axes) when `rotations` is None.
       n_hashes: how many rounds.
       rotations: the output of `random_rotations` (overrides rng and n_hashes).
-      block_len: hash this many positions at a time (a `lax.map` over the length), so that at most
+      block_len: hash this many positions at a time (a loop over the length), so that at most
         `block_len x n_buckets/2` projections per round are alive; default: automatic.
 
     Returns:
@@ -344,9 +345,9 @@ def lsh_attention(
       rotations: `random_rotations(rng, d_qk, n_buckets, n_hashes, n_heads=heads)`, or arrays
         of those shapes; their n_hashes axis then sets the number of rounds.
       dropout_rate / dropout_rng: dropout on the attention probabilities (when rate > 0).
-      chunks_per_block: chunks attended to per step of the `lax.map` over chunks (default:
-        automatic, about 8M scores a step). Each step is rematerialised in the backward pass, so
-        memory is linear in the length.
+      chunks_per_block: chunks attended to per block (a divisor of the chunk count; default:
+        about `window_attention.BLOCK_SCORES` scores a block). Blocks are recomputed in the
+        backward pass, so memory is linear in the length.
 
     Returns:
       `(out, lse)`: `(batch, heads, length, d_v)` in v's dtype and `(batch, heads, length)`
@@ -586,7 +587,7 @@ class LSHSelfAttention(Layer):
       predict_mem_len, predict_drop_len: the decoding cache (see below).
       use_mask: take `(x, mask)` instead of `x`.
       use_bias: add an output bias `b_o` (Trax's LSH layer has none by default).
-      chunks_per_block: chunks per step of the attention's `lax.map` (default: automatic).
+      chunks_per_block: chunks per block of the attention (default: automatic).
 
     `predict` mode (causal only; a non-causal layer in predict mode runs the full eval forward on
     each input and keeps no cache): the state also holds preallocated buffers
@@ -878,7 +879,7 @@ def _predict_attention(q, q_buckets, q_slots, k_mem, v_mem, k_buckets, valid, bl
         return out
 
     if block is None:
-        block = max(1, _SCORE_BLOCK_ELEMENTS // (batch * n_heads * n_rounds * mem_len))
+        block = max(1, _PREDICT_BLOCK_SCORES // (batch * n_heads * n_rounds * mem_len))
     if n_new <= block:
         return attend(q, q_buckets, q_slots)
     n_blocks = -(-n_new // block)

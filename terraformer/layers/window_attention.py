@@ -22,6 +22,7 @@ exponentiated once per pass.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,18 +55,15 @@ def window_attention(q, k, v, q_pos, k_pos, *, offsets, scale, causal=False, sel
     return _window_attention(config, q, k, v, q_pos, k_pos, dropout_rng)
 
 
-class _Config(tuple):
-    """Static settings (hashable): offsets, scale, causal, self_value, dropout_rate, block."""
+class _Config(NamedTuple):
+    """Static (hashable) settings of one window attention."""
 
-    def __new__(cls, *values):
-        return super().__new__(cls, values)
-
-    offsets = property(lambda self: self[0])
-    scale = property(lambda self: self[1])
-    causal = property(lambda self: self[2])
-    self_value = property(lambda self: self[3])
-    dropout_rate = property(lambda self: self[4])
-    block = property(lambda self: self[5])
+    offsets: tuple[int, ...]
+    scale: float
+    causal: bool
+    self_value: float | None
+    dropout_rate: float
+    block: int
 
 
 def _window_chunks(a, start, block, offsets):

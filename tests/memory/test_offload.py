@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax_cache_helper import persistent_compilation_cache
 
 from terraformer.data.streams import copy_task
 from terraformer.memory.offload import (
@@ -35,17 +36,8 @@ HOST = host_memory_kind()
 @pytest.fixture(scope="module", autouse=True)
 def _compilation_cache(tmp_path_factory):
     """Identical computations (the same model built twice) compile once."""
-    from jax.experimental.compilation_cache import compilation_cache
-
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    old = {name: getattr(jax.config, name) for name in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-    compilation_cache.reset_cache()
-    yield
-    for name, value in old.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
+    with persistent_compilation_cache(tmp_path_factory.mktemp("jax_cache")):
+        yield
 
 
 def _batches(seed, n):
