@@ -210,6 +210,7 @@ def bytes_read_per_token(weights, vocab_size: int, ff_sparsity: int) -> int:
     is read whole.
     """
     from terraformer.layers.core import PackedKernel
+    from terraformer.layers.reversible import UnstackedLayers
 
     total = 0
 
@@ -222,8 +223,8 @@ def bytes_read_per_token(weights, vocab_size: int, ff_sparsity: int) -> int:
                     total += value.nbytes // ff_sparsity
                 else:
                     visit(value)
-        elif isinstance(tree, (tuple, list)):
-            for item in tree:
+        elif isinstance(tree, (tuple, list, UnstackedLayers)):
+            for item in (tree.layers if isinstance(tree, UnstackedLayers) else tree):
                 visit(item)
         elif isinstance(tree, PackedKernel):
             total += tree.nbytes
@@ -243,7 +244,8 @@ def bench_decode(args) -> dict:
     params = count_params(weights)
     predict_model = d_workload_model(args.model, args.n_layers, max_len)
     decoder = Decoder(predict_model, weights, batch_size=1, prefill_chunk=args.prefill_chunk,
-                      rng=jax.random.PRNGKey(0), max_len=max_len, weight_dtype=args.dtype)
+                      rng=jax.random.PRNGKey(0), max_len=max_len, weight_dtype=args.dtype,
+                      output_dtype=args.output_dtype)
     del weights
     prompt = np.random.default_rng(0).integers(1, D_SHAPE["vocab_size"],
                                                size=(1, args.prompt_len)).astype(np.int32)
@@ -258,7 +260,8 @@ def bench_decode(args) -> dict:
     return dict(workload=f"D-{args.model}", impl="terraformer",
                 device=jax.devices()[0].platform, n_layers=args.n_layers,
                 prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                prefill_chunk=args.prefill_chunk, dtype=args.dtype, compile_s=compile_s,
+                prefill_chunk=args.prefill_chunk, dtype=args.dtype,
+                output_dtype=args.output_dtype or args.dtype, compile_s=compile_s,
                 s_per_token=timing["s_per_token"], tokens_per_s=1 / timing["s_per_token"],
                 prefill_s=timing["prefill_s"], bandwidth_gib_s=bandwidth,
                 weight_bytes_per_token=read, floor_s_per_token=floor_s,
@@ -291,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how the decoder stores the kernels it multiplies by: float32, "
                              "bf16 or int8 (a scale per output unit), converted inside the "
                              "fused matrix-vector products (memory.quantize.pack_for_decoding)")
+    decode.add_argument("--output_dtype", default=None, choices=["float32", "bf16", "int8"],
+                        help="the output layer's storage when it should differ from --dtype "
+                             "(int8: a quarter of the bytes of the largest matrix a step reads)")
     return parser
 
 

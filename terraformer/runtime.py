@@ -1,17 +1,22 @@
 """Process settings that make XLA:CPU fast on this library's workloads, applied at import.
 
-Two measured problems, two settings (see benchmarks/RESULTS.md for the figures):
+Three measured problems, three settings (see benchmarks/RESULTS.md for the figures):
 
 - XLA:CPU in jax 0.10 routes dots and reductions through YNNPACK fusions by default; on the
   batched chunk-by-chunk products of chunked and LSH attention those ran 2x slower than XLA's
   own kernels here. `--xla_cpu_experimental_ynn_fusion_type=` (an empty list) turns them off.
-  This only takes effect if set before JAX creates its CPU backend (the first array op).
+- XLA:CPU's default copy insertion copies a buffer that a computation both reads and updates
+  in place, even when every read can come first: each decoding step then copied every layer's
+  key/value cache twice (about a third of a step's time at 200 positions, growing with the
+  context). `--xla_cpu_copy_insertion_use_region_analysis=true` (the analysis XLA:GPU uses)
+  orders the reads before the update instead.
 - glibc's malloc hands buffers above 32 MiB back to the kernel when XLA frees them, so every
   step page-faults its large temporaries in again. Raising the mmap and trim thresholds
   (`mallopt`) keeps that memory in the process for the next step.
 
-Neither is applied when the environment sets `TERRAFORMER_CPU_TUNING=0`, and a YNN setting
-already present in `XLA_FLAGS` is left as it is.
+None is applied when the environment sets `TERRAFORMER_CPU_TUNING=0`, and a flag already
+present in `XLA_FLAGS` is left as it is. The XLA flags take effect only if set before JAX
+creates its CPU backend (the first array op).
 """
 
 from __future__ import annotations
@@ -20,7 +25,10 @@ import ctypes
 import os
 import sys
 
-_YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+_XLA_FLAGS = {
+    "--xla_cpu_experimental_ynn_fusion_type": "",
+    "--xla_cpu_copy_insertion_use_region_analysis": "true",
+}
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _KEEP_BYTES = 1 << 30
 
@@ -31,8 +39,9 @@ def tune_cpu_runtime() -> dict:
     if os.environ.get("TERRAFORMER_CPU_TUNING", "1") == "0":
         return applied
     flags = os.environ.get("XLA_FLAGS", "")
-    if _YNN_FLAG not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} {_YNN_FLAG}=".strip()
+    missing = [f"{flag}={value}" for flag, value in _XLA_FLAGS.items() if flag not in flags]
+    if missing:
+        os.environ["XLA_FLAGS"] = " ".join([flags, *missing]).strip()
         applied["XLA_FLAGS"] = os.environ["XLA_FLAGS"]
     if sys.platform.startswith("linux"):
         try:

@@ -275,8 +275,6 @@ class SelfAttention(Layer):
         start = state["position"]
         new_valid = jnp.ones((q.shape[0], n_new), bool) if mask is None else mask.astype(bool)
         state = dict(state)
-        state["k"] = ring_write(state["k"], k, start, axis=2)
-        state["v"] = ring_write(state["v"], v, start, axis=2)
         state["k_valid"] = ring_write(state["k_valid"], new_valid, start, axis=1)
         state["position"] = start + n_new
         q_pos = start + jnp.arange(n_new)
@@ -290,8 +288,8 @@ class SelfAttention(Layer):
             valid = lax.dynamic_slice_in_dim(state["k_valid"], slot0, block_len, axis=1)
             return allowed[None, None] & valid[:, None, None, :]
 
-        out = ring_attention(q, q_pos, state["k"], state["v"], key_mask, lo,
-                             _ring_layout(self._mem_len)[1])
+        out, state["k"], state["v"] = cached_attention(
+            q, q_pos, k, v, state["k"], state["v"], key_mask, lo, _ring_layout(self._mem_len)[1])
         return out, state
 
 
@@ -321,16 +319,38 @@ def ring_write(cache, new, start, axis: int):
     return cache.at[index].set(new)
 
 
-def ring_attention(q, q_pos, k_cache, v_cache, key_mask, lo, block_len: int):
+def cached_attention(q, q_pos, k, v, k_cache, v_cache, key_mask, lo, block_len: int):
+    """Writes new keys/values into ring caches and attends over them: (out, k_cache, v_cache).
+
+    q, k, v: [batch, n_heads, n, d] at positions q_pos [n]; caches and `key_mask` as in
+    `ring_attention` (the mask sees the slots after the write). One token (decoding) attends
+    over the caches as they were plus itself, and only then is written: a computation that
+    reads a cache after updating it makes XLA copy the whole cache (twice) every step, where
+    reading first lets the update happen in place.
+    """
+    if q.shape[2] == 1:
+        out = ring_attention(q, q_pos, k_cache, v_cache, key_mask, lo, block_len, new_kv=(k, v))
+    k_cache = ring_write(k_cache, k, q_pos[0], axis=2)
+    v_cache = ring_write(v_cache, v, q_pos[0], axis=2)
+    if q.shape[2] > 1:
+        out = ring_attention(q, q_pos, k_cache, v_cache, key_mask, lo, block_len)
+    return out, k_cache, v_cache
+
+
+def ring_attention(q, q_pos, k_cache, v_cache, key_mask, lo, block_len: int, new_kv=None):
     """Attention of new queries over a ring-buffer cache, visiting only the blocks in use.
 
     Args:
       q: [batch, n_heads, n, d_qk] at consecutive positions q_pos [n] (int32).
       k_cache, v_cache: [batch, n_heads, ring, d] with ring a multiple of block_len; slot s
-        holds the latest position p <= q_pos[-1] with p % ring == s (written before calling).
+        holds the latest position p <= q_pos[-1] with p % ring == s (written before calling,
+        unless `new_kv` is given).
       key_mask: (k_pos [block_len], first slot, block_len) -> bool mask broadcastable to
         [batch, n_heads, n, block_len] (True = may attend); k_pos < 0 marks unwritten slots.
       lo: the smallest key position any query may see (int32 scalar).
+      new_kv: for one query (n = 1), its own key and value [batch, n_heads, 1, d] when the
+        caches do not hold them yet: its slot's stale entry is skipped and the new key is
+        attended to directly (masked by `key_mask` at its position and slot).
     Returns:
       [batch, n_heads, n, d_v]. Cost grows with the blocks between lo and q_pos[-1], not with
       the ring: blocks are combined with a running (online) softmax.
@@ -338,36 +358,45 @@ def ring_attention(q, q_pos, k_cache, v_cache, key_mask, lo, block_len: int):
     ring = k_cache.shape[2]
     n_blocks = ring // block_len
     hi = q_pos[-1]
-
-    def block(slot0):
-        k_pos = hi - (hi - slot0 - jnp.arange(block_len)) % ring
-        kb = lax.dynamic_slice_in_dim(k_cache, slot0, block_len, axis=2).astype(q.dtype)
-        vb = lax.dynamic_slice_in_dim(v_cache, slot0, block_len, axis=2).astype(q.dtype)
-        return kb, vb, key_mask(k_pos, slot0, block_len)
-
-    if n_blocks == 1:
-        kb, vb, allowed = block(0)
-        return dot_product_attention(q, kb, vb, allowed)
-    last = hi // block_len
-    count = jnp.minimum(last - lo // block_len + 1, n_blocks)
     scale = 1.0 / jnp.sqrt(jnp.asarray(q.shape[-1], jnp.float32))
 
-    def body(j, carry):
+    def scores_of(kb, allowed):
+        scores = jnp.einsum("...qd,...kd->...qk", q, kb.astype(q.dtype)).astype(jnp.float32)
+        return jnp.where(allowed, scores * scale, MASK_VALUE)
+
+    def fold(carry, scores, vb):
         m, total, acc = carry
-        kb, vb, allowed = block(((last - j) % n_blocks) * block_len)
-        scores = jnp.einsum("...qd,...kd->...qk", q, kb).astype(jnp.float32) * scale
-        scores = jnp.where(allowed, scores, MASK_VALUE)
         m_new = jnp.maximum(m, scores.max(-1))
         p = jnp.exp(scores - m_new[..., None])
         correction = jnp.exp(m - m_new)
         total = total * correction + p.sum(-1)
-        acc = acc * correction[..., None] + jnp.einsum("...qk,...kd->...qd", p, vb)
+        acc = acc * correction[..., None] + jnp.einsum("...qk,...kd->...qd", p,
+                                                       vb.astype(jnp.float32))
         return m_new, total, acc
 
+    def body(j, carry):
+        slot0 = ((hi // block_len - j) % n_blocks) * block_len
+        k_pos = hi - (hi - slot0 - jnp.arange(block_len)) % ring
+        kb = lax.dynamic_slice_in_dim(k_cache, slot0, block_len, axis=2)
+        vb = lax.dynamic_slice_in_dim(v_cache, slot0, block_len, axis=2)
+        allowed = key_mask(k_pos, slot0, block_len)
+        if new_kv is not None:
+            allowed = allowed & (k_pos != hi)  # the slot the new key will take: stale
+        return fold(carry, scores_of(kb, allowed), vb)
+
     shape = q.shape[:-1]
-    init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
-            jnp.zeros(shape + (v_cache.shape[-1],), jnp.float32))
-    _, total, acc = lax.fori_loop(0, count, body, init)
+    carry = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+             jnp.zeros(shape + (v_cache.shape[-1],), jnp.float32))
+    if new_kv is not None:
+        k_new, v_new = new_kv
+        allowed = key_mask(hi[None], hi % ring, 1)
+        carry = fold(carry, scores_of(k_new, allowed), v_new)
+    if n_blocks == 1:
+        carry = body(0, carry)
+    else:
+        count = jnp.minimum(hi // block_len - lo // block_len + 1, n_blocks)
+        carry = lax.fori_loop(0, count, body, carry)
+    _, total, acc = carry
     return (acc / total[..., None]).astype(q.dtype)
 
 

@@ -18,7 +18,9 @@ The Reformer block, on a stack `(x1, x2)` made by `Dup()`::
 
 which is `y1 = x1 + A(x2)`, `y2 = x2 + FF(y1)`. Stack effects are written top of stack first.
 For a deep stack of identical blocks, `ReversibleRepeat(block, n_layers)` runs them under
-`lax.scan`: compile time and activation memory flat in depth on every backend.
+`lax.scan`: compile time and activation memory flat in depth on every backend. In predict
+mode it runs its blocks one after the other instead, each on its own weights and caches
+(see `ReversibleRepeat`).
 
 Randomness (dropout inside a residual function) is drawn from keys split deterministically
 from the `rng` argument, so the recomputation in the backward pass sees the same masks as the
@@ -379,7 +381,8 @@ class ReversibleRepeat(ReversibleLayer):
     so activation memory stays flat in depth too.
     """
 
-    def __init__(self, block: ReversibleLayer, n_layers: int, name: str | None = None):
+    def __init__(self, block: ReversibleLayer, n_layers: int, name: str | None = None,
+                 mode: str = "train"):
         if not isinstance(block, ReversibleLayer):
             raise TypeError(
                 f"ReversibleRepeat: block must be a ReversibleLayer, got {type(block).__name__}"
@@ -388,18 +391,46 @@ class ReversibleRepeat(ReversibleLayer):
             raise ValueError(f"ReversibleRepeat: n_layers must be >= 1, got {n_layers}")
         super().__init__(n_in=block.n_in, name=name or "ReversibleRepeat", sublayers=[block])
         self._n_layers = n_layers
+        self._unrolled = mode == "predict"
 
     @property
     def n_layers(self) -> int:
         return self._n_layers
+
+    @property
+    def unrolled(self) -> bool:
+        """Whether the blocks run unrolled on per-layer state (predict mode)."""
+        return self._unrolled
 
     def init_weights_and_state(self, input_signature, rng):
         block = self.sublayers[0]
         rngs = jax.random.split(rng, self._n_layers)
         per_layer = [block.init_weights_and_state(input_signature, r) for r in rngs]
         weights = jax.tree.map(lambda *a: jnp.stack(a), *[w for w, _ in per_layer])
+        if self._unrolled:
+            return weights, tuple(s for _, s in per_layer)
         state = jax.tree.map(lambda *a: jnp.stack(a), *[s for _, s in per_layer])
         return weights, state
+
+    def layer_weights(self, weights, i: int):
+        """Layer i's weights from stacked weights or an `UnstackedLayers`."""
+        if isinstance(weights, UnstackedLayers):
+            return weights.layers[i]
+        return jax.tree.map(lambda a: a[i], weights)
+
+    def _apply_unrolled(self, x, weights, state, rng):
+        block = self.sublayers[0]
+        if not isinstance(state, tuple) or len(state) != self._n_layers:
+            raise ValueError(
+                f"{self.name}: in predict mode the state is a tuple of {self._n_layers} "
+                "per-layer states (from init in predict mode)")
+        rngs = self._rngs(rng)
+        new_state = []
+        for i in range(self._n_layers):
+            x, s = block.apply(x, self.layer_weights(weights, i), state[i],
+                               None if rngs is None else rngs[i])
+            new_state.append(s)
+        return x, tuple(new_state)
 
     def _rngs(self, rng):
         return None if rng is None else jax.random.split(rng, self._n_layers)
@@ -435,6 +466,8 @@ class ReversibleRepeat(ReversibleLayer):
         return xs, (gxs, gw)
 
     def apply(self, x, weights, state, rng):
+        if self._unrolled:
+            return self._apply_unrolled(x, weights, state, rng)
         items = as_items(x, self.n_in, self.name)
         run = _memory_efficient(self._forward, self._reverse_and_grad_items)
         ys, new_state = run(items, weights, state, rng)
@@ -461,6 +494,26 @@ class ReversibleRepeat(ReversibleLayer):
         return from_items(xs, self.n_in), (from_items(gxs, self.n_in), gw)
 
 
+@jax.tree_util.register_pytree_node_class
+class UnstackedLayers:
+    """A `ReversibleRepeat`'s weights as one pytree per layer (`layers`, a tuple), for decoding.
+
+    Separate buffers per layer: a decoding step then reads each layer's weights where they
+    lie. `memory.quantize.pack_for_decoding` makes one from stacked weights.
+    """
+
+    def __init__(self, layers):
+        self.layers = tuple(layers)
+
+    def tree_flatten(self):
+        return self.layers, None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        del aux
+        return cls(children)
+
+
 __all__ = [
     "ReversibleHalfResidual",
     "ReversibleLayer",
@@ -468,4 +521,5 @@ __all__ = [
     "ReversibleSelect",
     "ReversibleSerial",
     "ReversibleSwap",
+    "UnstackedLayers",
 ]

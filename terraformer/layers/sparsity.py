@@ -20,9 +20,8 @@ from terraformer.layers import initializers as init_lib
 from terraformer.layers.attention import (
     _position_mask,
     _ring_layout,
+    cached_attention,
     merge_heads,
-    ring_attention,
-    ring_write,
     split_heads,
 )
 from terraformer.layers.base import EMPTY, Layer, check_mode
@@ -524,7 +523,7 @@ class _CausalAttentionCore(Layer):
     """(q, k, v) -> attention output, each [batch, length, d]; causal.
 
     In `predict` mode the state is `{'k': [batch, n_heads, ring, d / n_heads], 'v': the same
-    for values, 'pos': int32}` with ring >= max_inference_length (see `attention.ring_attention`;
+    for values, 'pos': int32}` with ring >= max_inference_length (see `attention.cached_attention`;
     positions never wrap here): each call writes its keys/values at `pos` (one token with
     lax.dynamic_update_slice), attends to the cached blocks up to its own position, and advances
     `pos` by its length. Going past max_inference_length is a ValueError when `pos` is concrete;
@@ -569,15 +568,14 @@ class _CausalAttentionCore(Layer):
                 f"(at position {int(pos)}, feeding {length} more)"
             )
         h = self._n_heads
-        k_cache = ring_write(state["k"], split_heads(k, h), pos, axis=2)
-        v_cache = ring_write(state["v"], split_heads(v, h), pos, axis=2)
         q_pos = pos + jnp.arange(length)
 
         def key_mask(k_pos, slot0, block_len):
             return _position_mask(q_pos, k_pos, True, None, 0, 0)
 
-        out = ring_attention(split_heads(q, h), q_pos, k_cache, v_cache, key_mask,
-                             jnp.zeros((), jnp.int32), _ring_layout(self._max_len)[1])
+        out, k_cache, v_cache = cached_attention(
+            split_heads(q, h), q_pos, split_heads(k, h), split_heads(v, h), state["k"],
+            state["v"], key_mask, jnp.zeros((), jnp.int32), _ring_layout(self._max_len)[1])
         return merge_heads(out), {"k": k_cache, "v": v_cache, "pos": pos + length}
 
 

@@ -254,7 +254,8 @@ def pack_for_decoding(model: Layer, weights, dtype: str = "float32",
     `core.PackedKernel`s (rows [d_out, d_in] in float32, bfloat16 or int8 with a scale per
     output unit), which their `apply` multiplies by without building a float32 copy per step;
     combinators are entered (weights a tuple per sublayer, or their one sublayer's, stacked
-    for ReversibleRepeat); everything else is kept as it is. QuantizedArray leaves are
+    for ReversibleRepeat; a predict-mode ReversibleRepeat's are split into `UnstackedLayers`,
+    one buffer per layer); everything else is kept as it is. QuantizedArray leaves are
     dequantized first. The result goes to `decoding.Decoder` in place of `weights`.
 
     Numerics: 'float32' only changes the layout (outputs equal to float rounding); 'int8'
@@ -264,6 +265,7 @@ def pack_for_decoding(model: Layer, weights, dtype: str = "float32",
     (the vocabulary projection, the largest matrix a decoding step reads).
     """
     from terraformer.layers.core import DECODE_DTYPES, Dense
+    from terraformer.layers.reversible import ReversibleRepeat, UnstackedLayers
 
     for name, value in (("dtype", dtype), ("output_dtype", output_dtype or dtype)):
         if value not in DECODE_DTYPES:
@@ -274,6 +276,9 @@ def pack_for_decoding(model: Layer, weights, dtype: str = "float32",
     def walk(layer, w):
         if hasattr(layer, "pack_for_decoding"):
             return layer.pack_for_decoding(w, dtype)
+        if isinstance(layer, ReversibleRepeat) and layer.unrolled:
+            return UnstackedLayers(walk(layer.sublayers[0], layer.layer_weights(w, i))
+                                   for i in range(layer.n_layers))
         subs = layer.sublayers
         if isinstance(layer, pass_through):
             return walk(subs[0], w)

@@ -98,14 +98,14 @@ def _feed_forward(d_ff, ff_dropout, ff_activation, ff_chunk_size, feed_forward_t
     return tl.Chunk(ff, ff_chunk_size) if ff_chunk_size else ff
 
 
-def _repeat_blocks(make_block, types, n_layers: int):
+def _repeat_blocks(make_block, types, n_layers: int, mode: str):
     """`n_layers` blocks: one `ReversibleRepeat` when all types agree, else a ReversibleSerial."""
     if n_layers == 0:
         return []
     per_layer = attention_per_layer(types, n_layers)
     if len({id(t) for t in per_layer}) > 1:
         return ReversibleSerial([make_block(t) for t in per_layer])
-    return ReversibleRepeat(make_block(per_layer[0]), n_layers)
+    return ReversibleRepeat(make_block(per_layer[0]), n_layers, mode=mode)
 
 
 def _merge_streams(merge: str, who: str) -> tl.Layer:
@@ -203,7 +203,7 @@ def encoder_decoder(
             PaddingMask(pad_id),
         ),                                                         # vec_e mask_e
         tl.Dup(),                                                  # x1 x2 mask_e
-        _repeat_blocks(encoder_block, encoder_attention_type, n_encoder_layers),
+        _repeat_blocks(encoder_block, encoder_attention_type, n_encoder_layers, enc_mode),
         _merge_streams("average", "encoder merge"),                # vec_e mask_e
         tl.LayerNorm(),
         name="Encoder",
@@ -218,7 +218,7 @@ def encoder_decoder(
         positional_encoding(pos_type, d_model, max_len, pos_axial_shape, pos_d_axial_embs,
                             dropout, mode),                        # vec_d vec_e mask_e
         tl.Dup(),                                                  # x1 x2 vec_e mask_e
-        _repeat_blocks(decoder_block, attention_type, n_decoder_layers),
+        _repeat_blocks(decoder_block, attention_type, n_decoder_layers, mode),
         _merge_streams(output_merge, "output_merge"),              # vec_d vec_e mask_e
         tl.LayerNorm(),
         tl.Dense(output_vocab_size),

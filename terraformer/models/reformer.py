@@ -143,7 +143,7 @@ def ReformerLM(  # noqa: N802
             [block(a) for a in attention_per_layer(attention_type, n_layers)])
     else:
         single = attention_type[0] if isinstance(attention_type, (list, tuple)) else attention_type
-        blocks = ReversibleRepeat(block(single), n_layers)
+        blocks = ReversibleRepeat(block(single), n_layers, mode=mode)
 
     return tl.Serial(
         tl.ShiftRight(mode=mode),

@@ -186,3 +186,21 @@ def test_predict_sliding_window_beyond_mem_len(np_rng):
     for t in (4, 9, 13):  # the eval pass over the window ending at t, last position
         want, _ = eval_layer.apply(x[:, t - 4 : t + 1], w, (), None)
         np.testing.assert_allclose(outs[t][:, 0], want[:, -1], atol=1e-5)
+
+
+def test_one_token_predict_step_updates_caches_in_place():
+    """A compiled decoding step writes its keys/values into the caches without copying them.
+
+    Reading a cache after updating it, or XLA:CPU's default copy insertion, makes every step
+    copy each whole cache (see terraformer/runtime.py); the cost then grows with the context.
+    """
+    import re
+
+    layer = SelfAttention(n_heads=2, d_qk=8, d_v=8, causal=True, mode="predict",
+                          predict_mem_len=96)
+    w, state = layer.init(ShapeDtype((1, 1, 16)))
+    step = jax.jit(layer.apply, donate_argnums=(2,))
+    hlo = step.lower(jnp.ones((1, 1, 16)), w, state, None).compile().as_text()
+    cache_shape = ",".join(str(n) for n in state["k"].shape)
+    copies = re.findall(rf"= f32\[{cache_shape}\]\S* copy\(", hlo)
+    assert not copies, f"{len(copies)} copies of a [{cache_shape}] cache per step"

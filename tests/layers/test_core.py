@@ -67,14 +67,15 @@ def test_log_softmax_and_bad_mode():
         tl.Dropout(0.1, mode="training")
 
 
+@pytest.mark.parametrize("d_out", [7, 12])  # 7: one product; 12: converted in row blocks
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("int8", None), ("bf16", 2e-2)])
-def test_packed_kernel_matmul_matches_dense(np_rng, dtype, tol):
+def test_packed_kernel_matmul_matches_dense(np_rng, dtype, tol, d_out):
     from terraformer.layers.core import Dense, matmul, pack_kernel
 
-    w = jnp.asarray(np_rng.normal(size=(12, 7)), jnp.float32)
+    w = jnp.asarray(np_rng.normal(size=(12, d_out)), jnp.float32)
     x = jnp.asarray(np_rng.normal(size=(2, 3, 12)), jnp.float32)
     packed = pack_kernel(w, dtype)
-    assert packed.shape == (12, 7) and packed.rows.shape == (7, 12)
+    assert packed.shape == (12, d_out) and packed.rows.shape == (d_out, 12)
     want = np.asarray(x) @ np.asarray(w)
     for xs in (x, x[:1, :1]):  # several rows and the single decoding row
         got = np.asarray(matmul(xs, packed))
@@ -85,7 +86,7 @@ def test_packed_kernel_matmul_matches_dense(np_rng, dtype, tol):
             assert (np.abs(got - ref) <= bound).all()
         else:
             np.testing.assert_allclose(got, ref, atol=tol * np.abs(ref).max(), rtol=0)
-    layer = Dense(7)
+    layer = Dense(d_out)
     weights, _ = layer.init(ShapeDtype(x.shape))
     y, _ = layer.apply(x, layer.pack_for_decoding(weights, "float32"), (), None)
     np.testing.assert_allclose(y, layer.apply(x, weights, (), None)[0], atol=1e-5)

@@ -14,6 +14,7 @@ from terraformer.layers.reversible import (
     ReversibleSelect,
     ReversibleSerial,
     ReversibleSwap,
+    UnstackedLayers,
 )
 
 
@@ -314,6 +315,27 @@ def test_repeat_equals_serial_of_copies(seed):
     g_ser = _grad(_loss(ser, ss, rng))(ws, xs)
     g_ser_w = jax.tree.map(lambda *a: jnp.stack(a), *g_ser[0])
     assert _rel_err((g_rep[0], g_rep[1]), (g_ser_w, g_ser[1])) < 1e-5, f"seed {seed}"
+
+
+def test_repeat_predict_mode_runs_layers_on_per_layer_state(seed):
+    """Predict mode: per-layer states, stacked or unstacked weights, the scan's outputs."""
+    n, d = 3, 16
+    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+    xs = (_normal(keys[0], (2, 5, d)), _normal(keys[1], (2, 5, d)))
+    scanned = ReversibleRepeat(ReversibleSerial(*_blocks(1, d, mode="eval")), n)
+    w, s = _init(scanned, xs, keys[2])
+    want, _ = scanned.apply(xs, w, s, None)
+    unrolled = ReversibleRepeat(ReversibleSerial(*_blocks(1, d, mode="predict")), n,
+                                mode="predict")
+    assert unrolled.unrolled and not scanned.unrolled
+    _, state = _init(unrolled, xs, keys[2])
+    assert isinstance(state, tuple) and len(state) == n
+    for weights in (w, UnstackedLayers(_unstack(w, n))):
+        got, new_state = jax.jit(unrolled.apply)(xs, weights, state, None)
+        assert _max_err(got, want) < 1e-5, f"seed {seed}"
+        assert isinstance(new_state, tuple) and len(new_state) == n
+    with pytest.raises(ValueError, match="tuple of 3 per-layer states"):
+        unrolled.apply(xs, w, s, None)
 
 
 # -- memory -----------------------------------------------------------------------------------
