@@ -250,9 +250,10 @@ def bench_decode(args) -> dict:
     prompt = np.random.default_rng(0).integers(1, D_SHAPE["vocab_size"],
                                                size=(1, args.prompt_len)).astype(np.int32)
     start = time.perf_counter()
-    time_per_token(decoder, prompt[:, : min(args.prompt_len, args.prefill_chunk)], 2)
+    time_per_token(decoder, prompt[:, : min(args.prompt_len, args.prefill_chunk)],
+                   2 * args.block_size, args.block_size)
     compile_s = time.perf_counter() - start
-    timing = time_per_token(decoder, prompt, args.new_tokens)
+    timing = time_per_token(decoder, prompt, args.new_tokens, args.block_size)
     bandwidth = measure_bandwidth_gib_s()
     read = bytes_read_per_token(decoder.weights, D_SHAPE["vocab_size"],
                                 D_FF_SPARSITY if args.model == "sparse" else 1)
@@ -260,7 +261,7 @@ def bench_decode(args) -> dict:
     return dict(workload=f"D-{args.model}", impl="terraformer",
                 device=jax.devices()[0].platform, n_layers=args.n_layers,
                 prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                prefill_chunk=args.prefill_chunk, dtype=args.dtype,
+                prefill_chunk=args.prefill_chunk, block_size=args.block_size, dtype=args.dtype,
                 output_dtype=args.output_dtype or args.dtype, compile_s=compile_s,
                 s_per_token=timing["s_per_token"], tokens_per_s=1 / timing["s_per_token"],
                 prefill_s=timing["prefill_s"], bandwidth_gib_s=bandwidth,
@@ -294,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how the decoder stores the kernels it multiplies by: float32, "
                              "bf16 or int8 (a scale per output unit), converted inside the "
                              "fused matrix-vector products (memory.quantize.pack_for_decoding)")
+    decode.add_argument("--block_size", type=int, default=1,
+                        help="tokens per call of the compiled decoding loop while timing "
+                             "(1: each token its own call, dispatch included)")
     decode.add_argument("--output_dtype", default=None, choices=["float32", "bf16", "int8"],
                         help="the output layer's storage when it should differ from --dtype "
                              "(int8: a quarter of the bytes of the largest matrix a step reads)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from terraformer.layers import initializers as init_lib
@@ -26,7 +27,14 @@ from terraformer.layers.attention import (
 )
 from terraformer.layers.base import EMPTY, Layer, check_mode
 from terraformer.layers.combinators import Branch, Chunk, Serial
-from terraformer.layers.core import Dense, check_feature_dim, dropout, matmul, pack_kernel
+from terraformer.layers.core import (
+    Dense,
+    argmax,
+    check_feature_dim,
+    dropout,
+    matmul,
+    pack_kernel,
+)
 
 
 def _feature_dim(input_signature, who: str, min_ndim: int = 1) -> int:
@@ -189,12 +197,16 @@ class SparseFF(Layer):
         return weights, EMPTY
 
     def pack_for_decoding(self, weights, dtype: str):
-        """These weights with the controller's kernels m1, m2 as PackedKernels.
+        """These weights with the controller's kernels as PackedKernels where that is faster.
 
-        w1 and w2 stay as they are: decoding gathers their rows, already contiguous.
+        w1 and w2 stay as they are: decoding gathers their rows, already contiguous. In
+        float32, m2 [d_lowrank, d_ff] stays too: a vector times its d_ff-long rows streams
+        faster than d_ff dot products of d_lowrank entries each (the packed layout).
         """
-        return {**weights, "m1": pack_kernel(weights["m1"], dtype),
-                "m2": pack_kernel(weights["m2"], dtype)}
+        packed = {**weights, "m1": pack_kernel(weights["m1"], dtype)}
+        if dtype != "float32":
+            packed["m2"] = pack_kernel(weights["m2"], dtype)
+        return packed
 
     def apply(self, x, weights, state, rng):
         check_feature_dim(x, weights["m1"].shape[-2], self.name)
@@ -221,7 +233,7 @@ class SparseFF(Layer):
     def choices(self, x, weights):
         """Index of the active unit in each block (eval/predict): (..., d_model) ->
         (..., n_blocks) int32, each in [0, n_elements_in_block)."""
-        return jnp.argmax(self.controller_logits(x, weights), axis=-1).astype(jnp.int32)
+        return argmax(self.controller_logits(x, weights), axis=-1)
 
     def _compute_dtype(self, x):
         return jnp.bfloat16 if self._use_bfloat16 else x.dtype
@@ -482,14 +494,34 @@ class LocallyConvDense(Layer):
         # The convolution as one matmul over its patches (im2col): XLA:CPU's convolution
         # gradient for this shape was ~10x slower than the rest of a Terraformer step together.
         padded = jnp.pad(padded, [(0, 0), (0, 0), ((k - 1) // 2, k // 2), (0, 0)])
-        patches = jnp.concatenate(
-            [padded[:, j:j + length, c:c + self._n_modules] for j in range(lk) for c in range(k)],
-            axis=-1)  # (batch, length, n_modules, lk * k * d_in), (j, c, f) order as w
+        if self._mode == "predict":
+            patches = _patches_by_gather(padded, length, self._n_modules, lk, k)
+        else:
+            patches = jnp.concatenate(
+                [padded[:, j:j + length, c:c + self._n_modules]
+                 for j in range(lk) for c in range(k)],
+                axis=-1)  # (batch, length, n_modules, lk * k * d_in), (j, c, f) order as w
         w = weights["w"].astype(x.dtype).reshape(lk * k * d_in, self._n_units)
         y = jnp.dot(patches, w)  # (batch, length, n_modules, n_units)
         if "b" in weights:
             y = y + weights["b"].astype(x.dtype)
         return y.reshape(batch, length, self._n_modules * self._n_units), state
+
+
+def _patches_by_gather(padded, length: int, n_modules: int, lk: int, k: int):
+    """The convolution's patches as one gather of rows with constant indices.
+
+    padded: (batch, length + lk - 1, n_modules + k - 1, d_in) -> (batch, length, n_modules,
+    lk * k * d_in), the same as concatenating the lk * k shifted slices; XLA:CPU runs that
+    concatenation as one kernel per slice, the gather as one (decoding: 20 fewer per layer).
+    Gather's gradient is a scatter-add, so this form is for predict mode only.
+    """
+    batch, n_rows, n_cols, d_in = padded.shape
+    t, m, j, c = np.ix_(np.arange(length), np.arange(n_modules), np.arange(lk), np.arange(k))
+    rows = ((t + j) * n_cols + (m + c)).reshape(-1)  # (t, m, j, c) order
+    flat = padded.reshape(batch, n_rows * n_cols, d_in)
+    return flat.at[:, jnp.asarray(rows, jnp.int32)].get(mode="promise_in_bounds").reshape(
+        batch, length, n_modules, lk * k * d_in)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -587,6 +619,7 @@ def MultiplicativeConvCausalAttention(  # noqa: N802
     kernel_size: int = 3,
     dropout: float = 0.0,
     max_inference_length: int = 2048,
+    output_layer_type: str = "none",
     mode: str = "train",
 ) -> Layer:
     """Causal multi-head self-attention with sparse (multiplicative + convolutional) QKV.
@@ -594,10 +627,15 @@ def MultiplicativeConvCausalAttention(  # noqa: N802
     (batch, length, d_model) -> (batch, length, d_feature).
 
         x -> MultiplicativeModularSparseDense(S, d_feature)            (shared by Q, K, V)
-          -> Branch(LocallyConvDense(S, d_feature // S, kernel_size, length_kernel_size) x 3)
-          -> q, k, v -> causal softmax(q k^T / sqrt(d_head)) v over `n_heads` heads
-          -> Dense(d_feature)
+          -> q, k: LocallyConvDense(S, d_feature // S, kernel_size, length_kernel_size)
+             v:    LocallyConvDense(S, d_feature // S, 1, length_kernel_size)
+          -> causal softmax(q k^T / sqrt(d_head)) v over `n_heads` heads
+          -> the output layers of `output_layer_type`
 
+    As Trax's layer of this name: `output_layer_type` is 'none' (Trax's default: the heads'
+    outputs are the result, so decoding reads no d_feature x d_feature matrix), 'mult'
+    (a MultiplicativeModularSparseDense), 'conv' (a LocallyConvDense with kernel_size 3),
+    'multconv' (both), or 'dense' (a full Dense layer).
     S = `sparsity` (defaults to n_heads); it must divide d_feature, and n_heads must divide
     d_feature. The convolutions are causal in length, so the whole layer is causal.
     `dropout` acts on the attention probabilities in train mode. In `predict` mode the
@@ -623,25 +661,33 @@ def MultiplicativeConvCausalAttention(  # noqa: N802
         )
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"{who}: dropout must be in [0, 1), got {dropout}")
+    if output_layer_type not in ATTENTION_OUTPUT_LAYERS:
+        raise ValueError(f"{who}: output_layer_type must be one of {ATTENTION_OUTPUT_LAYERS}, "
+                         f"got {output_layer_type!r}")
     mode = check_mode(mode)
     d_module = d_feature // sparsity
 
-    def conv():
-        return LocallyConvDense(
-            sparsity,
-            d_module,
-            kernel_size=kernel_size,
-            length_kernel_size=length_kernel_size,
-            mode=mode,
-        )
+    def conv(width):
+        return LocallyConvDense(sparsity, d_module, kernel_size=width,
+                                length_kernel_size=length_kernel_size, mode=mode)
 
+    output_layers = []
+    if output_layer_type == "dense":
+        output_layers.append(Dense(d_feature))
+    if "mult" in output_layer_type:
+        output_layers.append(MultiplicativeModularSparseDense(sparsity, d_feature))
+    if "conv" in output_layer_type:
+        output_layers.append(conv(3))
     return Serial(
         MultiplicativeModularSparseDense(sparsity, d_feature),
-        Branch(conv(), conv(), conv()),  # (q, k, v), q on top
+        Branch(conv(kernel_size), conv(kernel_size), conv(1)),  # (q, k, v), q on top
         _CausalAttentionCore(n_heads, dropout, max_inference_length, mode),
-        Dense(d_feature),
+        output_layers,
         name=who,
     )
+
+
+ATTENTION_OUTPUT_LAYERS = ("none", "mult", "conv", "multconv", "dense")
 
 
 __all__ = [

@@ -29,10 +29,15 @@ def sparse_feed_forward(ff_sparsity: int, d_lowrank: int = 64, temperature: floa
 
 
 def sparse_qkv_attention(attention_sparsity: int = 16, length_kernel_size: int = 3,
-                         kernel_size: int = 3):
-    """An `attention_type`: causal attention whose Q/K/V use the sparse QKV layers."""
+                         kernel_size: int = 3, output_layer_type: str = "none"):
+    """An `attention_type`: causal attention whose Q/K/V use the sparse QKV layers.
+
+    `output_layer_type`: what follows the heads ('none', Trax's default; 'mult', 'conv',
+    'multconv' or 'dense'; see `MultiplicativeConvCausalAttention`).
+    """
     return functools.partial(MultiplicativeConvCausalAttention, sparsity=attention_sparsity,
-                             length_kernel_size=length_kernel_size, kernel_size=kernel_size)
+                             length_kernel_size=length_kernel_size, kernel_size=kernel_size,
+                             output_layer_type=output_layer_type)
 
 
 def TerraformerLM(  # noqa: N802

@@ -390,14 +390,16 @@ def test_locally_conv_dense_gradients(seed):
 # ------------------------------------------------------------------------------------------------
 
 
-def _attention_reference(x, weights, n_heads, sparsity):
+def _attention_reference(x, weights, n_heads, sparsity, output_layer_type="none"):
     """Sublayers in eval mode, then plain causal softmax attention in float64 numpy."""
-    w_mult, (w_q, w_k, w_v), _, w_out = weights
-    d_feature = w_out["w"].shape[0]
+    w_mult, (w_q, w_k, w_v), _, *w_out = weights
+    d_feature = w_mult["b"].shape[0]
     mult = MultiplicativeModularSparseDense(sparsity, d_feature)
-    conv = LocallyConvDense(sparsity, d_feature // sparsity, 3, 3, mode="eval")
+    conv3 = LocallyConvDense(sparsity, d_feature // sparsity, 3, 3, mode="eval")
+    conv1 = LocallyConvDense(sparsity, d_feature // sparsity, 1, 3, mode="eval")
     h = mult.apply(x, w_mult, EMPTY, None)[0]
-    q, k, v = (np.asarray(conv.apply(h, w, EMPTY, None)[0], np.float64) for w in (w_q, w_k, w_v))
+    q, k, v = (np.asarray(conv.apply(h, w, EMPTY, None)[0], np.float64)
+               for conv, w in ((conv3, w_q), (conv3, w_k), (conv1, w_v)))
     batch, length, _ = q.shape
     dh = d_feature // n_heads
     out = np.zeros_like(q)
@@ -408,7 +410,10 @@ def _attention_reference(x, weights, n_heads, sparsity):
         p = np.exp(scores - scores.max(-1, keepdims=True))
         p /= p.sum(-1, keepdims=True)
         out[..., sl] = p @ v[..., sl]
-    return out @ np.asarray(w_out["w"], np.float64) + np.asarray(w_out["b"], np.float64)
+    if output_layer_type == "dense":
+        return out @ np.asarray(w_out[0]["w"], np.float64) + np.asarray(w_out[0]["b"], np.float64)
+    assert output_layer_type == "none" and not w_out
+    return out
 
 
 ATTN = {"d_feature": 8, "n_heads": 2, "sparsity": 4, "max_inference_length": 16}
@@ -422,11 +427,13 @@ def _attention_setup(seed, mode="eval", **kwargs):
     return rng, x, layer, weights, state
 
 
-def test_conv_attention_matches_reference_and_is_causal(seed):
-    rng, x, layer, weights, state = _attention_setup(seed)
+@pytest.mark.parametrize("output_layer_type", ["none", "dense"])
+def test_conv_attention_matches_reference_and_is_causal(seed, output_layer_type):
+    rng, x, layer, weights, state = _attention_setup(seed, output_layer_type=output_layer_type)
     y = layer.apply(x, weights, state, None)[0]
     assert y.shape == (2, 9, 8)
-    np.testing.assert_allclose(y, _attention_reference(x, weights, 2, 4), atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(y, _attention_reference(x, weights, 2, 4, output_layer_type),
+                               atol=1e-5, rtol=1e-4)
     t = int(rng.integers(0, 8))
     x2 = x.at[:, t + 1 :].set(_normal(rng, (2, 8 - t, 12)))
     y2 = layer.apply(x2, weights, state, None)[0]
@@ -434,10 +441,13 @@ def test_conv_attention_matches_reference_and_is_causal(seed):
     assert not np.allclose(y2[:, t + 1 :], y[:, t + 1 :])
 
 
-@pytest.mark.parametrize("pieces", [[1] * 9, [4, 1, 3, 1]])
-def test_conv_attention_predict_reproduces_eval(seed, pieces):
-    _, x, eval_layer, weights, eval_state = _attention_setup(seed)
-    pred_layer = MultiplicativeConvCausalAttention(**ATTN, mode="predict")
+@pytest.mark.parametrize("pieces,output_layer_type", [([1] * 9, "none"),
+                                                      ([4, 1, 3, 1], "multconv")])
+def test_conv_attention_predict_reproduces_eval(seed, pieces, output_layer_type):
+    _, x, eval_layer, weights, eval_state = _attention_setup(
+        seed, output_layer_type=output_layer_type)
+    pred_layer = MultiplicativeConvCausalAttention(**ATTN, output_layer_type=output_layer_type,
+                                                   mode="predict")
     _, state = pred_layer.init(x[:, :1], jax.random.PRNGKey(seed))
     y_eval = eval_layer.apply(x, weights, eval_state, None)[0]
     step = jax.jit(pred_layer.apply)
@@ -462,6 +472,8 @@ def test_conv_attention_train_dropout_and_errors(seed):
         MultiplicativeConvCausalAttention(10, n_heads=2, sparsity=4)
     with pytest.raises(ValueError, match="multiple of n_heads"):
         MultiplicativeConvCausalAttention(10, n_heads=4, sparsity=2)
+    with pytest.raises(ValueError, match="output_layer_type must be one of"):
+        MultiplicativeConvCausalAttention(8, n_heads=2, output_layer_type="Dense")
 
 
 def test_conv_attention_gradients(seed):
