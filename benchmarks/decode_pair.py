@@ -1,0 +1,97 @@
+"""D workloads side by side: per-token latency of several decoders measured interleaved.
+
+    python benchmarks/decode_pair.py --models dense,sparse:int8 [--block_size 1]
+
+Each model in `--models` is `kind[:output_dtype]` (kind: dense, sparse or lsh; output_dtype
+float32, bf16 or int8 for the output layer only, default float32). All are built in one
+process, prefilled with the same 128-token prompt, then generate greedily in turns: one
+block of `--block_size` tokens of the first, one of the second, ... so that a busy or
+throttled machine slows all of them alike and their ratio is measured in the same run.
+Prints one JSON record: per model the median and 10th-percentile seconds per token (over
+blocks after the first) and the weight bytes a token reads; and the ratio of the first
+model's median to each other's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from terraformer.bench import (
+    D_FF_SPARSITY,
+    D_SHAPE,
+    bytes_read_per_token,
+    d_workload_model,
+    measure_bandwidth_gib_s,
+)
+from terraformer.decoding import Decoder, Sampling
+from terraformer.shapes import ShapeDtype
+
+
+def build(spec: str, n_layers: int, max_len: int) -> tuple[str, Decoder]:
+    kind, _, output_dtype = spec.partition(":")
+    eval_model = d_workload_model(kind, n_layers, max_len, mode="eval")
+    weights, _ = eval_model.init(ShapeDtype((1, 8), jnp.int32), jax.random.PRNGKey(0))
+    decoder = Decoder(d_workload_model(kind, n_layers, max_len), weights, batch_size=1,
+                      rng=jax.random.PRNGKey(0), max_len=max_len,
+                      output_dtype=output_dtype or None)
+    return kind, decoder
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="dense,sparse:int8")
+    parser.add_argument("--n_layers", type=int, default=12)
+    parser.add_argument("--prompt_len", type=int, default=128)
+    parser.add_argument("--new_tokens", type=int, default=128)
+    parser.add_argument("--block_size", type=int, default=1)
+    args = parser.parse_args(argv)
+    specs = args.models.split(",")
+    max_len = args.prompt_len + args.new_tokens + 8
+    prompt = np.random.default_rng(0).integers(1, D_SHAPE["vocab_size"],
+                                               size=(1, args.prompt_len)).astype(np.int32)
+    runs = {}
+    for spec in specs:
+        kind, decoder = build(spec, args.n_layers, max_len)
+        log_probs, state = decoder.prefill(prompt)
+        loop = decoder._loop(args.block_size, Sampling(), ())
+        carry = (state, log_probs, jax.random.PRNGKey(0), jnp.zeros((1,), bool))
+        read = bytes_read_per_token(decoder.weights, D_SHAPE["vocab_size"],
+                                    D_FF_SPARSITY if kind == "sparse" else 1)
+        runs[spec] = dict(decoder=decoder, loop=loop, carry=carry, times=[], read=read)
+    for _ in range(args.new_tokens // args.block_size):
+        for run in runs.values():
+            state, log_probs, rng, done = run["carry"]
+            start = time.perf_counter()
+            out, _, state, log_probs, rng, done = run["loop"](
+                run["decoder"].weights, state, log_probs, rng, done, None)
+            jax.block_until_ready(out)
+            run["times"].append((time.perf_counter() - start) / args.block_size)
+            run["carry"] = (state, log_probs, rng, done)
+    bandwidth = measure_bandwidth_gib_s()
+    record = dict(workload="D-pair", n_layers=args.n_layers, prompt_len=args.prompt_len,
+                  new_tokens=args.new_tokens, block_size=args.block_size,
+                  device=jax.devices()[0].platform, bandwidth_gib_s=bandwidth, models={})
+    first = None
+    for spec, run in runs.items():
+        times = np.asarray(run["times"][1:])
+        median = float(np.median(times))
+        first = median if first is None else first
+        record["models"][spec] = dict(
+            s_per_token=median, p10_s_per_token=float(np.percentile(times, 10)),
+            weight_bytes_per_token=run["read"],
+            floor_s_per_token=run["read"] / (bandwidth * 2**30),
+            speedup_vs_first=first / median)
+    print(json.dumps(record), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
