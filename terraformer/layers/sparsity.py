@@ -25,8 +25,8 @@ from terraformer.layers.attention import (
     merge_heads,
     split_heads,
 )
-from terraformer.layers.base import EMPTY, Layer, check_mode
-from terraformer.layers.combinators import Branch, Chunk, Serial
+from terraformer.layers.base import EMPTY, Layer, check_mode, split_rng
+from terraformer.layers.combinators import Chunk, Serial
 from terraformer.layers.core import (
     Dense,
     argmax,
@@ -443,6 +443,22 @@ class LocallyConvDense(Layer):
         self._bias_init = init_lib.random_normal(1e-6)
         self._mode = check_mode(mode)
 
+    @property
+    def n_modules(self) -> int:
+        return self._n_modules
+
+    @property
+    def kernel_size(self) -> int:
+        return self._kernel_size
+
+    @property
+    def length_kernel_size(self) -> int:
+        return self._length_kernel_size
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
     def _d_in(self, shape) -> int:
         """Features per module of inputs of `shape`, checking it is (batch, length, features)."""
         shape = tuple(shape)
@@ -478,34 +494,122 @@ class LocallyConvDense(Layer):
         d_in = self._d_in(x.shape)
         check_feature_dim(x, weights["w"].shape[2] * self._n_modules, self.name)
         batch, length = x.shape[:2]
-        lk = self._length_kernel_size
-        xm = x.reshape(batch, length, self._n_modules, d_in)
-        if self._mode == "predict" and lk > 1:
-            if state.shape[0] != batch:
-                raise ValueError(
-                    f"{self.name}: predict state is for batch {state.shape[0]}, got inputs of "
-                    f"shape {tuple(x.shape)}"
-                )
-            padded = jnp.concatenate([state.astype(x.dtype), xm], axis=1)
-            state = padded[:, padded.shape[1] - (lk - 1) :].astype(state.dtype)
-        else:
-            padded = jnp.pad(xm, [(0, 0), (lk - 1, 0), (0, 0), (0, 0)])
-        k = self._kernel_size
-        # The convolution as one matmul over its patches (im2col): XLA:CPU's convolution
-        # gradient for this shape was ~10x slower than the rest of a Terraformer step together.
-        padded = jnp.pad(padded, [(0, 0), (0, 0), ((k - 1) // 2, k // 2), (0, 0)])
-        if self._mode == "predict":
-            patches = _patches_by_gather(padded, length, self._n_modules, lk, k)
-        else:
-            patches = jnp.concatenate(
-                [padded[:, j:j + length, c:c + self._n_modules]
-                 for j in range(lk) for c in range(k)],
-                axis=-1)  # (batch, length, n_modules, lk * k * d_in), (j, c, f) order as w
+        lk, k = self._length_kernel_size, self._kernel_size
+        padded, state = self.time_padded(x, state)
+        patches = self.patches(padded, length)
         w = weights["w"].astype(x.dtype).reshape(lk * k * d_in, self._n_units)
         y = jnp.dot(patches, w)  # (batch, length, n_modules, n_units)
         if "b" in weights:
             y = y + weights["b"].astype(x.dtype)
         return y.reshape(batch, length, self._n_modules * self._n_units), state
+
+    def time_padded(self, x, state):
+        """x (batch, length, n_modules * d_in) -> (its modules (batch, length + lk - 1,
+        n_modules, d_in) after the lk - 1 inputs before it (zeros, or the predict state),
+        the new predict state)."""
+        batch, length = x.shape[:2]
+        lk = self._length_kernel_size
+        xm = x.reshape(batch, length, self._n_modules, self._d_in(x.shape))
+        if self._mode != "predict" or lk == 1:
+            return jnp.pad(xm, [(0, 0), (lk - 1, 0), (0, 0), (0, 0)]), state
+        if state.shape[0] != batch:
+            raise ValueError(
+                f"{self.name}: predict state is for batch {state.shape[0]}, got inputs of "
+                f"shape {tuple(x.shape)}"
+            )
+        padded = jnp.concatenate([state.astype(x.dtype), xm], axis=1)
+        return padded, padded[:, padded.shape[1] - (lk - 1) :].astype(state.dtype)
+
+    def patches(self, padded, length: int):
+        """`time_padded`'s modules -> (batch, length, n_modules, lk * k * d_in), the inputs of
+        each output in the (j, c, f) order of the kernel."""
+        lk, k = self._length_kernel_size, self._kernel_size
+        # The convolution as one matmul over its patches (im2col): XLA:CPU's convolution
+        # gradient for this shape was ~10x slower than the rest of a Terraformer step together.
+        padded = jnp.pad(padded, [(0, 0), (0, 0), ((k - 1) // 2, k // 2), (0, 0)])
+        if self._mode == "predict":
+            return _patches_by_gather(padded, length, self._n_modules, lk, k)
+        return jnp.concatenate(
+            [padded[:, j:j + length, c:c + self._n_modules] for j in range(lk) for c in range(k)],
+            axis=-1)
+
+
+class _QKVConvolutions(Layer):
+    """`Branch(conv_q, conv_k, conv_v)` of LocallyConvDense layers reading the same input.
+
+    Same weights (a tuple of the three convolutions') and outputs (q, k, v) as the Branch.
+    In predict mode the three share one state (their last inputs are the same) and, on
+    weights from `pack_for_decoding`, one patch matrix and one product: a decoding step runs
+    one convolution instead of three. `conv_v` may have a narrower module kernel than the
+    others (Trax: 1); its kernel sits at the centre column of the fused one.
+    """
+
+    def __init__(self, convs):
+        q, k, v = convs
+        if q.kernel_size != k.kernel_size or v.kernel_size > q.kernel_size:
+            raise ValueError("_QKVConvolutions: q and k need one module kernel, v one no wider")
+        super().__init__(n_in=1, n_out=3, name="QKVConvolutions", sublayers=list(convs))
+        self._mode = q.mode
+
+    def init_weights_and_state(self, input_signature, rng):
+        weights, states = [], []
+        for layer, r in zip(self.sublayers, split_rng(rng, 3)):
+            w, s = layer.init_weights_and_state(input_signature, r)
+            weights.append(w)
+            states.append(s)
+        state = states[0] if self._mode == "predict" else tuple(states)
+        return tuple(weights), state
+
+    def pack_for_decoding(self, weights, dtype: str):
+        """The three kernels as one [lk * k * d_in, 3 * n_units] matrix and one bias."""
+        del dtype  # small (a few hundred KiB per layer): kept in float32
+        return _FusedQKV(*self._fused(weights))
+
+    def _fused(self, weights):
+        q, _, v = self.sublayers
+        lk, k, d_in, n_units = weights[0]["w"].shape
+        kernels = []
+        for layer, w in zip(self.sublayers, weights):
+            kernel = w["w"]
+            if layer is v and v.kernel_size < k:  # a narrower kernel: zeros beside it
+                before = (k - 1) // 2 - (v.kernel_size - 1) // 2
+                kernel = jnp.pad(kernel, [(0, 0), (before, k - v.kernel_size - before),
+                                          (0, 0), (0, 0)])
+            kernels.append(kernel.reshape(lk * k * d_in, n_units))
+        biases = [w["b"] if "b" in w else jnp.zeros((n_units,)) for w in weights]
+        return jnp.concatenate(kernels, axis=1), jnp.concatenate(biases)
+
+    def apply(self, x, weights, state, rng):
+        if self._mode != "predict":
+            outs = [layer.apply(x, w, s, None)[0]
+                    for layer, w, s in zip(self.sublayers, weights, state)]
+            return tuple(outs), state
+        kernel, bias = ((weights.kernel, weights.bias) if isinstance(weights, _FusedQKV)
+                        else self._fused(weights))
+        q_conv = self.sublayers[0]
+        d_in = kernel.shape[0] // (q_conv.length_kernel_size * q_conv.kernel_size)
+        check_feature_dim(x, d_in * q_conv.n_modules, self.name)
+        batch, length = x.shape[:2]
+        padded, state = q_conv.time_padded(x, state)
+        y = jnp.dot(q_conv.patches(padded, length), kernel.astype(x.dtype))
+        y = (y + bias.astype(x.dtype)).reshape(batch, length, q_conv.n_modules, 3, -1)
+        return tuple(y[..., i, :].reshape(batch, length, -1) for i in range(3)), state
+
+
+@jax.tree_util.register_pytree_node_class
+class _FusedQKV:
+    """`_QKVConvolutions` weights for decoding: kernel [lk * k * d_in, 3 * n_units], bias."""
+
+    def __init__(self, kernel, bias):
+        self.kernel, self.bias = kernel, bias
+
+    def tree_flatten(self):
+        return (self.kernel, self.bias), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        del aux
+        return cls(*children)
 
 
 def _patches_by_gather(padded, length: int, n_modules: int, lk: int, k: int):
@@ -680,7 +784,7 @@ def MultiplicativeConvCausalAttention(  # noqa: N802
         output_layers.append(conv(3))
     return Serial(
         MultiplicativeModularSparseDense(sparsity, d_feature),
-        Branch(conv(kernel_size), conv(kernel_size), conv(1)),  # (q, k, v), q on top
+        _QKVConvolutions([conv(kernel_size), conv(kernel_size), conv(1)]),  # q on top
         _CausalAttentionCore(n_heads, dropout, max_inference_length, mode),
         output_layers,
         name=who,
