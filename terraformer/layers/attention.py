@@ -385,12 +385,14 @@ def ring_attention(q, q_pos, k_cache, v_cache, key_mask, lo, block_len: int, new
         return fold(carry, scores_of(kb, allowed), vb)
 
     shape = q.shape[:-1]
-    carry = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
-             jnp.zeros(shape + (v_cache.shape[-1],), jnp.float32))
-    if new_kv is not None:
+    if new_kv is None:
+        carry = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+                 jnp.zeros(shape + (v_cache.shape[-1],), jnp.float32))
+    else:  # the running softmax after the new key alone: max = its score, weight 1
         k_new, v_new = new_kv
-        allowed = key_mask(hi[None], hi % ring, 1)
-        carry = fold(carry, scores_of(k_new, allowed), v_new)
+        score = scores_of(k_new, key_mask(hi[None], hi % ring, 1))[..., 0]
+        carry = (jnp.broadcast_to(score, shape), jnp.ones(shape, jnp.float32),
+                 jnp.broadcast_to(v_new.astype(jnp.float32), shape + (v_cache.shape[-1],)))
     if n_blocks == 1:
         carry = body(0, carry)
     else:
