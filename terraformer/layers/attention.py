@@ -329,12 +329,28 @@ def cached_attention(q, q_pos, k, v, k_cache, v_cache, key_mask, lo, block_len: 
     reading first lets the update happen in place.
     """
     if q.shape[2] == 1:
-        out = ring_attention(q, q_pos, k_cache, v_cache, key_mask, lo, block_len, new_kv=(k, v))
+        out = ring_attention(q, q_pos, k_cache, v_cache, key_mask, lo,
+                             _decoding_block_len(k_cache.shape[2], block_len), new_kv=(k, v))
     k_cache = ring_write(k_cache, k, q_pos[0], axis=2)
     v_cache = ring_write(v_cache, v, q_pos[0], axis=2)
     if q.shape[2] > 1:
         out = ring_attention(q, q_pos, k_cache, v_cache, key_mask, lo, block_len)
     return out, k_cache, v_cache
+
+
+DECODING_BLOCK_KEYS = 4096  # most key positions one query visits per block of the ring
+
+
+def _decoding_block_len(ring: int, block_len: int) -> int:
+    """The largest multiple of block_len that divides the ring and is at most
+    DECODING_BLOCK_KEYS (at least block_len): one query's scores per block are small, so
+    fewer, larger blocks cost less per step than many loop iterations over small ones."""
+    n_blocks = ring // block_len
+    best = 1
+    for m in range(1, max(1, DECODING_BLOCK_KEYS // block_len) + 1):
+        if n_blocks % m == 0:
+            best = m
+    return best * block_len
 
 
 def ring_attention(q, q_pos, k_cache, v_cache, key_mask, lo, block_len: int, new_kv=None):

@@ -152,6 +152,7 @@ def test_predict_cache_in_blocks_equals_eval(np_rng, monkeypatch, chunk_len, mem
     import terraformer.layers.attention as attention
 
     monkeypatch.setattr(attention, "PREDICT_BLOCK_LEN", 4)
+    monkeypatch.setattr(attention, "DECODING_BLOCK_KEYS", 8)  # one token: blocks of 4 or 8
     x = jnp.asarray(np_rng.normal(size=(2, 20, 8)), jnp.float32)
     kwargs = dict(n_heads=2, d_qk=4, d_v=4, causal=True, chunk_len=chunk_len, n_chunks_before=1)
     w, s = SelfAttention(mode="eval", **kwargs).init(ShapeDtype(x.shape))
