@@ -27,21 +27,10 @@ from terraformer.bench import (
     D_FF_SPARSITY,
     D_SHAPE,
     bytes_read_per_token,
-    d_workload_model,
+    d_workload_decoder,
     measure_bandwidth_gib_s,
 )
-from terraformer.decoding import Decoder, Sampling
-from terraformer.shapes import ShapeDtype
-
-
-def build(spec: str, n_layers: int, max_len: int) -> tuple[str, Decoder]:
-    kind, _, output_dtype = spec.partition(":")
-    eval_model = d_workload_model(kind, n_layers, max_len, mode="eval")
-    weights, _ = eval_model.init(ShapeDtype((1, 8), jnp.int32), jax.random.PRNGKey(0))
-    decoder = Decoder(d_workload_model(kind, n_layers, max_len), weights, batch_size=1,
-                      rng=jax.random.PRNGKey(0), max_len=max_len,
-                      output_dtype=output_dtype or None)
-    return kind, decoder
+from terraformer.decoding import Sampling
 
 
 def main(argv=None) -> int:
@@ -59,7 +48,9 @@ def main(argv=None) -> int:
                                                size=(1, args.prompt_len)).astype(np.int32)
     runs = {}
     for spec in specs:
-        kind, decoder = build(spec, args.n_layers, max_len)
+        kind, _, output_dtype = spec.partition(":")
+        decoder, _ = d_workload_decoder(kind, args.n_layers, max_len,
+                                        output_dtype=output_dtype or None)
         log_probs, state = decoder.prefill(prompt)
         loop = decoder._loop(args.block_size, Sampling(), ())
         carry = (state, log_probs, jax.random.PRNGKey(0), jnp.zeros((1,), bool))

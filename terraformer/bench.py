@@ -210,7 +210,6 @@ def bytes_read_per_token(weights, vocab_size: int, ff_sparsity: int) -> int:
     is read whole.
     """
     from terraformer.layers.core import PackedKernel
-    from terraformer.layers.reversible import UnstackedLayers
 
     total = 0
 
@@ -223,8 +222,8 @@ def bytes_read_per_token(weights, vocab_size: int, ff_sparsity: int) -> int:
                     total += value.nbytes // ff_sparsity
                 else:
                     visit(value)
-        elif isinstance(tree, (tuple, list, UnstackedLayers)):
-            for item in (tree.layers if isinstance(tree, UnstackedLayers) else tree):
+        elif isinstance(tree, (tuple, list)):
+            for item in tree:
                 visit(item)
         elif isinstance(tree, PackedKernel):
             total += tree.nbytes
@@ -236,17 +235,21 @@ def bytes_read_per_token(weights, vocab_size: int, ff_sparsity: int) -> int:
     return total
 
 
+def d_workload_decoder(kind: str, n_layers: int, max_len: int, prefill_chunk: int = 1024,
+                       weight_dtype: str = "float32", output_dtype: str | None = None):
+    """(a batch-1 Decoder of a D model with freshly initialised weights, its parameter count)."""
+    model = d_workload_model(kind, n_layers, max_len, mode="eval")
+    weights, _ = model.init(ShapeDtype((1, 8), jnp.int32), jax.random.PRNGKey(0))
+    decoder = Decoder(d_workload_model(kind, n_layers, max_len), weights, batch_size=1,
+                      prefill_chunk=prefill_chunk, rng=jax.random.PRNGKey(0), max_len=max_len,
+                      weight_dtype=weight_dtype, output_dtype=output_dtype)
+    return decoder, count_params(weights)
+
+
 def bench_decode(args) -> dict:
     max_len = args.prompt_len + args.new_tokens + 8
-    model = d_workload_model(args.model, args.n_layers, max_len, mode="eval")
-    weights, _ = model.init(ShapeDtype((1, 8), jnp.int32), jax.random.PRNGKey(0))
-    del model
-    params = count_params(weights)
-    predict_model = d_workload_model(args.model, args.n_layers, max_len)
-    decoder = Decoder(predict_model, weights, batch_size=1, prefill_chunk=args.prefill_chunk,
-                      rng=jax.random.PRNGKey(0), max_len=max_len, weight_dtype=args.dtype,
-                      output_dtype=args.output_dtype)
-    del weights
+    decoder, params = d_workload_decoder(args.model, args.n_layers, max_len, args.prefill_chunk,
+                                         args.dtype, args.output_dtype)
     prompt = np.random.default_rng(0).integers(1, D_SHAPE["vocab_size"],
                                                size=(1, args.prompt_len)).astype(np.int32)
     start = time.perf_counter()

@@ -328,12 +328,13 @@ def cached_attention(q, q_pos, k, v, k_cache, v_cache, key_mask, lo, block_len: 
     reads a cache after updating it makes XLA copy the whole cache (twice) every step, where
     reading first lets the update happen in place.
     """
-    if q.shape[2] == 1:
+    one_token = q.shape[2] == 1
+    if one_token:
         out = ring_attention(q, q_pos, k_cache, v_cache, key_mask, lo,
                              _decoding_block_len(k_cache.shape[2], block_len), new_kv=(k, v))
     k_cache = ring_write(k_cache, k, q_pos[0], axis=2)
     v_cache = ring_write(v_cache, v, q_pos[0], axis=2)
-    if q.shape[2] > 1:
+    if not one_token:
         out = ring_attention(q, q_pos, k_cache, v_cache, key_mask, lo, block_len)
     return out, k_cache, v_cache
 

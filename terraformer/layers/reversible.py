@@ -31,6 +31,8 @@ state is not differentiated. Reversal in floating point is exact only up to roun
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -494,24 +496,14 @@ class ReversibleRepeat(ReversibleLayer):
         return from_items(xs, self.n_in), (from_items(gxs, self.n_in), gw)
 
 
-@jax.tree_util.register_pytree_node_class
-class UnstackedLayers:
+class UnstackedLayers(NamedTuple):
     """A `ReversibleRepeat`'s weights as one pytree per layer (`layers`, a tuple), for decoding.
 
     Separate buffers per layer: a decoding step then reads each layer's weights where they
     lie. `memory.quantize.pack_for_decoding` makes one from stacked weights.
     """
 
-    def __init__(self, layers):
-        self.layers = tuple(layers)
-
-    def tree_flatten(self):
-        return self.layers, None
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        del aux
-        return cls(children)
+    layers: tuple
 
 
 __all__ = [

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,8 +27,8 @@ from terraformer.layers.attention import (
     merge_heads,
     split_heads,
 )
-from terraformer.layers.base import EMPTY, Layer, check_mode, split_rng
-from terraformer.layers.combinators import Chunk, Serial
+from terraformer.layers.base import EMPTY, Layer, check_mode
+from terraformer.layers.combinators import Branch, Chunk, Serial
 from terraformer.layers.core import (
     Dense,
     argmax,
@@ -534,31 +536,26 @@ class LocallyConvDense(Layer):
             axis=-1)
 
 
-class _QKVConvolutions(Layer):
+class _QKVConvolutions(Branch):
     """`Branch(conv_q, conv_k, conv_v)` of LocallyConvDense layers reading the same input.
 
-    Same weights (a tuple of the three convolutions') and outputs (q, k, v) as the Branch.
-    In predict mode the three share one state (their last inputs are the same) and, on
-    weights from `pack_for_decoding`, one patch matrix and one product: a decoding step runs
-    one convolution instead of three. `conv_v` may have a narrower module kernel than the
-    others (Trax: 1); its kernel sits at the centre column of the fused one.
+    The Branch's weights (a tuple of the three convolutions') and outputs (q, k, v). In
+    predict mode the three share one state (their last inputs are the same) and, on weights
+    from `pack_for_decoding`, one patch matrix and one product: a decoding step runs one
+    convolution instead of three. `conv_v` may have a narrower module kernel than the others
+    (Trax: 1); its kernel sits at the centre column of the fused one.
     """
 
     def __init__(self, convs):
         q, k, v = convs
         if q.kernel_size != k.kernel_size or v.kernel_size > q.kernel_size:
             raise ValueError("_QKVConvolutions: q and k need one module kernel, v one no wider")
-        super().__init__(n_in=1, n_out=3, name="QKVConvolutions", sublayers=list(convs))
+        super().__init__(*convs, name="QKVConvolutions")
         self._mode = q.mode
 
     def init_weights_and_state(self, input_signature, rng):
-        weights, states = [], []
-        for layer, r in zip(self.sublayers, split_rng(rng, 3)):
-            w, s = layer.init_weights_and_state(input_signature, r)
-            weights.append(w)
-            states.append(s)
-        state = states[0] if self._mode == "predict" else tuple(states)
-        return tuple(weights), state
+        weights, states = super().init_weights_and_state(input_signature, rng)
+        return weights, (states[0] if self._mode == "predict" else states)
 
     def pack_for_decoding(self, weights, dtype: str):
         """The three kernels as one [lk * k * d_in, 3 * n_units] matrix and one bias."""
@@ -566,7 +563,7 @@ class _QKVConvolutions(Layer):
         return _FusedQKV(*self._fused(weights))
 
     def _fused(self, weights):
-        q, _, v = self.sublayers
+        v = self.sublayers[2]
         lk, k, d_in, n_units = weights[0]["w"].shape
         kernels = []
         for layer, w in zip(self.sublayers, weights):
@@ -581,11 +578,8 @@ class _QKVConvolutions(Layer):
 
     def apply(self, x, weights, state, rng):
         if self._mode != "predict":
-            outs = [layer.apply(x, w, s, None)[0]
-                    for layer, w, s in zip(self.sublayers, weights, state)]
-            return tuple(outs), state
-        kernel, bias = ((weights.kernel, weights.bias) if isinstance(weights, _FusedQKV)
-                        else self._fused(weights))
+            return super().apply(x, weights, state, rng)
+        kernel, bias = weights if isinstance(weights, _FusedQKV) else self._fused(weights)
         q_conv = self.sublayers[0]
         d_in = kernel.shape[0] // (q_conv.length_kernel_size * q_conv.kernel_size)
         check_feature_dim(x, d_in * q_conv.n_modules, self.name)
@@ -596,20 +590,11 @@ class _QKVConvolutions(Layer):
         return tuple(y[..., i, :].reshape(batch, length, -1) for i in range(3)), state
 
 
-@jax.tree_util.register_pytree_node_class
-class _FusedQKV:
+class _FusedQKV(NamedTuple):
     """`_QKVConvolutions` weights for decoding: kernel [lk * k * d_in, 3 * n_units], bias."""
 
-    def __init__(self, kernel, bias):
-        self.kernel, self.bias = kernel, bias
-
-    def tree_flatten(self):
-        return (self.kernel, self.bias), None
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        del aux
-        return cls(*children)
+    kernel: jax.Array
+    bias: jax.Array
 
 
 def _patches_by_gather(padded, length: int, n_modules: int, lk: int, k: int):

@@ -277,8 +277,8 @@ def pack_for_decoding(model: Layer, weights, dtype: str = "float32",
         if hasattr(layer, "pack_for_decoding"):
             return layer.pack_for_decoding(w, dtype)
         if isinstance(layer, ReversibleRepeat) and layer.unrolled:
-            return UnstackedLayers(walk(layer.sublayers[0], layer.layer_weights(w, i))
-                                   for i in range(layer.n_layers))
+            return UnstackedLayers(tuple(walk(layer.sublayers[0], layer.layer_weights(w, i))
+                                         for i in range(layer.n_layers)))
         subs = layer.sublayers
         if isinstance(layer, pass_through):
             return walk(subs[0], w)
