@@ -205,8 +205,8 @@ def measure_bandwidth_gib_s(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
 def bytes_read_per_token(weights, vocab_size: int, ff_sparsity: int) -> int:
     """Weight bytes one decoding step must read.
 
-    The embedding table contributes one row; a sparse feed-forward's w1/b1/w2 one unit in
-    `ff_sparsity`; everything else (PackedKernels and QuantizedArrays at their stored size)
+    The embedding table contributes one row; a sparse feed-forward's w1/b1/w2 (or w12, the
+    two packed as one table) one unit in `ff_sparsity`; everything else (PackedKernels and QuantizedArrays at their stored size)
     is read whole.
     """
     from terraformer.layers.core import PackedKernel
@@ -216,9 +216,9 @@ def bytes_read_per_token(weights, vocab_size: int, ff_sparsity: int) -> int:
     def visit(tree):
         nonlocal total
         if isinstance(tree, dict):
-            sparse = {"m1", "w1", "w2"} <= set(tree)
+            sparse = "m1" in tree and ({"w1", "w2"} <= set(tree) or "w12" in tree)
             for key, value in tree.items():
-                if sparse and key in ("w1", "b1", "w2"):
+                if sparse and key in ("w1", "b1", "w2", "w12"):
                     total += value.nbytes // ff_sparsity
                 else:
                     visit(value)

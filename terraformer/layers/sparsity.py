@@ -208,6 +208,7 @@ class SparseFF(Layer):
         packed = {**weights, "m1": pack_kernel(weights["m1"], dtype)}
         if dtype != "float32":
             packed["m2"] = pack_kernel(weights["m2"], dtype)
+        packed["w12"] = jnp.concatenate([packed.pop("w1"), packed.pop("w2")], axis=1)
         return packed
 
     def apply(self, x, weights, state, rng):
@@ -280,10 +281,14 @@ class SparseFF(Layer):
             self._n_blocks, dtype=jnp.int32
         )  # (..., n_blocks) global unit ids
         cdt = self._compute_dtype(x)
-        w1 = _take_rows(weights["w1"], ids).astype(cdt)  # (..., n_blocks, d_model)
+        if "w12" in weights:  # packed: one gather of both rows of each chosen unit
+            w12 = _take_rows(weights["w12"], ids).astype(cdt)  # (..., n_blocks, 2 * d_model)
+            w1, w2 = jnp.split(w12, 2, axis=-1)
+        else:
+            w1 = _take_rows(weights["w1"], ids).astype(cdt)  # (..., n_blocks, d_model)
+            w2 = _take_rows(weights["w2"], ids).astype(cdt)  # (..., n_blocks, d_model)
         b1 = _take_rows(weights["b1"], ids).astype(cdt)  # (..., n_blocks)
         h = jax.nn.relu(jnp.einsum("...d,...bd->...b", x.astype(cdt), w1) + b1)
-        w2 = _take_rows(weights["w2"], ids).astype(cdt)  # (..., n_blocks, d_model)
         y = jnp.einsum("...b,...bd->...d", h, w2) + weights["b2"].astype(cdt)
         return y.astype(x.dtype)
 
@@ -384,16 +389,40 @@ class MultiplicativeModularSparseDense(Layer):
             weights["b"] = self._bias_init(rng_b, (self._d_feature,))
         return weights, EMPTY
 
+    def pack_for_decoding(self, weights, dtype: str):
+        """These weights with D stored as rows D^T [S, d_input] (`_RowModules`).
+
+        A step then scales D^T's contiguous rows by x and multiplies by E; with D as stored,
+        XLA:CPU built x * D and transposed it element by element every step.
+        """
+        del dtype  # d_input * (S + M) values: small, kept in float32
+        return _RowModules(weights["D"].T, weights["E"], weights.get("b"))
+
     def apply(self, x, weights, state, rng):
-        check_feature_dim(x, weights["D"].shape[0], self.name)
         dtype = x.dtype
-        y = jnp.einsum(
-            "...i,is,im->...sm", x, weights["D"].astype(dtype), weights["E"].astype(dtype)
-        )
+        if isinstance(weights, _RowModules):
+            check_feature_dim(x, weights.d_rows.shape[1], self.name)
+            scaled = x[..., None, :] * weights.d_rows.astype(dtype)  # (..., S, d_input)
+            y = jnp.einsum("...si,im->...sm", scaled, weights.e.astype(dtype))
+            bias = weights.b
+        else:
+            check_feature_dim(x, weights["D"].shape[0], self.name)
+            y = jnp.einsum(
+                "...i,is,im->...sm", x, weights["D"].astype(dtype), weights["E"].astype(dtype)
+            )
+            bias = weights.get("b")
         y = y.reshape(x.shape[:-1] + (self._d_feature,))
-        if "b" in weights:
-            y = y + weights["b"].astype(dtype)
+        if bias is not None:
+            y = y + bias.astype(dtype)
         return y, state
+
+
+class _RowModules(NamedTuple):
+    """`MultiplicativeModularSparseDense` weights for decoding: D^T [S, d_input], E, b."""
+
+    d_rows: jax.Array
+    e: jax.Array
+    b: jax.Array | None
 
 
 class LocallyConvDense(Layer):

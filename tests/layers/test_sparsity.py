@@ -119,6 +119,11 @@ def test_sparse_ff_predict_gather_equals_eval(seed, chunk):
     length = x.shape[1]
     y_steps = [step(x[:, t : t + 1], weights, state, None)[0] for t in range(length)]
     np.testing.assert_allclose(jnp.concatenate(y_steps, 1), y_eval, atol=1e-5, rtol=0)
+    # weights packed for decoding (w1 and w2 as one table of rows): the same outputs
+    packed = pred_layer.pack_for_decoding(weights, "float32")
+    assert "w12" in packed and "w1" not in packed
+    y_packed = [step(x[:, t : t + 1], packed, state, None)[0] for t in range(length)]
+    np.testing.assert_allclose(jnp.concatenate(y_packed, 1), y_eval, atol=1e-5, rtol=0)
 
 
 def test_sparse_ff_predict_reads_only_chosen_rows(seed):
@@ -258,6 +263,9 @@ def test_multiplicative_dense_equals_full_matrix_and_loops(seed):
     xv = np.asarray(x[1, 2], np.float64)
     direct = sum(xv[i] * D[i, s] * E[i, m] for i in range(d_in)) + b[s * M + m]
     np.testing.assert_allclose(y[1, 2, s * M + m], direct, atol=1e-5, rtol=1e-5)
+    # packed for decoding (D stored as rows): the same outputs
+    y_packed, _ = layer.apply(x, layer.pack_for_decoding(weights, "float32"), state, None)
+    np.testing.assert_allclose(y_packed, y, atol=1e-6, rtol=1e-6)
 
 
 def test_multiplicative_dense_errors_and_no_bias():
