@@ -206,8 +206,8 @@ def bytes_read_per_token(weights, vocab_size: int, ff_sparsity: int) -> int:
     """Weight bytes one decoding step must read.
 
     The embedding table contributes one row; a sparse feed-forward's w1/b1/w2 (or w12, the
-    two packed as one table) one unit in `ff_sparsity`; everything else (PackedKernels and QuantizedArrays at their stored size)
-    is read whole.
+    two packed as one table) one unit in `ff_sparsity`; everything else (PackedKernels and
+    QuantizedArrays at their stored size) is read whole.
     """
     from terraformer.layers.core import PackedKernel
 

@@ -66,6 +66,21 @@ class _Config(NamedTuple):
     block: int
 
 
+def fold_last_axis(x, combine, reduce, width: int = 32):
+    """`reduce(x, axis=-1)` for an associative `combine` (jnp.maximum for jnp.max, jnp.add
+    for jnp.sum): the `width`-wide slices of the last axis are first combined elementwise.
+
+    XLA:CPU runs a reduction over a long axis as a reduce-window pass plus a reduce, neither
+    vectorised across rows; one elementwise pass over the slices and a `width`-long reduce was
+    2-3x faster here on the score blocks of window attention.
+    """
+    n = x.shape[-1]
+    if n % width or n <= width:
+        return reduce(x, axis=-1)
+    return reduce(functools.reduce(combine, [x[..., i:i + width] for i in range(0, n, width)]),
+                  axis=-1)
+
+
 def _window_chunks(a, start, block, offsets):
     """Chunks `(start + j + o) mod n_chunks` of `a (n, n_chunks, ...)` for j < block, o in
     offsets -> `(n, block, len(offsets) * c, ...)`."""
@@ -128,9 +143,9 @@ def _forward(config, q, k, v, q_pos, k_pos, rng):
         start = b * m
         qb, kw, vw, qp, kp = _block_inputs(config, q, k, v, q_pos, k_pos, start)
         s, _ = _scores(config, qb, kw, qp, kp)
-        top = jnp.max(s, axis=-1, keepdims=True)
+        top = fold_last_axis(s, jnp.maximum, jnp.max)[..., None]
         e = jnp.exp(s - top)
-        total = jnp.sum(e, axis=-1)
+        total = fold_last_axis(e, jnp.add, jnp.sum)
         if config.dropout_rate > 0.0:
             e = e * _keep(config, rng, start, e.shape)
         o = jnp.einsum("nmqk,nmkd->nmqd", e, vw.astype(jnp.float32)) / total[..., None]
@@ -171,7 +186,7 @@ def _window_attention_bwd(config, residuals, cotangents):
         dq, dk, dv = carry
         start = b * m
         qb, kw, vw, qp, kp = _block_inputs(config, q, k, v, q_pos, k_pos, start)
-        # Transposed scores (keys x queries): four of the five products below then contract
+        # Transposed scores (keys x queries): three of the five products below then contract
         # over the last axis of both operands, the layout XLA's CPU dot handles best.
         s_t, replaced_t = _scores_t(config, qb, kw, qp, kp)
         lse_b = lax.dynamic_slice_in_dim(lse, start, m, axis=1)
@@ -195,7 +210,8 @@ def _window_attention_bwd(config, residuals, cotangents):
         ds_t = p_t * (dp_t - row[..., None, :] + dl[..., None, :])
         ds_t = jnp.where(replaced_t, 0.0, ds_t) * config.scale
         dkw = jnp.einsum("nmkq,nmdq->nmkd", ds_t, jnp.swapaxes(qb.astype(jnp.float32), -1, -2))
-        dqb = jnp.einsum("nmkq,nmkd->nmqd", ds_t, kw.astype(jnp.float32))
+        # dq from ds (queries x keys): contracting ds_t over its first axis ran at half speed.
+        dqb = jnp.einsum("nmqk,nmkd->nmqd", jnp.swapaxes(ds_t, -1, -2), kw.astype(jnp.float32))
         dq = lax.dynamic_update_slice_in_dim(dq, dqb, start, axis=1)
         for i, o in enumerate(offsets):
             at = start + before + o
