@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -281,9 +282,14 @@ class SparseFF(Layer):
             self._n_blocks, dtype=jnp.int32
         )  # (..., n_blocks) global unit ids
         cdt = self._compute_dtype(x)
-        if "w12" in weights:  # packed: one gather of both rows of each chosen unit
+        if "w12" in weights and math.prod(x.shape[:-1]) == 1:
+            # one token (a decoding step): one gather of both rows of each chosen unit
             w12 = _take_rows(weights["w12"], ids).astype(cdt)  # (..., n_blocks, 2 * d_model)
             w1, w2 = jnp.split(w12, 2, axis=-1)
+        elif "w12" in weights:  # many tokens: splitting their gathered rows would copy them
+            d_model = x.shape[-1]
+            w1 = _take_rows(weights["w12"], ids, columns=slice(0, d_model)).astype(cdt)
+            w2 = _take_rows(weights["w12"], ids, columns=slice(d_model, None)).astype(cdt)
         else:
             w1 = _take_rows(weights["w1"], ids).astype(cdt)  # (..., n_blocks, d_model)
             w2 = _take_rows(weights["w2"], ids).astype(cdt)  # (..., n_blocks, d_model)
@@ -293,11 +299,13 @@ class SparseFF(Layer):
         return y.astype(x.dtype)
 
 
-def _take_rows(table, ids):
-    """table[ids] (rows) for ids known to be in range, ascending and distinct per token."""
+def _take_rows(table, ids, columns: slice | None = None):
+    """table[ids] (rows; `columns` of them when given) for ids known to be in range,
+    ascending and distinct per token."""
+    index = ids if columns is None else (ids, columns)
     return (
         jnp.asarray(table)
-        .at[ids]
+        .at[index]
         .get(mode="promise_in_bounds", unique_indices=True, indices_are_sorted=True)
     )
 

@@ -119,11 +119,13 @@ def test_sparse_ff_predict_gather_equals_eval(seed, chunk):
     length = x.shape[1]
     y_steps = [step(x[:, t : t + 1], weights, state, None)[0] for t in range(length)]
     np.testing.assert_allclose(jnp.concatenate(y_steps, 1), y_eval, atol=1e-5, rtol=0)
-    # weights packed for decoding (w1 and w2 as one table of rows): the same outputs
+    # weights packed for decoding (w1 and w2 as one table of rows): the same outputs, for
+    # many tokens at once (two gathers of half rows) and for one (one gather of whole rows)
     packed = pred_layer.pack_for_decoding(weights, "float32")
     assert "w12" in packed and "w1" not in packed
-    y_packed = [step(x[:, t : t + 1], packed, state, None)[0] for t in range(length)]
-    np.testing.assert_allclose(jnp.concatenate(y_packed, 1), y_eval, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(step(x, packed, state, None)[0], y_eval, atol=1e-5, rtol=0)
+    y_one = [step(x[:1, t : t + 1], packed, state, None)[0] for t in range(length)]
+    np.testing.assert_allclose(jnp.concatenate(y_one, 1), y_eval[:1], atol=1e-5, rtol=0)
 
 
 def test_sparse_ff_predict_reads_only_chosen_rows(seed):
