@@ -200,11 +200,13 @@ class SparseFF(Layer):
         return weights, EMPTY
 
     def pack_for_decoding(self, weights, dtype: str):
-        """These weights with the controller's kernels as PackedKernels where that is faster.
+        """These weights with the controller's kernels as PackedKernels where that is faster,
+        and w1, w2 as one table `w12` [d_ff, 2 * d_model] (row u: w1[u], then w2[u]).
 
-        w1 and w2 stay as they are: decoding gathers their rows, already contiguous. In
-        float32, m2 [d_lowrank, d_ff] stays too: a vector times its d_ff-long rows streams
-        faster than d_ff dot products of d_lowrank entries each (the packed layout).
+        Decoding gathers the chosen units' rows: from `w12`, one gather a token instead of
+        two (XLA:CPU's gather costs per operation and per element, not per byte). In
+        float32, m2 [d_lowrank, d_ff] stays as it is: a vector times its d_ff-long rows
+        streams faster than d_ff dot products of d_lowrank entries each (the packed layout).
         """
         packed = {**weights, "m1": pack_kernel(weights["m1"], dtype)}
         if dtype != "float32":
