@@ -344,11 +344,17 @@ DECODING_BLOCK_KEYS = 4096  # most key positions one query visits per block of t
 
 def _decoding_block_len(ring: int, block_len: int) -> int:
     """The largest multiple of block_len that divides the ring and is at most
-    DECODING_BLOCK_KEYS (at least block_len): one query's scores per block are small, so
-    fewer, larger blocks cost less per step than many loop iterations over small ones."""
+    DECODING_BLOCK_KEYS and a quarter of the ring (at least block_len).
+
+    One query's scores per block are small, so fewer, larger blocks cost less per step than
+    many loop iterations over small ones; but a step reads every slot of each block it
+    visits, so blocks of a whole small ring would read its unwritten slots too (a 512-slot
+    ring holding 200 positions read 512 keys a token).
+    """
     n_blocks = ring // block_len
+    cap = min(DECODING_BLOCK_KEYS, ring // 4) // block_len
     best = 1
-    for m in range(1, max(1, DECODING_BLOCK_KEYS // block_len) + 1):
+    for m in range(1, max(1, cap) + 1):
         if n_blocks % m == 0:
             best = m
     return best * block_len

@@ -172,6 +172,23 @@ def test_predict_cache_in_blocks_equals_eval(np_rng, monkeypatch, chunk_len, mem
     np.testing.assert_allclose(jnp.concatenate([a, b], 1), want[:, :8], atol=1e-5)
 
 
+@pytest.mark.parametrize("ring,block_len", [(512, 256), (256, 256), (1024, 256), (16384, 256),
+                                             (65536, 256), (24, 4), (8192, 256)])
+def test_decoding_blocks_divide_the_ring_and_skip_unwritten_slots(ring, block_len):
+    """One-token decoding visits the ring in blocks that tile it, of at most a quarter of it
+    (so a ring still mostly empty is not read whole) and at most DECODING_BLOCK_KEYS."""
+    import terraformer.layers.attention as attention
+
+    got = attention._decoding_block_len(ring, block_len)
+    assert got % block_len == 0 and ring % got == 0
+    cap = min(attention.DECODING_BLOCK_KEYS, ring // 4)
+    assert got <= max(block_len, cap)
+    # the largest such block: the next multiple of block_len that tiles the ring is too big
+    bigger = [m * block_len for m in range(got // block_len + 1, ring // block_len + 1)
+              if ring % (m * block_len) == 0]
+    assert not bigger or bigger[0] > max(block_len, cap)
+
+
 def test_predict_sliding_window_beyond_mem_len(np_rng):
     """Past predict_mem_len, full attention sees exactly the last predict_mem_len positions."""
     x = jnp.asarray(np_rng.normal(size=(1, 14, 8)), jnp.float32)
