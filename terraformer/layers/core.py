@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -171,6 +172,21 @@ def argmax(x, axis: int = -1):
     index = jax.lax.broadcasted_iota(jnp.int32, x.shape, axis)
     first = jnp.min(jnp.where(x == top, index, x.shape[axis]), axis=axis)
     return jnp.minimum(first, x.shape[axis] - 1)
+
+
+def fold_last_axis(x, combine, reduce, width: int = 32):
+    """`reduce(x, axis=-1)` for an associative `combine` (jnp.maximum for jnp.max, jnp.add
+    for jnp.sum): the `width`-wide slices of the last axis are first combined elementwise.
+
+    XLA:CPU runs a reduction over a long axis as a reduce-window pass plus a reduce, neither
+    vectorised across rows; one elementwise pass over the slices and a `width`-long reduce was
+    2-3x faster here on the score blocks of window attention.
+    """
+    n = x.shape[-1]
+    if n % width or n <= width:
+        return reduce(x, axis=-1)
+    return reduce(functools.reduce(combine, [x[..., i:i + width] for i in range(0, n, width)]),
+                  axis=-1)
 
 
 def matmul(x, w):

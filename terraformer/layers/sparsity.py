@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
@@ -284,21 +283,22 @@ class SparseFF(Layer):
             self._n_blocks, dtype=jnp.int32
         )  # (..., n_blocks) global unit ids
         cdt = self._compute_dtype(x)
-        if "w12" in weights and math.prod(x.shape[:-1]) == 1:
-            # one token (a decoding step): one gather of both rows of each chosen unit
-            w12 = _take_rows(weights["w12"], ids).astype(cdt)  # (..., n_blocks, 2 * d_model)
-            w1, w2 = jnp.split(w12, 2, axis=-1)
-        elif "w12" in weights:  # many tokens: splitting their gathered rows would copy them
-            d_model = x.shape[-1]
-            w1 = _take_rows(weights["w12"], ids, columns=slice(0, d_model)).astype(cdt)
-            w2 = _take_rows(weights["w12"], ids, columns=slice(d_model, None)).astype(cdt)
-        else:
-            w1 = _take_rows(weights["w1"], ids).astype(cdt)  # (..., n_blocks, d_model)
-            w2 = _take_rows(weights["w2"], ids).astype(cdt)  # (..., n_blocks, d_model)
+        w1, w2 = (w.astype(cdt) for w in _chosen_rows(weights, ids, x.shape[-1]))
         b1 = _take_rows(weights["b1"], ids).astype(cdt)  # (..., n_blocks)
         h = jax.nn.relu(jnp.einsum("...d,...bd->...b", x.astype(cdt), w1) + b1)
         y = jnp.einsum("...b,...bd->...d", h, w2) + weights["b2"].astype(cdt)
         return y.astype(x.dtype)
+
+
+def _chosen_rows(weights, ids, d_model: int):
+    """The w1 and w2 rows of units `ids` (..., n_blocks): two (..., n_blocks, d_model)."""
+    if "w12" not in weights:
+        return _take_rows(weights["w1"], ids), _take_rows(weights["w2"], ids)
+    if ids.size == ids.shape[-1]:  # one token (a decoding step): one gather of whole rows
+        return jnp.split(_take_rows(weights["w12"], ids), 2, axis=-1)
+    # many tokens: two gathers of half rows (splitting their whole rows would copy them)
+    return (_take_rows(weights["w12"], ids, columns=slice(0, d_model)),
+            _take_rows(weights["w12"], ids, columns=slice(d_model, None)))
 
 
 def _take_rows(table, ids, columns: slice | None = None):

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from terraformer.layers.core import fold_last_axis
+
 MASK_VALUE = -1e9
 # Scores (float32) per block: small enough that a block's scores stay in the CPU's cache.
 BLOCK_SCORES = 1 << 19
@@ -64,21 +66,6 @@ class _Config(NamedTuple):
     self_value: float | None
     dropout_rate: float
     block: int
-
-
-def fold_last_axis(x, combine, reduce, width: int = 32):
-    """`reduce(x, axis=-1)` for an associative `combine` (jnp.maximum for jnp.max, jnp.add
-    for jnp.sum): the `width`-wide slices of the last axis are first combined elementwise.
-
-    XLA:CPU runs a reduction over a long axis as a reduce-window pass plus a reduce, neither
-    vectorised across rows; one elementwise pass over the slices and a `width`-long reduce was
-    2-3x faster here on the score blocks of window attention.
-    """
-    n = x.shape[-1]
-    if n % width or n <= width:
-        return reduce(x, axis=-1)
-    return reduce(functools.reduce(combine, [x[..., i:i + width] for i in range(0, n, width)]),
-                  axis=-1)
 
 
 def _window_chunks(a, start, block, offsets):

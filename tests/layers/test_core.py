@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from terraformer import layers as tl
+from terraformer.layers.core import fold_last_axis
 from terraformer.shapes import ShapeDtype
 
 
@@ -90,3 +91,11 @@ def test_packed_kernel_matmul_matches_dense(np_rng, dtype, tol, d_out):
     weights, _ = layer.init(ShapeDtype(x.shape))
     y, _ = layer.apply(x, layer.pack_for_decoding(weights, "float32"), (), None)
     np.testing.assert_allclose(y, layer.apply(x, weights, (), None)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("length", [256, 96, 20])
+def test_fold_last_axis_equals_plain_reductions(length):
+    x = jnp.asarray(np.random.default_rng().normal(size=(3, 5, length)), jnp.float32)
+    np.testing.assert_array_equal(fold_last_axis(x, jnp.maximum, jnp.max), jnp.max(x, -1))
+    np.testing.assert_allclose(fold_last_axis(x, jnp.add, jnp.sum), jnp.sum(x, -1),
+                               rtol=1e-5, atol=1e-5)

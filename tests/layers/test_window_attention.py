@@ -119,11 +119,3 @@ def test_gather_rows_and_its_gradient(np_rng):
     want = jax.grad(
         lambda x: jnp.sum(jnp.take_along_axis(x[:, None], perm[..., None], axis=2) * weights))(x)
     np.testing.assert_allclose(got, want, atol=1e-5)
-
-
-@pytest.mark.parametrize("length", [256, 96, 20])
-def test_fold_last_axis_equals_plain_reductions(length):
-    x = jnp.asarray(np.random.default_rng().normal(size=(3, 5, length)), jnp.float32)
-    np.testing.assert_array_equal(wa.fold_last_axis(x, jnp.maximum, jnp.max), jnp.max(x, -1))
-    np.testing.assert_allclose(wa.fold_last_axis(x, jnp.add, jnp.sum), jnp.sum(x, -1),
-                               rtol=1e-5, atol=1e-5)
