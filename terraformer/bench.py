@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from terraformer.decoding import Decoder, time_per_token
+from terraformer.decoding import STREAM_BLOCK, Decoder, time_per_token
 from terraformer.layers.attention import SelfAttention
 from terraformer.layers.losses import cross_entropy
 from terraformer.layers.lsh import LSHSelfAttention
@@ -298,9 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how the decoder stores the kernels it multiplies by: float32, "
                              "bf16 or int8 (a scale per output unit), converted inside the "
                              "fused matrix-vector products (memory.quantize.pack_for_decoding)")
-    decode.add_argument("--block_size", type=int, default=1,
+    decode.add_argument("--block_size", type=int, default=STREAM_BLOCK,
                         help="tokens per call of the compiled decoding loop while timing "
-                             "(1: each token its own call, dispatch included)")
+                             f"(default {STREAM_BLOCK}, as `terraformer decode` streams them; "
+                             "1: each token its own call, dispatch included)")
     decode.add_argument("--output_dtype", default=None, choices=["float32", "bf16", "int8"],
                         help="the output layer's storage when it should differ from --dtype "
                              "(int8: a quarter of the bytes of the largest matrix a step reads)")

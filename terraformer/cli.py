@@ -152,14 +152,15 @@ def _stream_continuation(model_fn, weights, ids, tok, args) -> None:
 
     import numpy as np
 
-    from terraformer.decoding import Decoder
+    from terraformer.decoding import STREAM_BLOCK, Decoder
 
     decoder = Decoder(model_fn(mode="predict"), weights, batch_size=1)
     stops = (tok.eos_id,) if tok.eos_id >= 0 else ()
     start = time.perf_counter()
     new = []
     for block in decoder.stream(np.asarray(ids)[None], args.max_new_tokens, args.temperature,
-                                args.top_k, args.top_p, args.seed, stops, block_size=16):
+                                args.top_k, args.top_p, args.seed, stops,
+                                block_size=STREAM_BLOCK):
         text_before = tok.decode(np.asarray(new, np.int32)) if new else ""
         new.extend(int(t) for t in block[0])
         text = tok.decode(np.asarray(new, np.int32))
