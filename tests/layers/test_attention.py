@@ -172,6 +172,18 @@ def test_predict_cache_in_blocks_equals_eval(np_rng, monkeypatch, chunk_len, mem
     np.testing.assert_allclose(jnp.concatenate([a, b], 1), want[:, :8], atol=1e-5)
 
 
+@pytest.mark.parametrize("mem_len,want", [(1, (1, 1)), (256, (256, 256)), (264, (264, 264)),
+                                           (512, (512, 512)), (513, (768, 256)),
+                                           (1000, (1024, 256)), (16384, (16384, 256))])
+def test_ring_layout_small_rings_are_one_block_of_exactly_mem_len(mem_len, want):
+    """Up to two PREDICT_BLOCK_LENs the ring is one block of mem_len slots (read whole by
+    a decoding step); beyond, whole blocks of PREDICT_BLOCK_LEN that hold mem_len."""
+    import terraformer.layers.attention as attention
+
+    assert attention.PREDICT_BLOCK_LEN == 256
+    assert attention._ring_layout(mem_len) == want
+
+
 @pytest.mark.parametrize("ring,block_len", [(512, 256), (256, 256), (1024, 256), (16384, 256),
                                              (65536, 256), (24, 4), (8192, 256)])
 def test_decoding_blocks_divide_the_ring_and_skip_unwritten_slots(ring, block_len):
