@@ -280,15 +280,18 @@ def _decoding_weights(model: Layer, weights, weight_dtype: str | None,
 
 
 def time_per_token(decoder: Decoder, prompt_ids, new_tokens: int,
-                   block_size: int = STREAM_BLOCK) -> dict:
+                   block_size: int | None = None) -> dict:
     """Latency figures: prefill seconds and greedy per-token seconds.
 
     Tokens are generated `block_size` at a time, each block one call of the compiled loop
-    (as `Decoder.stream` does, STREAM_BLOCK by default), timed with block_until_ready;
-    `s_per_token` is the median over blocks after the first of block time / block_size.
+    (as `Decoder.stream` does; by default STREAM_BLOCK, fewer when new_tokens is under four
+    blocks of it), timed with block_until_ready; `s_per_token` is the median over blocks
+    after the first (which compiles) of block time / block_size.
     block_size=1 times every token as its own call, which adds the call's dispatch and
     set-up (0.3-1 ms on the 2-core CPU box) to each token.
     """
+    if block_size is None:
+        block_size = max(1, min(STREAM_BLOCK, new_tokens // 4))
     if block_size < 1 or new_tokens < block_size:
         raise ValueError(f"block_size must be in [1, new_tokens={new_tokens}], got {block_size}")
     start = time.perf_counter()

@@ -192,3 +192,22 @@ def test_quantized_decoding_weights_within_tolerance(np_rng, dtype, tol, kind, o
     want, got = log_probs(), log_probs(**{option: dtype})
     assert float(jnp.max(jnp.abs(got - want))) < tol
     assert (jnp.argmax(got, -1) == jnp.argmax(want, -1)).mean() >= 0.8
+
+
+@pytest.mark.parametrize("new_tokens,block_size", [(2, None), (40, None), (6, 3), (4, 5)])
+def test_time_per_token_blocks(trained_like, new_tokens, block_size):
+    """Default blocks are STREAM_BLOCK tokens, fewer for short runs (at least four blocks);
+    a block larger than the run is a clear error."""
+    from terraformer.decoding import STREAM_BLOCK, time_per_token
+
+    _, weights, _ = trained_like
+    dec = _decoder(weights, batch=1)
+    prompt = np.ones((1, 3), np.int32)
+    if block_size is not None and block_size > new_tokens:
+        with pytest.raises(ValueError, match="block_size must be in"):
+            time_per_token(dec, prompt, new_tokens, block_size)
+        return
+    got = time_per_token(dec, prompt, new_tokens, block_size)
+    assert got["prefill_s"] > 0 and 0 < got["s_per_token"] <= got["first_token_s"] * 10
+    want_block = block_size or max(1, min(STREAM_BLOCK, new_tokens // 4))
+    assert len(dec._loops) == 1 and next(iter(dec._loops))[0] == want_block
