@@ -8,15 +8,16 @@ Predict mode keeps a ring buffer of keys and values in `state`, laid out
 [batch, n_heads, ring, d] so that a query's dot with the cache is a plain batched product. The
 ring holds exactly `predict_mem_len` positions up to 2 * PREDICT_BLOCK_LEN (one block, read
 whole), else that many rounded up to whole blocks of PREDICT_BLOCK_LEN; position p lives in
-slot p % ring, so shapes never change
-between decoding steps. One token is written with `dynamic_update_slice`; a prefill chunk with
-a scatter (it may wrap). Attention visits only the cache blocks between the oldest key any new
-query may see and the newest position, combining them with a running softmax, so a step costs
-what the window holds, not the whole buffer. Attention from the cache equals the full forward
-pass as long as every key a query may look at is still in the buffer: always for local
-attention when `predict_mem_len >= (n_chunks_before + 1) * chunk_len + tokens per call`, and
-for full attention while the total length fits in `predict_mem_len`; beyond that it is a
-sliding window over the last `predict_mem_len` positions (query q sees keys q -
+slot p % ring, so shapes never change between decoding steps. One token is written with
+`dynamic_update_slice`; a prefill chunk with a scatter (it may wrap). Attention visits only
+the cache blocks between the oldest key any new query may see and the newest position,
+combining them with a running softmax, so a step costs what the window holds, not the whole
+buffer (one decoding query reads the whole ring, in place, once those blocks cover half of
+it: cheaper than the copies XLA makes of the blocks it visits). Attention from the cache equals
+the full forward pass as long as every key a query may look at is still in the buffer: always
+for local attention when `predict_mem_len >= (n_chunks_before + 1) * chunk_len + tokens per
+call`, and for full attention while the total length fits in `predict_mem_len`; beyond that it
+is a sliding window over the last `predict_mem_len` positions (query q sees keys q -
 predict_mem_len < p <= q), so feeding tokens one at a time or in chunks gives the same outputs
 while the chunk is at most ring - predict_mem_len + 1 tokens (token by token always).
 """
