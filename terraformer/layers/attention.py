@@ -356,8 +356,8 @@ def _decoding_block_len(ring: int, block_len: int) -> int:
 
     One query's scores per block are small, so fewer, larger blocks cost less per step than
     many loop iterations over small ones; but a step reads every slot of each block it
-    visits, so blocks of a whole small ring would read its unwritten slots too (a 512-slot
-    ring holding 200 positions read 512 keys a token).
+    visits, so blocks of a whole ring would read its unwritten slots too (a 2,048-slot ring
+    holding 200 positions would read 2,048 keys a token).
     """
     n_blocks = ring // block_len
     cap = min(DECODING_BLOCK_KEYS, ring // 4) // block_len
@@ -407,15 +407,19 @@ def ring_attention(q, q_pos, k_cache, v_cache, key_mask, lo, block_len: int, new
                                                        vb.astype(jnp.float32))
         return m_new, total, acc
 
-    def body(j, carry):
-        slot0 = ((hi // block_len - j) % n_blocks) * block_len
-        k_pos = hi - (hi - slot0 - jnp.arange(block_len)) % ring
-        kb = lax.dynamic_slice_in_dim(k_cache, slot0, block_len, axis=2)
-        vb = lax.dynamic_slice_in_dim(v_cache, slot0, block_len, axis=2)
-        allowed = key_mask(k_pos, slot0, block_len)
+    def visit(carry, slot0, length: int):
+        """The running softmax after slots slot0 .. slot0 + length - 1 (the whole ring,
+        read in place, when length == ring)."""
+        k_pos = hi - (hi - slot0 - jnp.arange(length)) % ring
+        kb = lax.dynamic_slice_in_dim(k_cache, slot0, length, axis=2)
+        vb = lax.dynamic_slice_in_dim(v_cache, slot0, length, axis=2)
+        allowed = key_mask(k_pos, slot0, length)
         if new_kv is not None:
             allowed = allowed & (k_pos != hi)  # the slot the new key will take: stale
         return fold(carry, scores_of(kb, allowed), vb)
+
+    def body(j, carry):
+        return visit(carry, ((hi // block_len - j) % n_blocks) * block_len, block_len)
 
     def finish(carry):
         _, total, acc = carry
@@ -438,9 +442,7 @@ def ring_attention(q, q_pos, k_cache, v_cache, key_mask, lo, block_len: int, new
         return lax.fori_loop(0, count, body, carry)
 
     def whole_ring(carry):
-        k_pos = hi - (hi - jnp.arange(ring)) % ring
-        allowed = key_mask(k_pos, 0, ring) & (k_pos != hi)
-        return fold(carry, scores_of(k_cache, allowed), v_cache)
+        return visit(carry, 0, ring)
 
     if new_kv is None or ring > WHOLE_RING_MAX_SLOTS:
         return finish(visit_blocks(carry))

@@ -120,7 +120,7 @@ def test_sparse_ff_predict_gather_equals_eval(seed, chunk):
     y_steps = [step(x[:, t : t + 1], weights, state, None)[0] for t in range(length)]
     np.testing.assert_allclose(jnp.concatenate(y_steps, 1), y_eval, atol=1e-5, rtol=0)
     # weights packed for decoding (w1 and w2 as one table of rows): the same outputs, for
-    # many tokens at once (two gathers of half rows) and for one (one gather of whole rows)
+    # many tokens at once (batched products) and for one (matrix-vector products)
     packed = pred_layer.pack_for_decoding(weights, "float32")
     assert "w12" in packed and "w1" not in packed
     np.testing.assert_allclose(step(x, packed, state, None)[0], y_eval, atol=1e-5, rtol=0)
