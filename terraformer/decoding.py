@@ -24,13 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from terraformer.checks import check_choice, check_int, check_number
 from terraformer.layers.base import Layer
-from terraformer.layers.core import argmax
+from terraformer.layers.core import DECODE_DTYPES, Dense, argmax
 from terraformer.shapes import ShapeDtype
 
 START_ID = 0
-# Tokens per call of the compiled loop when streaming: a call's dispatch (~0.3-1 ms on CPU)
-# is shared by this many tokens, and the first of them still shows up after one block.
+# Tokens per call of the compiled loop when streaming: a call's dispatch cost is shared by
+# this many tokens, and the first of them still shows up after one block.
 STREAM_BLOCK = 16
 
 
@@ -47,12 +48,12 @@ class Sampling:
     top_p: float | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        check_number("temperature", self.temperature, "Sampling", minimum=0.0)
+        if self.top_k is not None:
+            check_int("top_k", self.top_k, 1, "Sampling")
+        if self.top_p is not None:
+            check_number("top_p", self.top_p, "Sampling", minimum=0.0, maximum=1.0,
+                         allow_minimum=False)
 
 
 def filter_logits(logits, top_k: int | None = None, top_p: float | None = None):
@@ -97,20 +98,19 @@ class Decoder:
         model's max_len); longer requests are a ValueError. None: no check (attention caches
         then slide over their last positions).
       weight_dtype: how the kernels the model multiplies by are stored for decoding
-        (`memory.quantize.pack_for_decoding`): 'float32' (default: same values, a layout the
-        per-token matrix-vector products read fastest), 'bf16' or 'int8' (a quarter of the
-        bytes; logits within the tolerance documented in memory/quantize.py), or None to use
-        `weights` as given. Weights already holding QuantizedArrays (for a QuantizedModel)
-        are used as given.
+        (`model.pack_for_decoding`): 'float32' (default: same values, a layout the per-token
+        matrix-vector products read fastest), 'bf16' (each entry to 2**-8 relative) or 'int8'
+        (a quarter of the bytes; each entry within half its output unit's step, see
+        `layers.core.quantize_int8`), or None to use `weights` as given (already packed).
       output_dtype: the output layer's storage when it should differ from weight_dtype
-        (e.g. 'int8': its vocabulary-sized matrix is most of what a sparse model reads).
+        (e.g. 'int8': its vocabulary-sized matrix is most of what a sparse model reads). The
+        output layer is the last Dense among the model's top-level layers.
     """
 
     def __init__(self, model: Layer, weights, batch_size: int = 1, prefill_chunk: int = 1024,
                  rng=None, max_len: int | None = None, weight_dtype: str | None = "float32",
                  output_dtype: str | None = None):
-        if prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        check_int("prefill_chunk", prefill_chunk, 1, "Decoder")
         self.max_len = max_len
         self.model = model
         self.weights = _decoding_weights(model, weights, weight_dtype, output_dtype)
@@ -247,8 +247,7 @@ class Decoder:
                stop_ids: Sequence[int] = (), block_size: int = STREAM_BLOCK,
                encoder_inputs=None) -> Iterator[np.ndarray]:
         """Yields generated tokens in blocks of up to `block_size` ([batch, n] int32)."""
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        check_int("max_new_tokens", max_new_tokens, 0, "Decoder.stream")
         self._check_length(np.shape(prompt_ids)[-1] + max_new_tokens)
         sampling = Sampling(temperature, top_k, top_p)
         enc = self._check_encoder_inputs(encoder_inputs)
@@ -270,13 +269,21 @@ class Decoder:
 
 def _decoding_weights(model: Layer, weights, weight_dtype: str | None,
                       output_dtype: str | None):
-    from terraformer.memory.quantize import is_quantized, pack_for_decoding
-
+    """`weights` packed by `model.pack_for_decoding(weights, weight_dtype)`; with an
+    `output_dtype` of its own, the output layer's entry is packed in that dtype instead."""
     if weight_dtype is None:
         return weights
-    if any(is_quantized(x) for x in jax.tree.leaves(weights, is_leaf=is_quantized)):
-        return weights
-    return pack_for_decoding(model, weights, weight_dtype, output_dtype)
+    check_choice("weight_dtype", weight_dtype, DECODE_DTYPES, "Decoder")
+    packed = model.pack_for_decoding(weights, weight_dtype)
+    if output_dtype is None or output_dtype == weight_dtype:
+        return packed
+    check_choice("output_dtype", output_dtype, DECODE_DTYPES, "Decoder")
+    dense_at = [i for i, sub in enumerate(model.sublayers) if isinstance(sub, Dense)]
+    if not dense_at:
+        return packed
+    out = dense_at[-1]
+    output_layer = model.sublayers[out].pack_for_decoding(weights[out], output_dtype)
+    return packed[:out] + (output_layer,) + packed[out + 1:]
 
 
 def time_per_token(decoder: Decoder, prompt_ids, new_tokens: int,
@@ -288,7 +295,7 @@ def time_per_token(decoder: Decoder, prompt_ids, new_tokens: int,
     blocks of it), timed with block_until_ready; `s_per_token` is the median over blocks
     after the first (which compiles) of block time / block_size.
     block_size=1 times every token as its own call, which adds the call's dispatch and
-    set-up (0.3-1 ms on the 2-core CPU box) to each token.
+    set-up to each token.
     """
     if block_size is None:
         block_size = max(1, min(STREAM_BLOCK, new_tokens // 4))

@@ -233,6 +233,10 @@ class Cache(Layer):
         outputs = tuple(jnp.zeros(s.shape, s.dtype) for s in items)
         return weights, {"layer": state, "outputs": outputs, "ready": jnp.zeros((), bool)}
 
+    def pack_for_decoding(self, weights, dtype: str):
+        """The cached layer's weights (the Cache's own) packed by that layer."""
+        return self.sublayers[0].pack_for_decoding(weights, dtype)
+
     def apply(self, x, weights, state, rng):
         layer = self.sublayers[0]
         if self._mode != "predict":
