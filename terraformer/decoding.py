@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -95,8 +96,9 @@ class Decoder:
       rng: key for the model's own init (e.g. LSH hash seeds); use the training init key so
         predict-mode hashing matches eval.
       max_len: the longest prompt + generation the model's caches hold exactly (e.g. the
-        model's max_len); longer requests are a ValueError. None: no check (attention caches
-        then slide over their last positions).
+        model's max_len); longer requests are a ValueError. None: longer requests than the
+        model's caches hold (`model.predict_context()`) decode with a warning, attention then
+        sliding over the last positions.
       weight_dtype: how the kernels the model multiplies by are stored for decoding
         (`model.pack_for_decoding`): 'float32' (default: same values, a layout the per-token
         matrix-vector products read fastest), 'bf16' (each entry to 2**-8 relative) or 'int8'
@@ -113,6 +115,7 @@ class Decoder:
         check_int("prefill_chunk", prefill_chunk, 1, "Decoder")
         self.max_len = max_len
         self.model = model
+        self.context = model.predict_context()
         self.weights = _decoding_weights(model, weights, weight_dtype, output_dtype)
         self.batch_size = batch_size
         self.prefill_chunk = prefill_chunk
@@ -158,7 +161,10 @@ class Decoder:
         """
         prompt = self._check_prompt(prompt_ids)
         self._check_length(prompt.shape[1])
-        enc = self._check_encoder_inputs(encoder_inputs)
+        return self._prefill(prompt, state, self._check_encoder_inputs(encoder_inputs))
+
+    def _prefill(self, prompt, state, enc):
+        """`prefill` of a checked prompt [batch, length] and encoder inputs."""
         if state is None:
             state = self.initial_state(enc)
         inputs = jnp.concatenate(
@@ -173,11 +179,22 @@ class Decoder:
                                            self.weights, state, None)
         return log_probs[:, -1], state
 
-    def _check_length(self, total: int) -> None:
+    def _check_length(self, total: int, new_tokens: int = 0) -> None:
+        """Refuses `total` tokens (prompt plus `new_tokens`) beyond max_len; without max_len,
+        warns once when they exceed the model's caches."""
         if self.max_len is not None and total + 1 > self.max_len:
             raise ValueError(
                 f"prompt plus new tokens ({total}) plus the start token exceed the model's "
                 f"max_len={self.max_len}; shorten the prompt or raise max_len")
+        if self.max_len is None and self.context is not None and total + 1 > self.context:
+            request = f"a prompt of {total - new_tokens} tokens"
+            if new_tokens:
+                request += f" plus {new_tokens} new tokens"
+            warnings.warn(
+                f"{request} (with the start token, {total + 1} positions) exceed the model's "
+                f"cache length of {self.context}: attention then slides over the last "
+                f"{self.context} positions and earlier tokens no longer count",
+                stacklevel=3)
 
     def _check_prompt(self, prompt_ids):
         prompt = jnp.asarray(prompt_ids)
@@ -248,10 +265,11 @@ class Decoder:
                encoder_inputs=None) -> Iterator[np.ndarray]:
         """Yields generated tokens in blocks of up to `block_size` ([batch, n] int32)."""
         check_int("max_new_tokens", max_new_tokens, 0, "Decoder.stream")
-        self._check_length(np.shape(prompt_ids)[-1] + max_new_tokens)
+        prompt = self._check_prompt(prompt_ids)
+        self._check_length(prompt.shape[1] + max_new_tokens, max_new_tokens)
         sampling = Sampling(temperature, top_k, top_p)
         enc = self._check_encoder_inputs(encoder_inputs)
-        log_probs, state = self.prefill(prompt_ids, encoder_inputs=enc)
+        log_probs, state = self._prefill(prompt, None, enc)
         rng = jax.random.PRNGKey(seed)
         done = jnp.zeros((self.batch_size,), bool)
         remaining = max_new_tokens

@@ -133,6 +133,17 @@ class Layer:
                 "weight layout overrides pack_for_decoding")
         return tuple(sub.pack_for_decoding(w, dtype) for sub, w in zip(subs, weights))
 
+    def predict_context(self) -> int | None:
+        """The most positions (the newest included) whose keys a predict-mode layer holds in
+        its caches, or None when its outputs do not depend on a bounded cache.
+
+        Fed more positions than this, attention sees at most the last ones (a sliding
+        window), not the whole past; `decoding.Decoder` warns. The default is the least over
+        the sublayers; a layer with a cache of its own overrides this.
+        """
+        limits = [c for c in (sub.predict_context() for sub in self._sublayers) if c is not None]
+        return min(limits) if limits else None
+
     def init(self, input_signature, rng=None):
         """Infers weight shapes from `input_signature`; returns `(weights, state)`.
 
