@@ -234,8 +234,10 @@ class Cache(Layer):
         return weights, {"layer": state, "outputs": outputs, "ready": jnp.zeros((), bool)}
 
     def pack_for_decoding(self, weights, dtype: str):
-        """The cached layer's weights (the Cache's own) packed by that layer."""
-        return self.sublayers[0].pack_for_decoding(weights, dtype)
+        """The weights as they are: the cached layer runs once per sequence, so packing it
+        would speed up no decoding step (and, in int8, would cost accuracy)."""
+        del dtype
+        return weights
 
     def apply(self, x, weights, state, rng):
         layer = self.sublayers[0]

@@ -230,3 +230,15 @@ def test_pack_for_decoding_default_of_a_custom_layer(np_rng):
     with pytest.raises(TypeError, match="Wrapper.pack_for_decoding: expected weights as a "
                                         "tuple of 1 entries"):
         Wrapper(tl.Dense(3)).pack_for_decoding({"w": jnp.ones((4, 3))}, "float32")
+
+
+def test_pack_for_decoding_keeps_a_cached_encoders_weights(np_rng):
+    """A Cache runs its layer once per sequence: its weights stay as they are, beside packed
+    ones."""
+    from terraformer.layers.encdec import Cache
+
+    model = tl.Serial(Cache(tl.Serial(tl.Dense(4), tl.Relu()), mode="predict"), tl.Dense(3))
+    weights, _ = model.init(ShapeDtype((2, 5, 4)))
+    packed = model.pack_for_decoding(weights, "int8")
+    assert packed[0] is weights[0]
+    assert isinstance(packed[1]["w"], PackedKernel) and packed[1]["w"].rows.dtype == jnp.int8
