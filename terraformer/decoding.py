@@ -18,19 +18,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from terraformer.checks import check_choice, check_int, check_number
 from terraformer.layers.base import Layer
-from terraformer.layers.core import argmax
+from terraformer.layers.core import DECODE_DTYPES, Dense, argmax
 from terraformer.shapes import ShapeDtype
 
 START_ID = 0
-# Tokens per call of the compiled loop when streaming: a call's dispatch (~0.3-1 ms on CPU)
-# is shared by this many tokens, and the first of them still shows up after one block.
+# Tokens per call of the compiled loop when streaming: a call's dispatch cost is shared by
+# this many tokens, and the first of them still shows up after one block.
 STREAM_BLOCK = 16
 
 
@@ -47,12 +49,12 @@ class Sampling:
     top_p: float | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        check_number("temperature", self.temperature, "Sampling", minimum=0.0)
+        if self.top_k is not None:
+            check_int("top_k", self.top_k, 1, "Sampling")
+        if self.top_p is not None:
+            check_number("top_p", self.top_p, "Sampling", minimum=0.0, maximum=1.0,
+                         allow_minimum=False)
 
 
 def filter_logits(logits, top_k: int | None = None, top_p: float | None = None):
@@ -94,25 +96,26 @@ class Decoder:
       rng: key for the model's own init (e.g. LSH hash seeds); use the training init key so
         predict-mode hashing matches eval.
       max_len: the longest prompt + generation the model's caches hold exactly (e.g. the
-        model's max_len); longer requests are a ValueError. None: no check (attention caches
-        then slide over their last positions).
+        model's max_len); longer requests are a ValueError. None: longer requests than the
+        model's caches hold (`model.predict_context()`) decode with a warning, attention then
+        sliding over the last positions.
       weight_dtype: how the kernels the model multiplies by are stored for decoding
-        (`memory.quantize.pack_for_decoding`): 'float32' (default: same values, a layout the
-        per-token matrix-vector products read fastest), 'bf16' or 'int8' (a quarter of the
-        bytes; logits within the tolerance documented in memory/quantize.py), or None to use
-        `weights` as given. Weights already holding QuantizedArrays (for a QuantizedModel)
-        are used as given.
+        (`model.pack_for_decoding`): 'float32' (default: same values, a layout the per-token
+        matrix-vector products read fastest), 'bf16' (each entry to 2**-8 relative) or 'int8'
+        (a quarter of the bytes; each entry within half its output unit's step, see
+        `layers.core.quantize_int8`), or None to use `weights` as given (already packed).
       output_dtype: the output layer's storage when it should differ from weight_dtype
-        (e.g. 'int8': its vocabulary-sized matrix is most of what a sparse model reads).
+        (e.g. 'int8': its vocabulary-sized matrix is most of what a sparse model reads). The
+        output layer is the last Dense among the model's top-level layers.
     """
 
     def __init__(self, model: Layer, weights, batch_size: int = 1, prefill_chunk: int = 1024,
                  rng=None, max_len: int | None = None, weight_dtype: str | None = "float32",
                  output_dtype: str | None = None):
-        if prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        check_int("prefill_chunk", prefill_chunk, 1, "Decoder")
         self.max_len = max_len
         self.model = model
+        self.context = model.predict_context()
         self.weights = _decoding_weights(model, weights, weight_dtype, output_dtype)
         self.batch_size = batch_size
         self.prefill_chunk = prefill_chunk
@@ -158,7 +161,10 @@ class Decoder:
         """
         prompt = self._check_prompt(prompt_ids)
         self._check_length(prompt.shape[1])
-        enc = self._check_encoder_inputs(encoder_inputs)
+        return self._prefill(prompt, state, self._check_encoder_inputs(encoder_inputs))
+
+    def _prefill(self, prompt, state, enc):
+        """`prefill` of a checked prompt [batch, length] and encoder inputs."""
         if state is None:
             state = self.initial_state(enc)
         inputs = jnp.concatenate(
@@ -173,11 +179,22 @@ class Decoder:
                                            self.weights, state, None)
         return log_probs[:, -1], state
 
-    def _check_length(self, total: int) -> None:
+    def _check_length(self, total: int, new_tokens: int = 0) -> None:
+        """Refuses `total` tokens (prompt plus `new_tokens`) beyond max_len; without max_len,
+        warns once when they exceed the model's caches."""
         if self.max_len is not None and total + 1 > self.max_len:
             raise ValueError(
                 f"prompt plus new tokens ({total}) plus the start token exceed the model's "
                 f"max_len={self.max_len}; shorten the prompt or raise max_len")
+        if self.max_len is None and self.context is not None and total + 1 > self.context:
+            request = f"a prompt of {total - new_tokens} tokens"
+            if new_tokens:
+                request += f" plus {new_tokens} new tokens"
+            warnings.warn(
+                f"{request} (with the start token, {total + 1} positions) exceed the model's "
+                f"cache length of {self.context}: attention then slides over the last "
+                f"{self.context} positions and earlier tokens no longer count",
+                stacklevel=3)
 
     def _check_prompt(self, prompt_ids):
         prompt = jnp.asarray(prompt_ids)
@@ -247,12 +264,12 @@ class Decoder:
                stop_ids: Sequence[int] = (), block_size: int = STREAM_BLOCK,
                encoder_inputs=None) -> Iterator[np.ndarray]:
         """Yields generated tokens in blocks of up to `block_size` ([batch, n] int32)."""
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        self._check_length(np.shape(prompt_ids)[-1] + max_new_tokens)
+        check_int("max_new_tokens", max_new_tokens, 0, "Decoder.stream")
+        prompt = self._check_prompt(prompt_ids)
+        self._check_length(prompt.shape[1] + max_new_tokens, max_new_tokens)
         sampling = Sampling(temperature, top_k, top_p)
         enc = self._check_encoder_inputs(encoder_inputs)
-        log_probs, state = self.prefill(prompt_ids, encoder_inputs=enc)
+        log_probs, state = self._prefill(prompt, None, enc)
         rng = jax.random.PRNGKey(seed)
         done = jnp.zeros((self.batch_size,), bool)
         remaining = max_new_tokens
@@ -270,13 +287,21 @@ class Decoder:
 
 def _decoding_weights(model: Layer, weights, weight_dtype: str | None,
                       output_dtype: str | None):
-    from terraformer.memory.quantize import is_quantized, pack_for_decoding
-
+    """`weights` packed by `model.pack_for_decoding(weights, weight_dtype)`; with an
+    `output_dtype` of its own, the output layer's entry is packed in that dtype instead."""
     if weight_dtype is None:
         return weights
-    if any(is_quantized(x) for x in jax.tree.leaves(weights, is_leaf=is_quantized)):
-        return weights
-    return pack_for_decoding(model, weights, weight_dtype, output_dtype)
+    check_choice("weight_dtype", weight_dtype, DECODE_DTYPES, "Decoder")
+    packed = model.pack_for_decoding(weights, weight_dtype)
+    if output_dtype is None or output_dtype == weight_dtype:
+        return packed
+    check_choice("output_dtype", output_dtype, DECODE_DTYPES, "Decoder")
+    dense_at = [i for i, sub in enumerate(model.sublayers) if isinstance(sub, Dense)]
+    if not dense_at:
+        return packed
+    out = dense_at[-1]
+    output_layer = model.sublayers[out].pack_for_decoding(weights[out], output_dtype)
+    return packed[:out] + (output_layer,) + packed[out + 1:]
 
 
 def time_per_token(decoder: Decoder, prompt_ids, new_tokens: int,
@@ -288,7 +313,7 @@ def time_per_token(decoder: Decoder, prompt_ids, new_tokens: int,
     blocks of it), timed with block_until_ready; `s_per_token` is the median over blocks
     after the first (which compiles) of block time / block_size.
     block_size=1 times every token as its own call, which adds the call's dispatch and
-    set-up (0.3-1 ms on the 2-core CPU box) to each token.
+    set-up to each token.
     """
     if block_size is None:
         block_size = max(1, min(STREAM_BLOCK, new_tokens // 4))

@@ -1,5 +1,7 @@
 """The decoding loop: prefill, greedy against the eval forward pass, sampling rules."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -211,3 +213,46 @@ def test_time_per_token_blocks(trained_like, new_tokens, block_size):
     assert got["prefill_s"] > 0 and 0 < got["s_per_token"] <= got["first_token_s"] * 10
     want_block = block_size or max(1, min(STREAM_BLOCK, new_tokens // 4))
     assert len(dec._loops) == 1 and next(iter(dec._loops))[0] == want_block
+
+
+def test_prompt_longer_than_the_cache_warns_once(np_rng, trained_like):
+    """Without max_len, a request longer than the model's caches decodes with one warning
+    that gives the prompt's length, the cache length and the sliding window."""
+    _, weights, _ = trained_like
+    cache = CFG["max_len"]
+    dec = Decoder(TransformerLM(mode="predict", **CFG), weights, batch_size=1, prefill_chunk=16)
+    assert dec.context == cache
+    prompt = np_rng.integers(1, CFG["vocab_size"], size=(1, cache + int(np_rng.integers(0, 9))))
+    with pytest.warns(UserWarning) as caught:
+        out = dec.generate(prompt, 3)
+    assert out.shape == (1, 3) and len(caught) == 1
+    message = str(caught[0].message)
+    assert f"a prompt of {prompt.shape[1]} tokens plus 3 new tokens" in message
+    assert f"cache length of {cache}" in message
+    assert f"slides over the last {cache} positions" in message
+    with pytest.warns(UserWarning, match=f"a prompt of {prompt.shape[1]} tokens \\(with"):
+        dec.prefill(prompt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dec.generate(prompt[:, : cache - 4], 3)  # start + prompt + 2 fed tokens fit
+        dec.prefill(prompt[:, : cache - 1])
+
+
+def test_predict_context_is_the_least_cache_of_the_model():
+    """Full attention's ring bounds the context, local attention does not, eval has none."""
+    import functools
+
+    from terraformer.layers.attention import SelfAttention
+    from terraformer.layers.combinators import Serial
+    from terraformer.models import ReformerLM
+
+    assert TransformerLM(mode="predict", **CFG).predict_context() == CFG["max_len"]
+    assert TransformerLM(mode="eval", **CFG).predict_context() is None
+    full = SelfAttention(causal=True, mode="predict", predict_mem_len=20)
+    local = SelfAttention(causal=True, chunk_len=4, mode="predict", predict_mem_len=12)
+    assert Serial(local, Serial(full)).predict_context() == 20
+    assert local.predict_context() is None
+    attn = functools.partial(SelfAttention, chunk_len=4, n_chunks_before=1, predict_mem_len=12)
+    assert ReformerLM(vocab_size=19, d_model=16, d_ff=32, n_layers=2, n_heads=2, max_len=24,
+                      attention_type=attn, mode="predict").predict_context() is None
+    assert _lm("terraformer", "predict").predict_context() == 24

@@ -219,6 +219,11 @@ class SelfAttention(Layer):
         kernels = {name: pack_kernel(weights[name], dtype) for name in ("wq", "wk", "wv", "wo")}
         return {**weights, **kernels}
 
+    def predict_context(self) -> int | None:
+        """Full attention in predict mode: `predict_mem_len` (beyond it the ring slides); local
+        attention sees its chunks exactly at any length."""
+        return self._mem_len if self._mode == "predict" and self._chunk_len is None else None
+
     def _project(self, x, weights, name):
         y = matmul(x, weights["w" + name])
         if self._use_bias:

@@ -7,6 +7,11 @@ in `jax.jit`, `jax.grad` and `jax.vmap`.
 
 A Trax-like convenience sits on top: `layer.init(signature)` also keeps the weights and state
 on the layer, and `layer(x)` runs `apply` with them.
+
+For decoding, `pack_for_decoding(weights, dtype)` stores the weights in the layout a
+predict-mode `apply` reads fastest: combinators recurse into their sublayers, and the layers
+that multiply by large kernels (Dense, the attention projections, the sparse layers) override
+it; every other layer keeps its weights as they are.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 import jax
 
 from terraformer import shapes
+from terraformer.checks import check_choice
 
 MODES = ("train", "eval", "predict")
 EMPTY = ()
@@ -23,9 +29,7 @@ EMPTY = ()
 
 def check_mode(mode: str) -> str:
     """Returns `mode` if it is one of MODES, else raises a ValueError naming it."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    return mode
+    return check_choice("mode", mode, MODES)
 
 
 def split_rng(rng, n: int) -> list:
@@ -105,6 +109,40 @@ class Layer:
     def apply(self, x, weights, state, rng):
         """Returns `(y, new_state)`: the pure forward pass."""
         raise TypeError(f"{self._name}: a Layer subclass must override apply")
+
+    def pack_for_decoding(self, weights, dtype: str):
+        """`weights` stored for decoding: a pytree that this layer's predict-mode `apply`
+        takes in place of `weights`, computing the same outputs.
+
+        `dtype` ('float32', 'bf16' or 'int8', see `core.DECODE_DTYPES`) is how the kernels a
+        layer multiplies by are stored. A layer that packs overrides this. The default keeps a
+        layer without sublayers' weights as they are, and packs a layer with sublayers
+        entry by entry, `weights` being a tuple with one entry per sublayer (the layout
+        `sublayers` documents); a layer whose weights are laid out otherwise (one sublayer's
+        weights, stacked weights) overrides this too.
+        """
+        subs = self._sublayers
+        if not subs:
+            return weights
+        if not isinstance(weights, (tuple, list)) or len(weights) != len(subs):
+            got = (f"{len(weights)} entries" if isinstance(weights, (tuple, list))
+                   else type(weights).__name__)
+            raise TypeError(
+                f"{self._name}.pack_for_decoding: expected weights as a tuple of "
+                f"{len(subs)} entries, one per sublayer, got {got}; a layer with another "
+                "weight layout overrides pack_for_decoding")
+        return tuple(sub.pack_for_decoding(w, dtype) for sub, w in zip(subs, weights))
+
+    def predict_context(self) -> int | None:
+        """The most positions (the newest included) whose keys a predict-mode layer holds in
+        its caches, or None when its outputs do not depend on a bounded cache.
+
+        Fed more positions than this, attention sees at most the last ones (a sliding
+        window), not the whole past; `decoding.Decoder` warns. The default is the least over
+        the sublayers; a layer with a cache of its own overrides this.
+        """
+        limits = [c for c in (sub.predict_context() for sub in self._sublayers) if c is not None]
+        return min(limits) if limits else None
 
     def init(self, input_signature, rng=None):
         """Infers weight shapes from `input_signature`; returns `(weights, state)`.

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from terraformer.checks import check_int
 from terraformer.layers.base import (
     EMPTY,
     Layer,
@@ -19,6 +20,7 @@ from terraformer.layers.base import (
     from_items,
     split_rng,
 )
+from terraformer.shapes import ShapeDtype
 
 
 def _as_out_items(y, n: int, who: str) -> tuple:
@@ -33,7 +35,7 @@ def _sig_items(sig, n: int) -> tuple:
     return sig
 
 
-def _serial_arity(layers) -> tuple[int, int]:
+def serial_arity(layers) -> tuple[int, int]:
     """(n_in, n_out) of running `layers` one after another on a stack."""
     n_in, depth = 0, 0
     for layer in layers:
@@ -44,13 +46,15 @@ def _serial_arity(layers) -> tuple[int, int]:
     return n_in, depth
 
 
-def _ensure_layers(layers, who: str) -> list[Layer]:
+def ensure_layers(layers, who: str) -> list[Layer]:
+    """`layers` as a flat list (nested lists and tuples flattened, Nones dropped); a TypeError
+    naming `who` for anything that is not a Layer."""
     flat = []
     for layer in layers:
         if layer is None:
             continue
         if isinstance(layer, (list, tuple)):
-            flat.extend(_ensure_layers(layer, who))
+            flat.extend(ensure_layers(layer, who))
         elif isinstance(layer, Layer):
             flat.append(layer)
         else:
@@ -67,8 +71,8 @@ class Serial(Layer):
     """
 
     def __init__(self, *layers, name: str | None = None):
-        layers = _ensure_layers(layers, "Serial")
-        n_in, n_out = _serial_arity(layers)
+        layers = ensure_layers(layers, "Serial")
+        n_in, n_out = serial_arity(layers)
         super().__init__(n_in=n_in, n_out=n_out, name=name or "Serial", sublayers=layers)
 
     def init_weights_and_state(self, input_signature, rng):
@@ -101,7 +105,7 @@ class Parallel(Layer):
     """
 
     def __init__(self, *layers, name: str | None = None):
-        layers = _ensure_layers(layers, "Parallel")
+        layers = ensure_layers(layers, "Parallel")
         super().__init__(
             n_in=sum(l.n_in for l in layers),
             n_out=sum(l.n_out for l in layers),
@@ -145,7 +149,7 @@ class Branch(Layer):
 
     def __init__(self, *layers, name: str | None = None):
         layers = [Select([0]) if l is None else l for l in layers]
-        layers = _ensure_layers(layers, "Branch")
+        layers = ensure_layers(layers, "Branch")
         super().__init__(
             n_in=max([l.n_in for l in layers] + [1]),
             n_out=sum(l.n_out for l in layers),
@@ -232,8 +236,7 @@ def Multiply() -> Layer:  # noqa: N802
 
 def Concatenate(n_items: int = 2, axis: int = -1) -> Layer:  # noqa: N802
     """(x_1, ..., x_n) -> (concatenate([x_1, ..., x_n], axis))."""
-    if n_items < 2:
-        raise ValueError(f"Concatenate: n_items must be >= 2, got {n_items}")
+    check_int("n_items", n_items, 2, "Concatenate")
     return PureLayer(
         lambda *xs: jnp.concatenate(xs, axis=axis), n_in=n_items, name="Concatenate"
     )
@@ -255,13 +258,17 @@ class Chunk(Layer):
     """
 
     def __init__(self, layer: Layer, chunk_size: int | None):
-        if chunk_size is not None and chunk_size < 0:
-            raise ValueError(f"Chunk: chunk_size must be >= 0, got {chunk_size}")
+        if chunk_size is not None:
+            check_int("chunk_size", chunk_size, 0, "Chunk")
         super().__init__(n_in=layer.n_in, n_out=layer.n_out, name="Chunk", sublayers=[layer])
         self._chunk_size = chunk_size
 
     def init_weights_and_state(self, input_signature, rng):
         return self.sublayers[0].init_weights_and_state(input_signature, rng)
+
+    def pack_for_decoding(self, weights, dtype: str):
+        """The chunked layer's weights (the Chunk's own) packed by that layer."""
+        return self.sublayers[0].pack_for_decoding(weights, dtype)
 
     def apply(self, x, weights, state, rng):
         layer = self.sublayers[0]
@@ -315,8 +322,6 @@ class Scan(Layer):
         self._remat = remat
 
     def _slice_signature(self, input_signature):
-        from terraformer.shapes import ShapeDtype
-
         items = _sig_items(input_signature, self.n_in)
         n_xs = self.n_in - self._n_carry
         sliced = []
@@ -333,6 +338,10 @@ class Scan(Layer):
         return self.sublayers[0].init_weights_and_state(
             self._slice_signature(input_signature), rng
         )
+
+    def pack_for_decoding(self, weights, dtype: str):
+        """The scanned layer's weights (the Scan's own) packed by that layer."""
+        return self.sublayers[0].pack_for_decoding(weights, dtype)
 
     def apply(self, x, weights, state, rng):
         layer = self.sublayers[0]

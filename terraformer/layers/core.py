@@ -1,4 +1,8 @@
-"""Core layers: Dense, Embedding, Dropout, LayerNorm, activations, shifts, positions."""
+"""Core layers: Dense, Embedding, Dropout, LayerNorm, activations, shifts, positions.
+
+Also the one int8 format (`quantize_int8` / `dequantize_int8`: symmetric, one float32 scale
+per slice) and `PackedKernel`, the Dense kernel layout that decoding multiplies by.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from terraformer.checks import check_choice, check_int, check_rate
 from terraformer.layers import initializers as init_lib
 from terraformer.layers.base import EMPTY, Layer, PureLayer, check_mode
 
@@ -50,16 +55,35 @@ DECODE_DTYPES = ("float32", "bf16", "int8")
 INT8_MAX = 127
 
 
+def quantize_int8(x, axis: int = -1):
+    """Symmetric int8 quantization of `x` with one scale per slice along `axis`.
+
+    Returns `(q, scale)`: q int8 of x's shape, scale float32 of x's shape without `axis`,
+    `scale = max|x| / INT8_MAX` over the slice (1 for a slice of zeros, stored exactly) and
+    `q = round(x / scale)`, so `|x - dequantize_int8(q, scale, axis)| <= scale / 2` entrywise.
+    """
+    x32 = jnp.asarray(x, jnp.float32)
+    amax = jnp.max(jnp.abs(x32), axis=axis)
+    scale = jnp.where(amax > 0, amax / INT8_MAX, 1.0).astype(jnp.float32)
+    q = jnp.clip(jnp.round(x32 / jnp.expand_dims(scale, axis)), -INT8_MAX, INT8_MAX)
+    return q.astype(jnp.int8), scale
+
+
+def dequantize_int8(q, scale, axis: int = -1):
+    """The float32 array `quantize_int8` stored as `(q, scale)` (scales along `axis`)."""
+    return q.astype(jnp.float32) * jnp.expand_dims(scale, axis)
+
+
 @jax.tree_util.register_pytree_node_class
 class PackedKernel:
     """A Dense kernel [..., d_in, d_out] stored for decoding as rows [..., d_out, d_in].
 
     `rows` is float32, bfloat16, or int8 with `scale` [..., d_out] (float32, one per output
-    unit: |w - rows * scale| <= scale / 2). XLA:CPU fuses the conversion of `rows` into a
-    matrix-vector product whose contraction is the minor axis, so a decoding step reads only
-    the stored bytes (the [d_in, d_out] layout, or an int8 table dequantized first,
-    materialises a float32 copy per step), and inside `lax.scan` over stacked layers the
-    layer's slice is read in place instead of copied out first.
+    unit, from `quantize_int8` over each row: |w - rows * scale| <= scale / 2). XLA:CPU fuses
+    the conversion of `rows` into a matrix-vector product whose contraction is the minor axis,
+    so a decoding step reads only the stored bytes (the [d_in, d_out] layout, or an int8
+    table dequantized first, materialises a float32 copy per step), and inside `lax.scan` over
+    stacked layers the layer's slice is read in place instead of copied out first.
     """
 
     def __init__(self, rows, scale=None):
@@ -103,9 +127,10 @@ class PackedKernel:
 
     def dense(self):
         """The float32 kernel [..., d_in, d_out] this stands for."""
-        rows = self.rows.astype(jnp.float32)
-        if self.scale is not None:
-            rows = rows * self.scale[..., None]
+        if self.scale is None:
+            rows = self.rows.astype(jnp.float32)
+        else:
+            rows = dequantize_int8(self.rows, self.scale)
         return jnp.swapaxes(rows, -1, -2)
 
 
@@ -127,9 +152,9 @@ def _converting_matmul_blocked(x, rows):
     """`_converting_matmul` over blocks of at least two row ranges, under `lax.map`.
 
     Inside a compiled loop (the decoding loop) XLA:CPU materialises the converted float32
-    kernel of a whole-matrix product every step (int8 output layer: 0.7 ms alone, 40 ms in
-    the loop); the same product split into row blocks under `lax.map` keeps the conversion
-    fused. A single block would be simplified back into the whole-matrix product.
+    kernel of a whole-matrix product every step; the same product split into row blocks
+    under `lax.map` keeps the conversion fused (figures: benchmarks/RESULTS.md). A single
+    block would be simplified back into the whole-matrix product.
     """
     d_out, d_in = rows.shape
     n_blocks = max(2, -(-rows.size // _CONVERT_BLOCK_ELEMENTS))
@@ -144,9 +169,8 @@ def _converting_matmul_blocked(x, rows):
 
 def pack_kernel(w, dtype: str = "float32") -> PackedKernel:
     """A Dense kernel [..., d_in, d_out] as a PackedKernel of `dtype` ('float32', 'bf16',
-    'int8': symmetric, one scale max|w| / 127 per output unit)."""
-    if dtype not in DECODE_DTYPES:
-        raise ValueError(f"pack_kernel: dtype must be one of {DECODE_DTYPES}, got {dtype!r}")
+    'int8': `quantize_int8`, one scale per output unit)."""
+    check_choice("dtype", dtype, DECODE_DTYPES, "pack_kernel")
     if isinstance(w, PackedKernel):
         w = w.dense()
     rows = jnp.swapaxes(jnp.asarray(w, jnp.float32), -1, -2)
@@ -154,17 +178,14 @@ def pack_kernel(w, dtype: str = "float32") -> PackedKernel:
         return PackedKernel(rows)
     if dtype == "bf16":
         return PackedKernel(rows.astype(jnp.bfloat16))
-    amax = jnp.max(jnp.abs(rows), axis=-1)
-    scale = jnp.where(amax > 0, amax / INT8_MAX, 1.0).astype(jnp.float32)
-    q = jnp.clip(jnp.round(rows / scale[..., None]), -INT8_MAX, INT8_MAX).astype(jnp.int8)
-    return PackedKernel(q, scale)
+    return PackedKernel(*quantize_int8(rows))
 
 
 def argmax(x, axis: int = -1):
     """jnp.argmax (int32, ties to the lowest index) as a max and a min reduction.
 
     XLA:CPU runs argmax's value-and-index reduction element by element; two plain reductions
-    vectorise (a sparse feed-forward's choice of units: 10x faster per decoding step). Rows
+    vectorise (a sparse feed-forward's choice of units at every decoding step). Rows
     holding NaN give an index in range, not necessarily the NaN's.
     """
     axis = axis % x.ndim
@@ -179,8 +200,8 @@ def fold_last_axis(x, combine, reduce, width: int = 32):
     for jnp.sum): the `width`-wide slices of the last axis are first combined elementwise.
 
     XLA:CPU runs a reduction over a long axis as a reduce-window pass plus a reduce, neither
-    vectorised across rows; one elementwise pass over the slices and a `width`-long reduce was
-    2-3x faster here on the score blocks of window attention.
+    vectorised across rows; one elementwise pass over the slices and a `width`-long reduce is
+    faster on the score blocks of window attention (figures: benchmarks/RESULTS.md).
     """
     n = x.shape[-1]
     if n % width or n <= width:
@@ -210,8 +231,7 @@ class Dense(Layer):
         kernel_initializer=init_lib.glorot_uniform,
         bias_initializer=init_lib.random_normal(1e-6),
     ):
-        if n_units < 1:
-            raise ValueError(f"Dense: n_units must be >= 1, got {n_units}")
+        check_int("n_units", n_units, 1, "Dense")
         super().__init__(name=f"Dense_{n_units}")
         self._n_units = n_units
         self._use_bias = use_bias
@@ -227,7 +247,8 @@ class Dense(Layer):
         return weights, EMPTY
 
     def pack_for_decoding(self, weights, dtype: str):
-        """These weights with the kernel as a PackedKernel (see `pack_kernel`)."""
+        """These weights with the kernel as a PackedKernel (see `pack_kernel`): a decoding
+        step's matrix-vector product then reads the stored rows in place."""
         return {**weights, "w": pack_kernel(weights["w"], dtype)}
 
     def apply(self, x, weights, state, rng):
@@ -245,10 +266,8 @@ class Embedding(Layer):
     """
 
     def __init__(self, vocab_size: int, d_feature: int, kernel_initializer=None):
-        if vocab_size < 1 or d_feature < 1:
-            raise ValueError(
-                f"Embedding: vocab_size and d_feature must be >= 1, got {vocab_size}, {d_feature}"
-            )
+        check_int("vocab_size", vocab_size, 1, "Embedding")
+        check_int("d_feature", d_feature, 1, "Embedding")
         super().__init__(name=f"Embedding_{vocab_size}_{d_feature}")
         self.vocab_size = vocab_size
         self.d_feature = d_feature
@@ -270,8 +289,7 @@ class Dropout(Layer):
     """
 
     def __init__(self, rate: float = 0.0, shared_axes=None, mode: str = "train"):
-        if not 0.0 <= rate < 1.0:
-            raise ValueError(f"Dropout: rate must be in [0, 1), got {rate}")
+        check_rate("rate", rate, "Dropout")
         super().__init__(name="Dropout")
         self._rate = rate
         self._shared_axes = tuple(shared_axes or ())

@@ -233,6 +233,12 @@ class Cache(Layer):
         outputs = tuple(jnp.zeros(s.shape, s.dtype) for s in items)
         return weights, {"layer": state, "outputs": outputs, "ready": jnp.zeros((), bool)}
 
+    def pack_for_decoding(self, weights, dtype: str):
+        """The weights as they are: the cached layer runs once per sequence, so packing it
+        would speed up no decoding step (and, in int8, would cost accuracy)."""
+        del dtype
+        return weights
+
     def apply(self, x, weights, state, rng):
         layer = self.sublayers[0]
         if self._mode != "predict":

@@ -720,6 +720,11 @@ class LSHSelfAttention(Layer):
             )
         return weights, state
 
+    def predict_context(self) -> int | None:
+        """`predict_mem_len` for a causal predict-mode layer: beyond it the oldest positions
+        are dropped."""
+        return self.predict_mem_len if self.mode == "predict" and self.causal else None
+
     # -- apply ---------------------------------------------------------------------------------
     def _inputs(self, x):
         items = as_items(x, self.n_in, self.name)

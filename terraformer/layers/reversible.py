@@ -38,8 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from terraformer.checks import check_int
 from terraformer.layers.base import EMPTY, Layer, as_items, from_items, split_rng
-from terraformer.layers.combinators import Serial, _ensure_layers, _serial_arity
+from terraformer.layers.combinators import Serial, ensure_layers, serial_arity
 
 # -- cotangent helpers ----------------------------------------------------------------------
 
@@ -180,7 +181,7 @@ class ReversibleHalfResidual(ReversibleLayer):
     """
 
     def __init__(self, *residual_layers, name: str | None = None):
-        layers = _ensure_layers(residual_layers, "ReversibleHalfResidual")
+        layers = ensure_layers(residual_layers, "ReversibleHalfResidual")
         if not layers:
             raise ValueError("ReversibleHalfResidual: needs at least one residual layer")
         residual = Serial(*layers)
@@ -244,7 +245,7 @@ class ReversibleHalfResidual(ReversibleLayer):
 
 
 def _check_reversible(layers, who: str) -> list[ReversibleLayer]:
-    layers = _ensure_layers(layers, who)
+    layers = ensure_layers(layers, who)
     for layer in layers:
         if not isinstance(layer, ReversibleLayer):
             raise TypeError(
@@ -333,7 +334,7 @@ class ReversibleSerial(ReversibleLayer):
 
     def __init__(self, *layers, name: str | None = None):
         layers = _check_reversible(layers, "ReversibleSerial")
-        n_in, _ = _serial_arity(layers)
+        n_in, _ = serial_arity(layers)
         super().__init__(n_in=n_in, name=name or "ReversibleSerial", sublayers=layers)
 
     def init_weights_and_state(self, input_signature, rng):
@@ -389,8 +390,7 @@ class ReversibleRepeat(ReversibleLayer):
             raise TypeError(
                 f"ReversibleRepeat: block must be a ReversibleLayer, got {type(block).__name__}"
             )
-        if n_layers < 1:
-            raise ValueError(f"ReversibleRepeat: n_layers must be >= 1, got {n_layers}")
+        check_int("n_layers", n_layers, 1, "ReversibleRepeat")
         super().__init__(n_in=block.n_in, name=name or "ReversibleRepeat", sublayers=[block])
         self._n_layers = n_layers
         self._unrolled = mode == "predict"
@@ -413,6 +413,17 @@ class ReversibleRepeat(ReversibleLayer):
             return weights, tuple(s for _, s in per_layer)
         state = jax.tree.map(lambda *a: jnp.stack(a), *[s for _, s in per_layer])
         return weights, state
+
+    def pack_for_decoding(self, weights, dtype: str):
+        """The stacked weights packed by the block; in predict mode, where the blocks run one
+        after another, an `UnstackedLayers` of each layer's weights packed by the block, so
+        that a decoding step reads every layer's buffers where they lie (a slice of a stacked
+        array would be copied out first)."""
+        block = self.sublayers[0]
+        if not self._unrolled:
+            return block.pack_for_decoding(weights, dtype)
+        return UnstackedLayers(tuple(block.pack_for_decoding(self.layer_weights(weights, i), dtype)
+                                     for i in range(self._n_layers)))
 
     def layer_weights(self, weights, i: int):
         """Layer i's weights from stacked weights or an `UnstackedLayers`."""
@@ -500,7 +511,7 @@ class UnstackedLayers(NamedTuple):
     """A `ReversibleRepeat`'s weights as one pytree per layer (`layers`, a tuple), for decoding.
 
     Separate buffers per layer: a decoding step then reads each layer's weights where they
-    lie. `memory.quantize.pack_for_decoding` makes one from stacked weights.
+    lie. `ReversibleRepeat.pack_for_decoding` makes one from stacked weights.
     """
 
     layers: tuple

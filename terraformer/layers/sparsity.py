@@ -708,6 +708,10 @@ class _CausalAttentionCore(Layer):
         }
         return EMPTY, state
 
+    def predict_context(self) -> int | None:
+        """max_inference_length in predict mode (positions never wrap here)."""
+        return self._max_len if self._mode == "predict" else None
+
     def apply(self, x, weights, state, rng):
         q, k, v = x
         length = q.shape[1]

@@ -2,8 +2,7 @@
 
 - `offload`: `MemoryEfficientTrainer` (the stack's weights and slots in pinned_host memory,
   per-block fused optimizer updates, chunked loss), memory-kind helpers.
-- `quantize`: bf16 / int8 (per-channel) weight storage, dequantized inside the compiled step;
-  bf16 optimizer slots.
+- `quantize`: bf16 optimizer slots.
 """
 
 from terraformer.memory.offload import (
@@ -15,26 +14,14 @@ from terraformer.memory.offload import (
     to_device,
     to_host,
 )
-from terraformer.memory.quantize import (
-    QuantizedArray,
-    QuantizedModel,
-    dequantize,
-    quantize,
-    quantized_apply,
-    quantized_slots,
-)
+from terraformer.memory.quantize import quantized_slots
 
 __all__ = [
     "MemoryEfficientOptState",
     "MemoryEfficientTrainer",
-    "QuantizedArray",
-    "QuantizedModel",
-    "dequantize",
     "host_memory_kind",
     "make_memory_efficient_step",
     "offload_reason",
-    "quantize",
-    "quantized_apply",
     "quantized_slots",
     "to_device",
     "to_host",

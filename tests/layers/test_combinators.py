@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from terraformer import layers as tl
+from terraformer.layers.core import PackedKernel
 from terraformer.shapes import ShapeDtype
 
 
@@ -169,3 +170,75 @@ def test_same_rng_same_result_and_dropout_off_in_eval(np_rng):
     assert not np.array_equal(y1, y3)
     y_eval, _ = tl.Dropout(0.5, mode="eval").apply(x, (), (), key)
     np.testing.assert_array_equal(y_eval, x)
+
+
+class _Scaled(tl.Layer):
+    """A layer with weights and no pack_for_decoding of its own: x -> x * w."""
+
+    def init_weights_and_state(self, input_signature, rng):
+        return {"w": jax.random.normal(rng, input_signature.shape[-1:])}, ()
+
+    def apply(self, x, weights, state, rng):
+        return x * weights["w"], state
+
+
+def test_pack_for_decoding_packs_exactly_the_packable_leaves(np_rng):
+    """Combinators recurse (a tuple per sublayer, one sublayer's weights for Chunk and Scan);
+    Dense kernels become PackedKernels; every other leaf's weights pass through as they are."""
+    d = 6
+    model = tl.Serial(
+        tl.Dense(d), tl.Relu(),
+        tl.Branch(tl.Dense(d), tl.LayerNorm(), _Scaled()),
+        tl.Parallel(tl.Chunk(tl.Dense(d), 2), tl.Residual(tl.Dense(d)), tl.Select([0])),
+        tl.Concatenate(3), _Scaled(),
+    )
+    x = jnp.asarray(np_rng.normal(size=(2, 5, d)), jnp.float32)
+    weights, state = model.init(ShapeDtype(x.shape))
+    packed = model.pack_for_decoding(weights, "float32")
+    # the same tree, a PackedKernel where a Dense kernel was
+    assert jax.tree.structure(packed, is_leaf=_is_packed) == jax.tree.structure(weights)
+    dense_kernels = [packed[0]["w"], packed[2][0]["w"], packed[3][0]["w"],
+                     packed[3][1][0][1][0]["w"]]
+    assert all(isinstance(k, PackedKernel) for k in dense_kernels)
+    assert len([a for a in jax.tree.leaves(packed, is_leaf=_is_packed) if _is_packed(a)]) == 4
+    assert packed[2][1] is weights[2][1] and packed[2][2] is weights[2][2]  # not packable
+    assert packed[5] is weights[5] and packed[0]["b"] is weights[0]["b"]
+    assert packed[1] == () and packed[3][2] == ()
+    np.testing.assert_allclose(model.apply(x, packed, state, None)[0],
+                               model.apply(x, weights, state, None)[0], atol=1e-5)
+    for dtype in ("bf16", "int8"):
+        kernels = jax.tree.leaves(model.pack_for_decoding(weights, dtype), is_leaf=_is_packed)
+        assert {k.rows.dtype.name for k in kernels if _is_packed(k)} == {
+            "bfloat16" if dtype == "bf16" else "int8"}
+
+
+def _is_packed(a):
+    return isinstance(a, PackedKernel)
+
+
+def test_pack_for_decoding_default_of_a_custom_layer(np_rng):
+    """A Layer subclass with no override keeps its weights; one with sublayers whose weights
+    are not a tuple per sublayer is told to override."""
+    layer = _Scaled()
+    weights, _ = layer.init(ShapeDtype((2, 4)))
+    assert layer.pack_for_decoding(weights, "int8") is weights
+
+    class Wrapper(tl.Layer):  # one sublayer's weights as its own, no override
+        def __init__(self, inner):
+            super().__init__(sublayers=[inner])
+
+    with pytest.raises(TypeError, match="Wrapper.pack_for_decoding: expected weights as a "
+                                        "tuple of 1 entries"):
+        Wrapper(tl.Dense(3)).pack_for_decoding({"w": jnp.ones((4, 3))}, "float32")
+
+
+def test_pack_for_decoding_keeps_a_cached_encoders_weights(np_rng):
+    """A Cache runs its layer once per sequence: its weights stay as they are, beside packed
+    ones."""
+    from terraformer.layers.encdec import Cache
+
+    model = tl.Serial(Cache(tl.Serial(tl.Dense(4), tl.Relu()), mode="predict"), tl.Dense(3))
+    weights, _ = model.init(ShapeDtype((2, 5, 4)))
+    packed = model.pack_for_decoding(weights, "int8")
+    assert packed[0] is weights[0]
+    assert isinstance(packed[1]["w"], PackedKernel) and packed[1]["w"].rows.dtype == jnp.int8

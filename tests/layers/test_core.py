@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from terraformer import layers as tl
-from terraformer.layers.core import fold_last_axis
+from terraformer.layers.core import dequantize_int8, fold_last_axis, pack_kernel, quantize_int8
 from terraformer.shapes import ShapeDtype
 
 
@@ -99,3 +99,44 @@ def test_fold_last_axis_equals_plain_reductions(length):
     np.testing.assert_array_equal(fold_last_axis(x, jnp.maximum, jnp.max), jnp.max(x, -1))
     np.testing.assert_allclose(fold_last_axis(x, jnp.add, jnp.sum), jnp.sum(x, -1),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,axis", [((37, 19), -1), ((3, 16, 8), -2), ((64,), -1),
+                                        ((5, 1), 0)])
+def test_int8_round_trip_within_half_a_step(np_rng, shape, axis):
+    """The one int8 format: |x - dequantize(quantize(x))| <= scale / 2, scale = max|x| / 127
+    over each slice along `axis`, and a slice of zeros stored exactly."""
+    x = np_rng.normal(size=shape).astype(np.float32) * np_rng.uniform(0.01, 10)
+    if x.ndim > 1:
+        np.moveaxis(x, axis, -1)[(0,) * (x.ndim - 1)] = 0.0  # one slice of zeros
+    q, scale = quantize_int8(x, axis)
+    assert q.dtype == jnp.int8 and q.shape == shape and scale.dtype == jnp.float32
+    assert scale.shape == tuple(n for a, n in enumerate(shape) if a != axis % x.ndim)
+    back = np.asarray(dequantize_int8(q, scale, axis))
+    step = np.expand_dims(np.asarray(scale), axis)
+    assert np.all(np.abs(back - x) <= step / 2 * (1 + 1e-6))
+    amax = np.max(np.abs(x), axis=axis)
+    np.testing.assert_allclose(np.where(amax > 0, 127 * np.asarray(scale), 0), amax, rtol=1e-6)
+    np.testing.assert_array_equal(back[x == 0], 0.0)
+    assert np.abs(np.asarray(q)).max() <= 127
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bf16"])
+def test_pack_kernel_stores_the_one_format(np_rng, dtype):
+    """A PackedKernel's int8 rows and scales are `quantize_int8` of the rows (one scale per
+    output unit); bf16 rows are within 2**-8 relative; `dense()` gives the kernel back."""
+    w = (np_rng.normal(size=(3, 24, 10)) * np.exp(np_rng.uniform(-5, 5, size=(3, 1, 10))))
+    w = w.astype(np.float32)
+    packed = pack_kernel(jnp.asarray(w), dtype)
+    assert packed.shape == w.shape and packed.rows.shape == (3, 10, 24)
+    if dtype == "int8":
+        q, scale = quantize_int8(np.swapaxes(w, -1, -2))
+        np.testing.assert_array_equal(packed.rows, q)
+        np.testing.assert_array_equal(packed.scale, scale)
+        bound = np.asarray(scale)[:, None, :] / 2 * (1 + 1e-6)
+    else:
+        assert packed.rows.dtype == jnp.bfloat16 and packed.scale is None
+        bound = 2.0**-8 * np.abs(w)
+    assert np.all(np.abs(np.asarray(packed.dense()) - w) <= bound)
+    # packing a packed kernel again keeps its values (up to the recomputed scale's rounding)
+    np.testing.assert_allclose(pack_kernel(packed, dtype).dense(), packed.dense(), rtol=1e-6)

@@ -7,6 +7,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from terraformer import layers as tl
+from terraformer.layers.core import PackedKernel
 from terraformer.layers.reversible import (
     ReversibleHalfResidual,
     ReversibleLayer,
@@ -336,6 +337,29 @@ def test_repeat_predict_mode_runs_layers_on_per_layer_state(seed):
         assert isinstance(new_state, tuple) and len(new_state) == n
     with pytest.raises(ValueError, match="tuple of 3 per-layer states"):
         unrolled.apply(xs, w, s, None)
+
+
+def test_repeat_packs_its_stack_for_decoding(seed):
+    """Predict mode: an UnstackedLayers of per-layer packed weights; train/eval: the stacked
+    weights packed by the block. Both give the outputs of the weights as stored."""
+    n, d = 3, 16
+    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+    xs = (_normal(keys[0], (2, 5, d)), _normal(keys[1], (2, 5, d)))
+    unrolled = ReversibleRepeat(ReversibleSerial(*_blocks(1, d, mode="predict")), n,
+                                mode="predict")
+    w, state = _init(unrolled, xs, keys[2])
+    want, _ = unrolled.apply(xs, w, state, None)
+    packed = unrolled.pack_for_decoding(w, "float32")
+    assert isinstance(packed, UnstackedLayers) and len(packed.layers) == n
+    for i, layer in enumerate(packed.layers):
+        kernel = layer[0][0][1]["w"]  # block -> first half-residual -> Serial -> Dense(d_ff)
+        assert isinstance(kernel, PackedKernel) and kernel.shape == (d, 32)
+        np.testing.assert_array_equal(kernel.dense(), w[0][0][1]["w"][i])
+    got, _ = unrolled.apply(xs, packed, state, None)
+    assert _max_err(got, want) < 1e-5, f"seed {seed}"
+    scanned = ReversibleRepeat(ReversibleSerial(*_blocks(1, d, mode="eval")), n)
+    stacked = scanned.pack_for_decoding(w, "float32")
+    assert stacked[0][0][1]["w"].shape == (n, d, 32)
 
 
 # -- memory -----------------------------------------------------------------------------------
