@@ -556,10 +556,10 @@ class LocallyConvDense(Layer):
         """`time_padded`'s modules (batch, length + lk - 1, n_modules, d_in) convolved with
         `kernel` [lk * k * d_in, n] (rows in (j, c, f) order) -> (batch, length, n_modules, n).
 
-        Predict mode: one XLA convolution (D-sparse decoding 1.015x and 1.035x faster than
-        its patches and their product). Otherwise one matmul over the patches (im2col): the
-        gradient of XLA:CPU's convolution for this shape was ~10x slower than the rest of a
-        Terraformer step together.
+        Predict mode: one XLA convolution (a decoding step then runs one op instead of
+        building the patches and multiplying them). Otherwise one matmul over the patches
+        (im2col): the gradient of XLA:CPU's convolution for this shape costs more than the
+        rest of a Terraformer step together (see benchmarks/RESULTS.md).
         """
         lk, k = self._length_kernel_size, self._kernel_size
         module_padding = ((k - 1) // 2, k // 2)
