@@ -579,20 +579,22 @@ class LSHSelfAttention(Layer):
       chunks_per_block: chunks per block of the attention (default: automatic).
 
     `predict` mode (causal only; a non-causal layer in predict mode runs the full eval forward on
-    each input and keeps no cache): the state also holds preallocated buffers
-    `k_mem [batch, predict_mem_len, n_heads, d_qk]` (unit-length keys), `v_mem [..., d_v]`,
-    `buckets [batch, predict_mem_len, n_heads, n_hashes]`, `valid [batch, predict_mem_len]`,
-    `fill` (cached positions) and `pos` (the next absolute position). Each call writes its new
-    tokens with `lax.dynamic_update_slice`; every new query attends, in each hash round, to the
-    cached and new keys at earlier-or-equal positions that fall in its own bucket (same rotations
-    as eval), and the rounds are merged as in eval. This equals the eval forward whenever each
-    query's chunk window in eval holds exactly its bucket's earlier keys, e.g. `n_buckets=1` and
-    `chunk_len >= length`, and feeding tokens one at a time equals feeding them in one call. When
-    the new tokens do not fit, the oldest positions are dropped in multiples of `predict_drop_len`
-    (clipped to `predict_mem_len`), as few as make room; `predict_drop_len=0` drops none, and an
-    overflowing call then raises a ValueError (or, when the state is traced under jit, returns NaN
-    outputs). One call may feed at most `predict_mem_len` tokens, else a ValueError. A call of T
-    tokens costs O(T * predict_mem_len) per head and round.
+    each input and keeps no cache): the state also holds preallocated buffers in the layout of
+    `kv_cache`, `k_mem [batch, n_heads, predict_mem_len, d_qk]` (unit-length keys),
+    `v_mem [..., d_v]`, `buckets [batch, n_heads, n_hashes, predict_mem_len]`,
+    `valid [batch, predict_mem_len]`, `fill` (cached positions) and `pos` (the next absolute
+    position). Each call writes its new tokens at `fill` (`kv_cache.write_at`: a linear buffer,
+    not a ring, since old positions leave it in blocks); every new query attends, in each hash
+    round, to the cached and new keys at earlier-or-equal positions that fall in its own bucket
+    (same rotations as eval), and the rounds are merged as in eval. This equals the eval forward
+    whenever each query's chunk window in eval holds exactly its bucket's earlier keys, e.g.
+    `n_buckets=1` and `chunk_len >= length`, and feeding tokens one at a time equals feeding them
+    in one call. When the new tokens do not fit, the oldest positions are dropped in multiples
+    of `predict_drop_len` (clipped to `predict_mem_len`), as few as make room;
+    `predict_drop_len=0` drops none, and an overflowing call then raises a ValueError (or, when
+    the state is traced under jit, returns NaN outputs). One call may feed at most
+    `predict_mem_len` tokens, else a ValueError. A call of T tokens costs O(T * predict_mem_len)
+    per head and round.
     """
 
     def __init__(
@@ -696,9 +698,9 @@ class LSHSelfAttention(Layer):
             batch, mem = x_sig.shape[0], self.predict_mem_len
             dtype = x_sig.dtype if jnp.issubdtype(x_sig.dtype, jnp.floating) else jnp.float32
             state.update(
-                k_mem=jnp.zeros((batch, mem, self.n_heads, self.d_qk), dtype),
-                v_mem=jnp.zeros((batch, mem, self.n_heads, self.d_v), dtype),
-                buckets=jnp.zeros((batch, mem, self.n_heads, self.n_hashes), jnp.int32),
+                k_mem=jnp.zeros((batch, self.n_heads, mem, self.d_qk), dtype),
+                v_mem=jnp.zeros((batch, self.n_heads, mem, self.d_v), dtype),
+                buckets=jnp.zeros((batch, self.n_heads, self.n_hashes, mem), jnp.int32),
                 valid=jnp.zeros((batch, mem), bool),
                 fill=jnp.zeros((), jnp.int32),
                 pos=jnp.zeros((), jnp.int32),
@@ -794,7 +796,7 @@ class LSHSelfAttention(Layer):
         if mask is None:
             mask = jnp.ones((batch, n_new), bool)
 
-        mem = {k: state[k] for k in ("k_mem", "v_mem", "buckets", "valid")}
+        mem = {k: state[k] for k in _MEMORY_POSITION_AXIS}
         overflow = fill + n_new > mem_len
         if drop_len > 0:
             n_drop = jnp.minimum(fill, -(-(fill + n_new - mem_len) // drop_len) * drop_len)
@@ -802,7 +804,7 @@ class LSHSelfAttention(Layer):
 
             def shift(m):
                 src = jnp.minimum(jnp.arange(mem_len) + n_drop, mem_len - 1)
-                out = {k: jnp.take(a, src, axis=1) for k, a in m.items()}
+                out = {k: jnp.take(a, src, axis=_MEMORY_POSITION_AXIS[k]) for k, a in m.items()}
                 out["valid"] = out["valid"] & (jnp.arange(mem_len) < mem_len - n_drop)
                 return out
 
@@ -810,24 +812,20 @@ class LSHSelfAttention(Layer):
             fill = fill - n_drop
             overflow = fill + n_new > mem_len
 
-        new = {"k_mem": length_normalized(qk).transpose(0, 2, 1, 3),
-               "v_mem": v.transpose(0, 2, 1, 3),
-               "buckets": q_buckets.transpose(0, 3, 1, 2), "valid": mask}
-        mem = {name: kv_cache.write_at(mem[name], new[name], fill, axis=1) for name in mem}
+        new = {"k_mem": length_normalized(qk), "v_mem": v, "buckets": q_buckets, "valid": mask}
+        mem = {name: kv_cache.write_at(mem[name], new[name], fill, _MEMORY_POSITION_AXIS[name])
+               for name in mem}
 
-        o = _predict_attention(
-            qk,
-            q_buckets,
-            fill + jnp.arange(n_new, dtype=jnp.int32),
-            mem["k_mem"].transpose(0, 2, 1, 3),
-            mem["v_mem"].transpose(0, 2, 1, 3),
-            mem["buckets"].transpose(0, 2, 3, 1),
-            mem["valid"],
-        )
+        o = _predict_attention(qk, q_buckets, fill + jnp.arange(n_new, dtype=jnp.int32),
+                               mem["k_mem"], mem["v_mem"], mem["buckets"], mem["valid"])
         y = self.project_output(o.astype(x.dtype), weights)
         y = jnp.where(overflow, jnp.nan, y)
         new_state = dict(state, **mem, fill=fill + n_new, pos=pos + n_new)
         return y, new_state
+
+
+# The position axis of each predict-mode buffer of LSHSelfAttention.
+_MEMORY_POSITION_AXIS = {"k_mem": 2, "v_mem": 2, "buckets": 3, "valid": 1}
 
 
 def _predict_attention(q, q_buckets, q_slots, k_mem, v_mem, k_buckets, valid, block=None):
