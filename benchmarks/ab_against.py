@@ -4,9 +4,10 @@
                                     [--rounds N] [--steps S]
 
 The ref's `terraformer/` package is exported (`git archive REF terraformer`) into a temporary
-folder as `terraformer_ref` (its absolute imports rewritten), so both packages load side by
-side. The same workload is built with each package's own builders and timed interleaved, new
-then ref then new ..., so that a busy or throttled machine slows both alike:
+folder as `terraformer_ref` (its absolute imports and gin module names rewritten), so both
+packages load side by side. The same workload is built with each package's own builders and
+timed interleaved, new then ref then new ..., so that a busy or throttled machine slows both
+alike:
 
 - `t16k`: the T-len training step at 16,384 tokens (ReformerLM with LSH attention, Adam), the
   model of each package's `bench.t_workload_model` and a step written here once for both
@@ -56,10 +57,12 @@ def export_ref(ref: str) -> pathlib.Path:
                              check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
     (root / "terraformer").rename(root / REF_NAME)
-    pattern = re.compile(r"\b(from|import)(\s+)terraformer\b")
+    imports = re.compile(r"\b(from|import)(\s+)terraformer\b")
+    # gin registers configurables by module name: the two packages' names must not collide.
+    gin_modules = re.compile(r"""(module\s*=\s*["'])terraformer\b""")
     for path in (root / REF_NAME).rglob("*.py"):
-        text = path.read_text()
-        path.write_text(pattern.sub(rf"\1\2{REF_NAME}", text))
+        text = imports.sub(rf"\1\2{REF_NAME}", path.read_text())
+        path.write_text(gin_modules.sub(rf"\1{REF_NAME}", text))
     return root
 
 
