@@ -6,8 +6,8 @@
 The ref's `terraformer/` package is exported (`git archive REF terraformer`) into a temporary
 folder as `terraformer_ref` (its absolute imports and gin module names rewritten), so both
 packages load side by side. The same workload is built with each package's own builders and
-timed interleaved, new then ref then new ..., so that a busy or throttled machine slows both
-alike:
+timed interleaved, new then ref then new ... (ref first in every other round), so that a busy
+or throttled machine slows both alike:
 
 - `t16k`: the T-len training step at 16,384 tokens (ReformerLM with LSH attention, Adam), the
   model of each package's `bench.t_workload_model` and a step written here once for both
@@ -109,9 +109,15 @@ def time_t(sides: dict, rounds: int, steps: int) -> dict:
     times = {name: [[] for _ in range(rounds)] for name in sides}
     for r in range(rounds):
         for _ in range(steps):
-            for name, run in sides.items():
-                times[name][r].append(run())
+            for name in _order(sides, r):
+                times[name][r].append(sides[name]())
     return times
+
+
+def _order(sides: dict, round_index: int) -> list:
+    """The sides in turn, the order reversed every other round (new first, then ref first)."""
+    names = list(sides)
+    return names if round_index % 2 == 0 else names[::-1]
 
 
 # -- D per token ----------------------------------------------------------------------------
@@ -139,8 +145,8 @@ def d_side(pkg: dict, kind: str, prompt, new_tokens: int, block: int):
 
 def time_d(sides: dict, rounds: int) -> dict:
     times = {name: [] for name in sides}
-    for _ in range(rounds):
-        gens = {name: make() for name, make in sides.items()}
+    for r in range(rounds):
+        gens = {name: sides[name]() for name in _order(sides, r)}
         this_round = {name: [] for name in sides}
         while gens:
             for name in list(gens):
