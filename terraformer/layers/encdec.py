@@ -20,22 +20,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from terraformer.checks import check_int, check_rate
 from terraformer.layers import initializers as init_lib
-from terraformer.layers.attention import dot_product_attention, merge_heads, split_heads
+from terraformer.layers.attention import merge_heads, split_heads
+from terraformer.layers.attention_core import dot_product_attention
 from terraformer.layers.base import EMPTY, Layer, PureLayer, as_items, check_mode, from_items
 from terraformer.layers.core import check_feature_dim, dropout
-
-
-def _check_positive_int(value, name: str, who: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{who}: {name} must be a positive int, got {value!r}")
-    return value
-
-
-def _check_rate(value, name: str, who: str) -> float:
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{who}: {name} must be in [0, 1), got {value}")
-    return float(value)
 
 
 class EncDecAttention(Layer):
@@ -86,14 +76,14 @@ class EncDecAttention(Layer):
     ):
         who = "EncDecAttention"
         super().__init__(n_in=3, n_out=3, name=who)
-        self._n_heads = _check_positive_int(n_heads, "n_heads", who)
-        self._d_qk = _check_positive_int(d_qk, "d_qk", who)
-        self._d_v = _check_positive_int(d_v, "d_v", who)
-        self._attention_dropout = _check_rate(attention_dropout, "attention_dropout", who)
-        self._output_dropout = _check_rate(output_dropout, "output_dropout", who)
+        self._n_heads = check_int("n_heads", n_heads, 1, who)
+        self._d_qk = check_int("d_qk", d_qk, 1, who)
+        self._d_v = check_int("d_v", d_v, 1, who)
+        self._attention_dropout = check_rate("attention_dropout", attention_dropout, who)
+        self._output_dropout = check_rate("output_dropout", output_dropout, who)
         self._mode = check_mode(mode)
         if q_chunk_len is not None:
-            _check_positive_int(q_chunk_len, "q_chunk_len", who)
+            check_int("q_chunk_len", q_chunk_len, 1, who)
         self._q_chunk_len = q_chunk_len
 
     # -- init -------------------------------------------------------------------------------

@@ -26,11 +26,12 @@ Conventions (those of Trax's LSHSelfAttention, re-derived from the Reformer pape
   never attended to, and their values cannot change which keys a real token sees.
 
 Memory: the sorted queries, keys and values take O(n_hashes * length * d) memory; the scores
-are computed a cache-sized block of chunks at a time (`window_attention`, whose hand-written
-backward rebuilds each block's probabilities from the saved log-sum-exp), so no more than one
-block of `chunk_len x window` score matrices is alive, forward or backward. Hashing projects
-at most a block of positions at a time, and a factored `n_buckets=(a, b)` projects on a/2 + b/2
-directions instead of a*b/2.
+are computed a cache-sized block of chunks at a time (`attention_core.blocked_attention`,
+whose hand-written backward rebuilds each block's probabilities from the saved log-sum-exp),
+so no more than one block of `chunk_len x window` score matrices is alive, forward or
+backward. Hashing projects at most a block of positions at a time, and a factored
+`n_buckets=(a, b)` projects on a/2 + b/2 directions instead of a*b/2. The sort and its undoing
+are gathers whose gradients are gathers too (`gather_rows`).
 
 Causal LSH attention masks every key at a later position, but, as in the Reformer paper, *which*
 earlier keys share a query's chunk depends on the buckets of all tokens, later ones included
@@ -44,18 +45,14 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
+from terraformer.checks import ArgumentError, check_int, check_rate
 from terraformer.layers import initializers as init_lib
+from terraformer.layers import kv_cache
+from terraformer.layers.attention_core import MASK_VALUE, blocked_attention
 from terraformer.layers.base import Layer, as_items, check_mode
 from terraformer.layers.core import dropout as dropout_fn
-from terraformer.layers.window_attention import (
-    MASK_VALUE,
-    gather_rows,
-    inverse_permutation,
-    window_attention,
-)
 
 SELF_ATTENTION_VALUE = -1e5
 NORM_EPSILON = 1e-6
@@ -71,11 +68,10 @@ _HEAD_LOOP_ROWS = 1 << 19
 
 # -- buckets ----------------------------------------------------------------------------------
 def _check_factor(n, who: str) -> int:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
-        raise TypeError(f"{who}: n_buckets entries must be ints, got {type(n).__name__}")
-    n = int(n)
-    if n < 1 or (n > 1 and n % 2):
-        raise ValueError(f"{who}: n_buckets entries must be 1 or a positive even int, got {n}")
+    n = check_int("n_buckets entries", n, 1, who)
+    if n > 1 and n % 2:
+        raise ArgumentError(f"{who}: n_buckets entries must be 1 or a positive even int, "
+                            f"got {n}")
     return n
 
 
@@ -294,17 +290,11 @@ def window_offsets(n_chunks: int, n_chunks_before: int, n_chunks_after: int) -> 
     return offsets
 
 
-def _check_int(name: str, value, low: int, who: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{who}: {name} must be an int >= {low}, got {value!r}")
-    return int(value)
-
-
 def _check_lsh_args(chunk_len, n_chunks_before, n_chunks_after, n_hashes, who):
-    _check_int("chunk_len", chunk_len, 1, who)
-    _check_int("n_chunks_before", n_chunks_before, 0, who)
-    _check_int("n_chunks_after", n_chunks_after, 0, who)
-    _check_int("n_hashes", n_hashes, 1, who)
+    check_int("chunk_len", chunk_len, 1, who)
+    check_int("n_chunks_before", n_chunks_before, 0, who)
+    check_int("n_chunks_after", n_chunks_after, 0, who)
+    check_int("n_hashes", n_hashes, 1, who)
 
 
 def lsh_attention(
@@ -346,7 +336,7 @@ def lsh_attention(
         of those shapes; their n_hashes axis then sets the number of rounds.
       dropout_rate / dropout_rng: dropout on the attention probabilities (when rate > 0).
       chunks_per_block: chunks attended to per block (a divisor of the chunk count; default:
-        about `window_attention.BLOCK_SCORES` scores a block). Blocks are recomputed in the
+        about `attention_core.BLOCK_SCORES` scores a block). Blocks are recomputed in the
         backward pass, so memory is linear in the length.
 
     Returns:
@@ -359,8 +349,7 @@ def lsh_attention(
             "lsh_attention: qk and v must be (batch, heads, length, d) with equal leading axes, "
             f"got qk {tuple(qk.shape)} and v {tuple(v.shape)}"
         )
-    if not 0.0 <= dropout_rate < 1.0:
-        raise ValueError(f"lsh_attention: dropout_rate must be in [0, 1), got {dropout_rate}")
+    check_rate("dropout_rate", dropout_rate, "lsh_attention")
     if dropout_rate > 0.0 and dropout_rng is None:
         raise ValueError("lsh_attention: dropout_rate > 0 needs a dropout_rng")
     batch, _, length, _ = qk.shape
@@ -370,7 +359,7 @@ def lsh_attention(
             f"got {tuple(mask.shape)}"
         )
     if chunks_per_block is not None:
-        chunks_per_block = _check_int("chunks_per_block", chunks_per_block, 1, "lsh_attention")
+        chunks_per_block = check_int("chunks_per_block", chunks_per_block, 1, "lsh_attention")
     n_buckets = resolve_n_buckets(n_buckets, length, chunk_len, max_length_for_buckets)
     if rotations is None and rng is None:
         raise ValueError("lsh_attention: pass rng (to draw the hash rotations) or rotations")
@@ -510,7 +499,7 @@ def _lsh_attention_heads(qk, v, mask, rotations, dropout_rng, *, n_buckets, chun
     spos = perm.reshape(shape)
     # Keys' positions, with -1 for padding: never equal to, nor after, a query position.
     skpos = jnp.where(sorted_buckets.reshape(shape) < pad_bucket, spos, -1)
-    out, lse = window_attention(
+    out, lse = blocked_attention(
         sq, length_normalized(sq), sv, spos, skpos,
         offsets=window_offsets(n_chunks, n_chunks_before, n_chunks_after),
         scale=1.0 / math.sqrt(d_qk), causal=causal, self_value=SELF_ATTENTION_VALUE,
@@ -590,20 +579,22 @@ class LSHSelfAttention(Layer):
       chunks_per_block: chunks per block of the attention (default: automatic).
 
     `predict` mode (causal only; a non-causal layer in predict mode runs the full eval forward on
-    each input and keeps no cache): the state also holds preallocated buffers
-    `k_mem [batch, predict_mem_len, n_heads, d_qk]` (unit-length keys), `v_mem [..., d_v]`,
-    `buckets [batch, predict_mem_len, n_heads, n_hashes]`, `valid [batch, predict_mem_len]`,
-    `fill` (cached positions) and `pos` (the next absolute position). Each call writes its new
-    tokens with `lax.dynamic_update_slice`; every new query attends, in each hash round, to the
-    cached and new keys at earlier-or-equal positions that fall in its own bucket (same rotations
-    as eval), and the rounds are merged as in eval. This equals the eval forward whenever each
-    query's chunk window in eval holds exactly its bucket's earlier keys, e.g. `n_buckets=1` and
-    `chunk_len >= length`, and feeding tokens one at a time equals feeding them in one call. When
-    the new tokens do not fit, the oldest positions are dropped in multiples of `predict_drop_len`
-    (clipped to `predict_mem_len`), as few as make room; `predict_drop_len=0` drops none, and an
-    overflowing call then raises a ValueError (or, when the state is traced under jit, returns NaN
-    outputs). One call may feed at most `predict_mem_len` tokens, else a ValueError. A call of T
-    tokens costs O(T * predict_mem_len) per head and round.
+    each input and keeps no cache): the state also holds preallocated buffers in the layout of
+    `kv_cache`, `k_mem [batch, n_heads, predict_mem_len, d_qk]` (unit-length keys),
+    `v_mem [..., d_v]`, `buckets [batch, n_heads, n_hashes, predict_mem_len]`,
+    `valid [batch, predict_mem_len]`, `fill` (cached positions) and `pos` (the next absolute
+    position). Each call writes its new tokens at `fill` (`kv_cache.write_at`: a linear buffer,
+    not a ring, since old positions leave it in blocks); every new query attends, in each hash
+    round, to the cached and new keys at earlier-or-equal positions that fall in its own bucket
+    (same rotations as eval), and the rounds are merged as in eval. This equals the eval forward
+    whenever each query's chunk window in eval holds exactly its bucket's earlier keys, e.g.
+    `n_buckets=1` and `chunk_len >= length`, and feeding tokens one at a time equals feeding them
+    in one call. When the new tokens do not fit, the oldest positions are dropped in multiples
+    of `predict_drop_len` (clipped to `predict_mem_len`), as few as make room;
+    `predict_drop_len=0` drops none, and an overflowing call then raises a ValueError (or, when
+    the state is traced under jit, returns NaN outputs). One call may feed at most
+    `predict_mem_len` tokens, else a ValueError. A call of T tokens costs O(T * predict_mem_len)
+    per head and round.
     """
 
     def __init__(
@@ -634,15 +625,11 @@ class LSHSelfAttention(Layer):
             ("d_v", d_v),
             ("predict_mem_len", predict_mem_len),
         ):
-            _check_int(name, value, 1, who)
-        _check_int("predict_drop_len", predict_drop_len, 0, who)
+            check_int(name, value, 1, who)
+        check_int("predict_drop_len", predict_drop_len, 0, who)
         _check_lsh_args(chunk_len, n_chunks_before, n_chunks_after, n_hashes, who)
-        for name, rate in (
-            ("attention_dropout", attention_dropout),
-            ("output_dropout", output_dropout),
-        ):
-            if not 0.0 <= rate < 1.0:
-                raise ValueError(f"{who}: {name} must be in [0, 1), got {rate}")
+        check_rate("attention_dropout", attention_dropout, who)
+        check_rate("output_dropout", output_dropout, who)
         super().__init__(n_in=2 if use_mask else 1, n_out=1, name=who)
         self.n_heads, self.d_qk, self.d_v = int(n_heads), int(d_qk), int(d_v)
         self.causal = bool(causal)
@@ -711,9 +698,9 @@ class LSHSelfAttention(Layer):
             batch, mem = x_sig.shape[0], self.predict_mem_len
             dtype = x_sig.dtype if jnp.issubdtype(x_sig.dtype, jnp.floating) else jnp.float32
             state.update(
-                k_mem=jnp.zeros((batch, mem, self.n_heads, self.d_qk), dtype),
-                v_mem=jnp.zeros((batch, mem, self.n_heads, self.d_v), dtype),
-                buckets=jnp.zeros((batch, mem, self.n_heads, self.n_hashes), jnp.int32),
+                k_mem=jnp.zeros((batch, self.n_heads, mem, self.d_qk), dtype),
+                v_mem=jnp.zeros((batch, self.n_heads, mem, self.d_v), dtype),
+                buckets=jnp.zeros((batch, self.n_heads, self.n_hashes, mem), jnp.int32),
                 valid=jnp.zeros((batch, mem), bool),
                 fill=jnp.zeros((), jnp.int32),
                 pos=jnp.zeros((), jnp.int32),
@@ -814,7 +801,7 @@ class LSHSelfAttention(Layer):
         if mask is None:
             mask = jnp.ones((batch, n_new), bool)
 
-        mem = {k: state[k] for k in ("k_mem", "v_mem", "buckets", "valid")}
+        mem = {k: state[k] for k in _MEMORY_POSITION_AXIS}
         overflow = fill + n_new > mem_len
         if drop_len > 0:
             n_drop = jnp.minimum(fill, -(-(fill + n_new - mem_len) // drop_len) * drop_len)
@@ -822,7 +809,7 @@ class LSHSelfAttention(Layer):
 
             def shift(m):
                 src = jnp.minimum(jnp.arange(mem_len) + n_drop, mem_len - 1)
-                out = {k: jnp.take(a, src, axis=1) for k, a in m.items()}
+                out = {k: jnp.take(a, src, axis=_MEMORY_POSITION_AXIS[k]) for k, a in m.items()}
                 out["valid"] = out["valid"] & (jnp.arange(mem_len) < mem_len - n_drop)
                 return out
 
@@ -830,33 +817,20 @@ class LSHSelfAttention(Layer):
             fill = fill - n_drop
             overflow = fill + n_new > mem_len
 
-        start = (0, fill, 0, 0)
-        mem["k_mem"] = lax.dynamic_update_slice(
-            mem["k_mem"],
-            length_normalized(qk).transpose(0, 2, 1, 3).astype(mem["k_mem"].dtype),
-            start,
-        )
-        mem["v_mem"] = lax.dynamic_update_slice(
-            mem["v_mem"], v.transpose(0, 2, 1, 3).astype(mem["v_mem"].dtype), start
-        )
-        mem["buckets"] = lax.dynamic_update_slice(
-            mem["buckets"], q_buckets.transpose(0, 3, 1, 2), start
-        )
-        mem["valid"] = lax.dynamic_update_slice(mem["valid"], mask, (0, fill))
+        new = {"k_mem": length_normalized(qk), "v_mem": v, "buckets": q_buckets, "valid": mask}
+        mem = {name: kv_cache.write_at(mem[name], new[name], fill, _MEMORY_POSITION_AXIS[name])
+               for name in mem}
 
-        o = _predict_attention(
-            qk,
-            q_buckets,
-            fill + jnp.arange(n_new, dtype=jnp.int32),
-            mem["k_mem"].transpose(0, 2, 1, 3),
-            mem["v_mem"].transpose(0, 2, 1, 3),
-            mem["buckets"].transpose(0, 2, 3, 1),
-            mem["valid"],
-        )
+        o = _predict_attention(qk, q_buckets, fill + jnp.arange(n_new, dtype=jnp.int32),
+                               mem["k_mem"], mem["v_mem"], mem["buckets"], mem["valid"])
         y = self.project_output(o.astype(x.dtype), weights)
         y = jnp.where(overflow, jnp.nan, y)
         new_state = dict(state, **mem, fill=fill + n_new, pos=pos + n_new)
         return y, new_state
+
+
+# The position axis of each predict-mode buffer of LSHSelfAttention.
+_MEMORY_POSITION_AXIS = {"k_mem": 2, "v_mem": 2, "buckets": 3, "valid": 1}
 
 
 def _predict_attention(q, q_buckets, q_slots, k_mem, v_mem, k_buckets, valid, block=None):
@@ -897,3 +871,43 @@ def _predict_attention(q, q_buckets, q_slots, k_mem, v_mem, k_buckets, valid, bl
     out = lax.map(lambda a: attend(*a), (jnp.moveaxis(qp, 2, 0), jnp.moveaxis(bp, 3, 0), sp))
     out = jnp.moveaxis(out, 0, 2)  # (B, H, nb, blk, dv)
     return out.reshape(batch, n_heads, n_blocks * block, -1)[:, :, :n_new]
+
+
+# -- permutations with gather-only gradients --------------------------------------------------
+@jax.custom_vjp
+def gather_rows(x, perm, inverse):
+    """`out[g, r, i] = x[g, perm[g, r, i]]`: `x (G, n, d)`, `perm, inverse (G, R, n)` -> `(G, R,
+    n, d)`. `perm[g, r]` must be a permutation of `range(n)` and `inverse[g, r]` its inverse; the
+    gradient is then a gather too (XLA's scatter-add, the generic gradient, is slow on CPU)."""
+    return _gather(x, perm)
+
+
+def _gather(x, perm):
+    g, n, d = x.shape
+    rows = (jnp.arange(g, dtype=perm.dtype)[:, None, None] * n + perm).reshape(-1)
+    return x.reshape(g * n, d).at[rows].get(mode="promise_in_bounds").reshape(
+        *perm.shape, d)
+
+
+def _gather_rows_fwd(x, perm, inverse):
+    return _gather(x, perm), (perm, inverse)
+
+
+def _gather_rows_bwd(residuals, g):
+    perm, inverse = residuals
+    n_groups, n_rounds, n, d = g.shape
+    back = _gather(g.reshape(n_groups * n_rounds, n, d),
+                   inverse.reshape(n_groups * n_rounds, 1, n))
+    return back.reshape(n_groups, n_rounds, n, d).sum(axis=1), None, None
+
+
+gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
+def inverse_permutation(perm):
+    """`inv` with `inv[..., perm[..., i]] = i`, for permutations along the last axis."""
+    n = perm.shape[-1]
+    flat = perm.reshape(-1, n)
+    iota = jnp.arange(n, dtype=perm.dtype)
+    inv = jax.vmap(lambda p: jnp.zeros_like(p).at[p].set(iota, unique_indices=True))(flat)
+    return inv.reshape(perm.shape)

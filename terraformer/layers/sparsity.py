@@ -18,14 +18,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from terraformer.checks import check_choice, check_int, check_number, check_rate
 from terraformer.layers import initializers as init_lib
-from terraformer.layers.attention import (
-    _position_mask,
-    _ring_layout,
-    cached_attention,
-    merge_heads,
-    split_heads,
-)
+from terraformer.layers import kv_cache
+from terraformer.layers.attention import merge_heads, split_heads
+from terraformer.layers.attention_core import dot_product_attention
 from terraformer.layers.base import EMPTY, Layer, check_mode
 from terraformer.layers.combinators import Branch, Chunk, Serial
 from terraformer.layers.core import (
@@ -47,12 +44,6 @@ def _feature_dim(input_signature, who: str, min_ndim: int = 1) -> int:
             f"{tuple(input_signature.shape)}"
         )
     return input_signature.shape[-1]
-
-
-def _check_positive(value, name: str, who: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{who}: {name} must be a positive integer, got {value!r}")
-    return value
 
 
 # ------------------------------------------------------------------------------------------------
@@ -138,24 +129,20 @@ class SparseFF(Layer):
         ff_chunk_size: int = 0,
     ):
         who = "SparseFF"
-        _check_positive(d_ff, "d_ff", who)
-        _check_positive(n_elements_in_block, "n_elements_in_block", who)
-        _check_positive(d_lowrank, "d_lowrank", who)
+        check_int("d_ff", d_ff, 1, who)
+        check_int("n_elements_in_block", n_elements_in_block, 1, who)
+        check_int("d_lowrank", d_lowrank, 1, who)
         if d_ff % n_elements_in_block:
             raise ValueError(
                 f"{who}: d_ff must be a multiple of n_elements_in_block, got d_ff={d_ff} and "
                 f"n_elements_in_block={n_elements_in_block}"
             )
-        if not temperature > 0:
-            raise ValueError(f"{who}: temperature must be > 0, got {temperature}")
-        if not 0.0 <= quant_prob <= 1.0:
-            raise ValueError(f"{who}: quant_prob must be in [0, 1], got {quant_prob}")
-        if not 0.0 <= dropout_rate < 1.0:
-            raise ValueError(f"{who}: dropout_rate must be in [0, 1), got {dropout_rate}")
+        check_number("temperature", temperature, who, minimum=0.0, allow_minimum=False)
+        check_number("quant_prob", quant_prob, who, minimum=0.0, maximum=1.0)
+        check_rate("dropout_rate", dropout_rate, who)
         if ff_chunk_size is None:
             ff_chunk_size = 0
-        if not isinstance(ff_chunk_size, int) or ff_chunk_size < 0:
-            raise ValueError(f"{who}: ff_chunk_size must be an int >= 0, got {ff_chunk_size!r}")
+        check_int("ff_chunk_size", ff_chunk_size, 0, who)
         super().__init__(name=f"SparseFF_{d_ff}")
         self._d_ff = d_ff
         self._n_elements_in_block = n_elements_in_block
@@ -369,10 +356,10 @@ class MultiplicativeModularSparseDense(Layer):
         modules_initializer=init_lib.random_normal(1.0),
     ):
         who = "MultiplicativeModularSparseDense"
-        _check_positive(sparsity, "sparsity", who)
-        _check_positive(d_feature, "d_feature", who)
+        check_int("sparsity", sparsity, 1, who)
+        check_int("d_feature", d_feature, 1, who)
         if d_input is not None:
-            _check_positive(d_input, "d_input", who)
+            check_int("d_input", d_input, 1, who)
         if d_feature % sparsity:
             raise ValueError(
                 f"{who}: d_feature must be a multiple of sparsity, got d_feature={d_feature} "
@@ -475,10 +462,10 @@ class LocallyConvDense(Layer):
         mode: str = "train",
     ):
         who = "LocallyConvDense"
-        _check_positive(n_modules, "n_modules", who)
-        _check_positive(n_units, "n_units", who)
-        _check_positive(kernel_size, "kernel_size", who)
-        _check_positive(length_kernel_size, "length_kernel_size", who)
+        check_int("n_modules", n_modules, 1, who)
+        check_int("n_units", n_units, 1, who)
+        check_int("kernel_size", kernel_size, 1, who)
+        check_int("length_kernel_size", length_kernel_size, 1, who)
         super().__init__(name=f"LocallyConvDense_{n_modules}_{n_units}")
         self._n_modules = n_modules
         self._n_units = n_units
@@ -569,10 +556,10 @@ class LocallyConvDense(Layer):
         """`time_padded`'s modules (batch, length + lk - 1, n_modules, d_in) convolved with
         `kernel` [lk * k * d_in, n] (rows in (j, c, f) order) -> (batch, length, n_modules, n).
 
-        Predict mode: one XLA convolution (D-sparse decoding 1.015x and 1.035x faster than
-        its patches and their product). Otherwise one matmul over the patches (im2col): the
-        gradient of XLA:CPU's convolution for this shape was ~10x slower than the rest of a
-        Terraformer step together.
+        Predict mode: one XLA convolution (a decoding step then runs one op instead of
+        building the patches and multiplying them). Otherwise one matmul over the patches
+        (im2col): the gradient of XLA:CPU's convolution for this shape costs more than the
+        rest of a Terraformer step together (see benchmarks/RESULTS.md).
         """
         lk, k = self._length_kernel_size, self._kernel_size
         module_padding = ((k - 1) // 2, k // 2)
@@ -656,33 +643,21 @@ class _FusedQKV(NamedTuple):
 
 
 def _attend(q, k, v, mask, n_heads: int, dropout_rate: float, rng, mode: str):
-    """Scaled dot-product attention over heads.
+    """Scaled dot-product attention over heads (`attention_core.dot_product_attention`).
 
     q: [batch, lq, d], k: [batch, lk, d], v: [batch, lk, d_v], mask: [lq, lk] bool (True =
-    may attend). Returns [batch, lq, d_v]. Scores and softmax in at least float32.
+    may attend). Returns [batch, lq, d_v]. Scores and softmax in float32.
     """
-    batch, lq, d = q.shape
-    lk = k.shape[1]
-    dh = d // n_heads
-    qh = q.reshape(batch, lq, n_heads, dh)
-    kh = k.reshape(batch, lk, n_heads, dh)
-    vh = v.reshape(batch, lk, n_heads, v.shape[-1] // n_heads)
-    score_dtype = jnp.promote_types(q.dtype, jnp.float32)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", qh, kh).astype(score_dtype)
-    scores = scores / jnp.sqrt(jnp.asarray(dh, score_dtype))
-    scores = jnp.where(mask, scores, jnp.asarray(-1e9, score_dtype))
-    probs = jax.nn.softmax(scores, axis=-1)
-    probs = dropout(probs, dropout_rate, rng, mode).astype(v.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, vh)
-    return out.reshape(batch, lq, v.shape[-1])
+    qh, kh, vh = (split_heads(a, n_heads) for a in (q, k, v))
+    return merge_heads(dot_product_attention(qh, kh, vh, mask, dropout_rate, rng, mode))
 
 
 class _CausalAttentionCore(Layer):
     """(q, k, v) -> attention output, each [batch, length, d]; causal.
 
     In `predict` mode the state is `{'k': [batch, n_heads, ring, d / n_heads], 'v': the same
-    for values, 'pos': int32}` with ring >= max_inference_length (see `attention.cached_attention`;
-    positions never wrap here): each call writes its keys/values at `pos` (one token with
+    for values, 'pos': int32}` with ring >= max_inference_length (see `kv_cache`; positions
+    never wrap here): each call writes its keys/values at `pos` (one token with
     lax.dynamic_update_slice), attends to the cached blocks up to its own position, and advances
     `pos` by its length. Going past max_inference_length is a ValueError when `pos` is concrete;
     under jit it cannot be checked, so the decoding loop must stop in time.
@@ -699,11 +674,10 @@ class _CausalAttentionCore(Layer):
         q_sig, k_sig, v_sig = input_signature
         if self._mode != "predict":
             return EMPTY, EMPTY
-        batch, h = k_sig.shape[0], self._n_heads
-        ring, _ = _ring_layout(self._max_len)
+        batch, h, mem = k_sig.shape[0], self._n_heads, self._max_len
         state = {
-            "k": jnp.zeros((batch, h, ring, k_sig.shape[-1] // h), k_sig.dtype),
-            "v": jnp.zeros((batch, h, ring, v_sig.shape[-1] // h), v_sig.dtype),
+            "k": kv_cache.new_ring(batch, h, mem, k_sig.shape[-1] // h, k_sig.dtype),
+            "v": kv_cache.new_ring(batch, h, mem, v_sig.shape[-1] // h, v_sig.dtype),
             "pos": jnp.zeros((), jnp.int32),
         }
         return EMPTY, state
@@ -733,11 +707,12 @@ class _CausalAttentionCore(Layer):
         q_pos = pos + jnp.arange(length)
 
         def key_mask(k_pos, slot0, block_len):
-            return _position_mask(q_pos, k_pos, True, None, 0, 0)
+            return kv_cache.window_mask(q_pos, k_pos)
 
-        out, k_cache, v_cache = cached_attention(
+        out, k_cache, v_cache = kv_cache.cached_attention(
             split_heads(q, h), q_pos, split_heads(k, h), split_heads(v, h), state["k"],
-            state["v"], key_mask, jnp.zeros((), jnp.int32), _ring_layout(self._max_len)[1])
+            state["v"], key_mask, jnp.zeros((), jnp.int32),
+            kv_cache.ring_layout(self._max_len)[1])
         return merge_heads(out), {"k": k_cache, "v": v_cache, "pos": pos + length}
 
 
@@ -774,11 +749,11 @@ def MultiplicativeConvCausalAttention(  # noqa: N802
     reproduces the full-sequence output.
     """
     who = "MultiplicativeConvCausalAttention"
-    _check_positive(d_feature, "d_feature", who)
-    _check_positive(n_heads, "n_heads", who)
-    _check_positive(max_inference_length, "max_inference_length", who)
+    check_int("d_feature", d_feature, 1, who)
+    check_int("n_heads", n_heads, 1, who)
+    check_int("max_inference_length", max_inference_length, 1, who)
     sparsity = n_heads if sparsity is None else sparsity
-    _check_positive(sparsity, "sparsity", who)
+    check_int("sparsity", sparsity, 1, who)
     if d_feature % sparsity:
         raise ValueError(
             f"{who}: d_feature must be a multiple of sparsity, got d_feature={d_feature} and "
@@ -789,11 +764,8 @@ def MultiplicativeConvCausalAttention(  # noqa: N802
             f"{who}: d_feature must be a multiple of n_heads, got d_feature={d_feature} and "
             f"n_heads={n_heads}"
         )
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"{who}: dropout must be in [0, 1), got {dropout}")
-    if output_layer_type not in ATTENTION_OUTPUT_LAYERS:
-        raise ValueError(f"{who}: output_layer_type must be one of {ATTENTION_OUTPUT_LAYERS}, "
-                         f"got {output_layer_type!r}")
+    check_rate("dropout", dropout, who)
+    check_choice("output_layer_type", output_layer_type, ATTENTION_OUTPUT_LAYERS, who)
     mode = check_mode(mode)
     d_module = d_feature // sparsity
 

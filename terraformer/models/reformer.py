@@ -172,8 +172,3 @@ def _merge_streams(output_merge: str) -> tl.Layer:
 def LocalAttention(chunk_len: int = 128, n_chunks_before: int = 1):  # noqa: N802
     """A constructor for chunked local self-attention, usable as `attention_type`."""
     return functools.partial(SelfAttention, chunk_len=chunk_len, n_chunks_before=n_chunks_before)
-
-
-def FullAttention():  # noqa: N802
-    """A constructor for full (causal when asked) self-attention, usable as `attention_type`."""
-    return functools.partial(SelfAttention, chunk_len=None)

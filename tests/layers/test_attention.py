@@ -149,10 +149,10 @@ def test_attention_gradients_match_finite_differences(np_rng):
 @pytest.mark.parametrize("chunk_len,mem_len", [(None, 21), (4, 12)])
 def test_predict_cache_in_blocks_equals_eval(np_rng, monkeypatch, chunk_len, mem_len):
     """A cache of several blocks (visited with a running softmax) gives the eval outputs."""
-    import terraformer.layers.attention as attention
+    import terraformer.layers.kv_cache as kv_cache
 
-    monkeypatch.setattr(attention, "PREDICT_BLOCK_LEN", 4)
-    monkeypatch.setattr(attention, "DECODING_BLOCK_KEYS", 8)  # one token: blocks of 4 or 8
+    monkeypatch.setattr(kv_cache, "PREDICT_BLOCK_LEN", 4)
+    monkeypatch.setattr(kv_cache, "DECODING_BLOCK_KEYS", 8)  # one token: blocks of 4 or 8
     x = jnp.asarray(np_rng.normal(size=(2, 20, 8)), jnp.float32)
     kwargs = dict(n_heads=2, d_qk=4, d_v=4, causal=True, chunk_len=chunk_len, n_chunks_before=1)
     w, s = SelfAttention(mode="eval", **kwargs).init(ShapeDtype(x.shape))
@@ -170,35 +170,6 @@ def test_predict_cache_in_blocks_equals_eval(np_rng, monkeypatch, chunk_len, mem
     a, state = step.apply(x[:, :7], w, state, None)
     b, state = step.apply(x[:, 7:8], w, state, None)
     np.testing.assert_allclose(jnp.concatenate([a, b], 1), want[:, :8], atol=1e-5)
-
-
-@pytest.mark.parametrize("mem_len,want", [(1, (1, 1)), (256, (256, 256)), (264, (264, 264)),
-                                           (512, (512, 512)), (513, (768, 256)),
-                                           (1000, (1024, 256)), (16384, (16384, 256))])
-def test_ring_layout_small_rings_are_one_block_of_exactly_mem_len(mem_len, want):
-    """Up to two PREDICT_BLOCK_LENs the ring is one block of mem_len slots (read whole by
-    a decoding step); beyond, whole blocks of PREDICT_BLOCK_LEN that hold mem_len."""
-    import terraformer.layers.attention as attention
-
-    assert attention.PREDICT_BLOCK_LEN == 256
-    assert attention._ring_layout(mem_len) == want
-
-
-@pytest.mark.parametrize("ring,block_len", [(512, 256), (256, 256), (1024, 256), (16384, 256),
-                                             (65536, 256), (24, 4), (8192, 256)])
-def test_decoding_blocks_divide_the_ring_and_skip_unwritten_slots(ring, block_len):
-    """One-token decoding visits the ring in blocks that tile it, of at most a quarter of it
-    (so a ring still mostly empty is not read whole) and at most DECODING_BLOCK_KEYS."""
-    import terraformer.layers.attention as attention
-
-    got = attention._decoding_block_len(ring, block_len)
-    assert got % block_len == 0 and ring % got == 0
-    cap = min(attention.DECODING_BLOCK_KEYS, ring // 4)
-    assert got <= max(block_len, cap)
-    # the largest such block: the next multiple of block_len that tiles the ring is too big
-    bigger = [m * block_len for m in range(got // block_len + 1, ring // block_len + 1)
-              if ring % (m * block_len) == 0]
-    assert not bigger or bigger[0] > max(block_len, cap)
 
 
 def test_predict_sliding_window_beyond_mem_len(np_rng):

@@ -583,3 +583,20 @@ def test_backward_memory_grows_linearly_with_length(rng):
 
     small, large = temp_bytes(4096), temp_bytes(8192)
     assert large / small < 2.6
+
+
+def test_gather_rows_and_its_gradient(np_rng):
+    groups, rounds, n, d = 2, 3, 7, 4
+    x = jnp.asarray(np_rng.standard_normal((groups, n, d)).astype(np.float32))
+    perm = np.stack([[np_rng.permutation(n) for _ in range(rounds)] for _ in range(groups)])
+    perm = jnp.asarray(perm.astype(np.int32))
+    inverse = lsh.inverse_permutation(perm)
+    np.testing.assert_array_equal(
+        jnp.take_along_axis(perm, inverse, axis=-1), np.broadcast_to(np.arange(n), perm.shape))
+    out = lsh.gather_rows(x, perm, inverse)
+    np.testing.assert_array_equal(out, jnp.take_along_axis(x[:, None], perm[..., None], axis=2))
+    weights = jnp.asarray(np_rng.standard_normal(out.shape).astype(np.float32))
+    got = jax.grad(lambda x: jnp.sum(lsh.gather_rows(x, perm, inverse) * weights))(x)
+    want = jax.grad(
+        lambda x: jnp.sum(jnp.take_along_axis(x[:, None], perm[..., None], axis=2) * weights))(x)
+    np.testing.assert_allclose(got, want, atol=1e-5)

@@ -1,16 +1,32 @@
-"""Attention of each chunk on a window of neighbouring chunks, with a memory-light gradient.
+"""The one softmax attention of the package: masks, a dense form and a blocked form.
 
-The core of LSH attention (chunks of the hash-sorted sequence). Shapes:
+Every attention layer builds on these pieces:
+
+- `MASK_VALUE`: the score a masked key gets (finite, so that a query that may see no key at
+  all gets a uniform average instead of NaN).
+- `position_mask(q_pos, k_pos, causal, chunk_len, n_chunks_before, n_chunks_after)`: which
+  keys each query may see, from their positions (padding: `k_pos < 0`; causal; a window of
+  whole chunks).
+- `dot_product_attention(q, k, v, mask)`: `softmax(q kᵀ / sqrt(d)) v` with a boolean mask,
+  every score materialised and differentiated by JAX (full attention, cross attention).
+- `blocked_attention(q, k, v, q_pos, k_pos, offsets=...)`: each chunk of queries on a window
+  of chunks of keys, computed a cache-sized block of chunks at a time with its own gradient
+  (local attention, LSH attention over the hash-sorted sequence).
+
+Shapes of `blocked_attention`:
 
 - `q, k: (n, n_chunks, c, d_qk)`, `v: (n, n_chunks, c, d_v)`: `n` independent sequences
   (batch x heads x hash rounds), each cut in `n_chunks` chunks of `c` positions.
-- `q_pos, k_pos: (n, n_chunks, c)` int32: the original position of each query and key;
-  `k_pos < 0` marks a key that is never attended to (padding).
-- Chunk `i` attends to chunks `(i + o) mod n_chunks` for `o` in `offsets`.
+- `q_pos, k_pos: (n, n_chunks, c)` int32: the position of each query and key; `k_pos < 0`
+  marks a key that is never attended to (padding).
+- Chunk `i` attends to chunks `i + o` for `o` in `offsets`: modulo `n_chunks` with `wrap=True`
+  (LSH: the sorted sequence is a ring), else chunks outside `[0, n_chunks)` are masked
+  (local attention: the sequence has two ends).
 - Returns `out: (n, n_chunks, c, d_v)` and `lse: (n, n_chunks, c)`, float32.
 
-Masking: a key with `k_pos < 0`, or (causal) `k_pos > q_pos`, scores `MASK_VALUE`; with
-`self_value` set, a key at the query's own position scores `self_value` (shared-QK attention).
+Masking: a key with `k_pos < 0`, from a chunk outside the sequence (`wrap=False`), or (causal)
+with `k_pos > q_pos` scores `MASK_VALUE`; with `self_value` set, a key at the query's own
+position scores `self_value` (shared-QK attention).
 
 Why a custom gradient: the scores are computed a block of chunks at a time, sized to stay in
 cache (`chunks_per_block`), forward and backward; the backward recomputes each block's
@@ -28,11 +44,50 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from terraformer.layers.core import fold_last_axis
+from terraformer.layers.core import dropout, fold_last_axis
 
 MASK_VALUE = -1e9
 # Scores (float32) per block: small enough that a block's scores stay in the CPU's cache.
 BLOCK_SCORES = 1 << 19
+
+
+def position_mask(q_pos, k_pos, causal: bool = False, chunk_len: int | None = None,
+                  n_chunks_before: int = 0, n_chunks_after: int = 0):
+    """Which keys each query may see, from their positions: bool `[..., n_q, n_k]`.
+
+    `q_pos [..., n_q]`, `k_pos [..., n_k]` int. A key is hidden when `k_pos < 0` (padding),
+    when `causal` and it comes after the query, and, with `chunk_len`, when its chunk
+    (`pos // chunk_len`) is more than `n_chunks_before` before or `n_chunks_after` after the
+    query's.
+    """
+    qp, kp = q_pos[..., :, None], k_pos[..., None, :]
+    allowed = kp >= 0
+    if causal:
+        allowed &= kp <= qp
+    if chunk_len is not None:
+        q_chunk, k_chunk = qp // chunk_len, kp // chunk_len
+        allowed &= k_chunk >= q_chunk - n_chunks_before
+        allowed &= k_chunk <= q_chunk + n_chunks_after
+    return allowed
+
+
+def dot_product_attention(q, k, v, mask=None, dropout_rate=0.0, rng=None, mode="eval"):
+    """softmax(q kᵀ / sqrt(d)) v with a boolean mask (True = may attend).
+
+    Args:
+      q: [..., n_q, d_qk]; k: [..., n_k, d_qk]; v: [..., n_k, d_v].
+      mask: bool, broadcastable to [..., n_q, n_k], or None.
+      dropout_rate, rng, mode: dropout on the attention weights (`train` mode only).
+    Returns:
+      [..., n_q, d_v] in v's dtype; scores and softmax in at least float32.
+    """
+    scores = jnp.einsum("...qd,...kd->...qk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+    scores = scores.astype(jnp.promote_types(q.dtype, jnp.float32))
+    if mask is not None:
+        scores = jnp.where(mask, scores, MASK_VALUE)
+    weights = jax.nn.softmax(scores, axis=-1)
+    weights = dropout(weights, dropout_rate, rng, mode).astype(v.dtype)
+    return jnp.einsum("...qk,...kd->...qd", weights, v)
 
 
 def blocks_of(n_chunks: int, scores_per_chunk: int, chunks_per_block: int | None) -> int:
@@ -42,28 +97,34 @@ def blocks_of(n_chunks: int, scores_per_chunk: int, chunks_per_block: int | None
     return max(m for m in range(1, target + 1) if n_chunks % m == 0)
 
 
-def window_attention(q, k, v, q_pos, k_pos, *, offsets, scale, causal=False, self_value=None,
-                     dropout_rate=0.0, dropout_rng=None, chunks_per_block=None):
-    """Chunked window attention (see the module docstring for shapes and masking)."""
+def blocked_attention(q, k, v, q_pos, k_pos, *, offsets, scale, causal=False, self_value=None,
+                      wrap=True, dropout_rate=0.0, dropout_rng=None, chunks_per_block=None):
+    """Each chunk of queries on a window of chunks of keys, block by block, with a
+    recompute-in-backward gradient (see the module docstring for shapes and masking).
+
+    `dropout_rate` applies whenever it is > 0 (the caller decides the mode) and needs
+    `dropout_rng`; each block draws its own mask from it.
+    """
     if dropout_rate > 0.0 and dropout_rng is None:
-        raise ValueError("window_attention: dropout_rate > 0 needs a dropout_rng")
+        raise ValueError("blocked_attention: dropout_rate > 0 needs a dropout_rng")
     if dropout_rng is None:
         dropout_rng = jax.random.PRNGKey(0)
     n, n_chunks, c, _ = q.shape
     block = blocks_of(n_chunks, n * c * len(offsets) * k.shape[2], chunks_per_block)
     config = _Config(tuple(int(o) for o in offsets), float(scale), bool(causal),
-                     None if self_value is None else float(self_value), float(dropout_rate),
-                     block)
-    return _window_attention(config, q, k, v, q_pos, k_pos, dropout_rng)
+                     None if self_value is None else float(self_value), bool(wrap),
+                     float(dropout_rate), block)
+    return _blocked_attention(config, q, k, v, q_pos, k_pos, dropout_rng)
 
 
 class _Config(NamedTuple):
-    """Static (hashable) settings of one window attention."""
+    """Static (hashable) settings of one blocked attention."""
 
     offsets: tuple[int, ...]
     scale: float
     causal: bool
     self_value: float | None
+    wrap: bool
     dropout_rate: float
     block: int
 
@@ -116,6 +177,11 @@ def _block_inputs(config, q, k, v, q_pos, k_pos, start):
     kw = _window_chunks(k, start, m, config.offsets)
     vw = _window_chunks(v, start, m, config.offsets)
     kp = _window_chunks(k_pos, start, m, config.offsets)
+    if not config.wrap:  # keys of chunks outside the sequence: as padding
+        n_chunks, c = q.shape[1], q.shape[2]
+        chunk = start + jnp.arange(m)[:, None] + jnp.asarray(config.offsets)[None, :]
+        inside = jnp.repeat((chunk >= 0) & (chunk < n_chunks), c, axis=1)  # (m, n_off * c)
+        kp = jnp.where(inside[None], kp, -1)
     return qb, kw, vw, qp, kp
 
 
@@ -145,16 +211,16 @@ def _forward(config, q, k, v, q_pos, k_pos, rng):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _window_attention(config, q, k, v, q_pos, k_pos, rng):
+def _blocked_attention(config, q, k, v, q_pos, k_pos, rng):
     return _forward(config, q, k, v, q_pos, k_pos, rng)
 
 
-def _window_attention_fwd(config, q, k, v, q_pos, k_pos, rng):
+def _blocked_attention_fwd(config, q, k, v, q_pos, k_pos, rng):
     out, lse = _forward(config, q, k, v, q_pos, k_pos, rng)
     return (out, lse), (q, k, v, q_pos, k_pos, rng, out, lse)
 
 
-def _window_attention_bwd(config, residuals, cotangents):
+def _blocked_attention_bwd(config, residuals, cotangents):
     q, k, v, q_pos, k_pos, rng, out, lse = residuals
     d_out, d_lse = cotangents
     n, n_chunks, c, _ = q.shape
@@ -197,7 +263,7 @@ def _window_attention_bwd(config, residuals, cotangents):
         ds_t = p_t * (dp_t - row[..., None, :] + dl[..., None, :])
         ds_t = jnp.where(replaced_t, 0.0, ds_t) * config.scale
         dkw = jnp.einsum("nmkq,nmdq->nmkd", ds_t, jnp.swapaxes(qb.astype(jnp.float32), -1, -2))
-        # dq from ds (queries x keys): contracting ds_t over its first axis ran at half speed.
+        # dq from ds (queries x keys): XLA:CPU contracts ds_t over its first axis slowly.
         dqb = jnp.einsum("nmqk,nmkd->nmqd", jnp.swapaxes(ds_t, -1, -2), kw.astype(jnp.float32))
         dq = lax.dynamic_update_slice_in_dim(dq, dqb, start, axis=1)
         for i, o in enumerate(offsets):
@@ -230,44 +296,4 @@ def _fold_wrapped(buffer, before, n_chunks):
     return out
 
 
-_window_attention.defvjp(_window_attention_fwd, _window_attention_bwd)
-
-
-# -- permutations with gather-only gradients ------------------------------------------------------
-@jax.custom_vjp
-def gather_rows(x, perm, inverse):
-    """`out[g, r, i] = x[g, perm[g, r, i]]`: `x (G, n, d)`, `perm, inverse (G, R, n)` -> `(G, R,
-    n, d)`. `perm[g, r]` must be a permutation of `range(n)` and `inverse[g, r]` its inverse; the
-    gradient is then a gather too (XLA's scatter-add, the generic gradient, is slow on CPU)."""
-    return _gather(x, perm)
-
-
-def _gather(x, perm):
-    g, n, d = x.shape
-    rows = (jnp.arange(g, dtype=perm.dtype)[:, None, None] * n + perm).reshape(-1)
-    return x.reshape(g * n, d).at[rows].get(mode="promise_in_bounds").reshape(
-        *perm.shape, d)
-
-
-def _gather_rows_fwd(x, perm, inverse):
-    return _gather(x, perm), (perm, inverse)
-
-
-def _gather_rows_bwd(residuals, g):
-    perm, inverse = residuals
-    n_groups, n_rounds, n, d = g.shape
-    back = _gather(g.reshape(n_groups * n_rounds, n, d),
-                   inverse.reshape(n_groups * n_rounds, 1, n))
-    return back.reshape(n_groups, n_rounds, n, d).sum(axis=1), None, None
-
-
-gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
-
-
-def inverse_permutation(perm):
-    """`inv` with `inv[..., perm[..., i]] = i`, for permutations along the last axis."""
-    n = perm.shape[-1]
-    flat = perm.reshape(-1, n)
-    iota = jnp.arange(n, dtype=perm.dtype)
-    inv = jax.vmap(lambda p: jnp.zeros_like(p).at[p].set(iota, unique_indices=True))(flat)
-    return inv.reshape(perm.shape)
+_blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
