@@ -193,15 +193,22 @@ def lsh_case(out: Path, name: str, n_hashes: int) -> None:
 
 def sparse_cases(out: Path) -> None:
     x = floats(11, 2, 6, 8)
-    w, y = run_layer(sparsity.SparseFF(16, n_elements_in_block=4, d_lowrank=4, mode="eval"), x,
+    # 6 blocks of 4 units: unequal axes, so that a transposed block layout cannot pass.
+    w, y = run_layer(sparsity.SparseFF(24, n_elements_in_block=4, d_lowrank=4, mode="eval"), x,
                      seed=11)
-    save(out, "sparse_ff", w, x, y, {"d_ff": 16, "n_elements_in_block": 4, "d_lowrank": 4})
+    save(out, "sparse_ff", w, x, y, {"d_ff": 24, "n_elements_in_block": 4, "d_lowrank": 4})
 
     x = floats(12, 2, 6, 8)
     w, y = run_layer(sparsity.LocallyConvDense(2, 3, mode="eval", kernel_size=1,
                                                length_kernel_size=3), x, seed=12)
     save(out, "locally_conv_dense", w, x, y,
          {"n_modules": 2, "n_units": 3, "kernel_size": 1, "length_kernel_size": 3})
+
+    # One module: trax builds a plain Dense, whatever the kernel sizes.
+    w, y = run_layer(sparsity.LocallyConvDense(1, 5, mode="eval", kernel_size=1,
+                                               length_kernel_size=3), x, seed=15)
+    save(out, "locally_conv_dense_1_module", w, x, y,
+         {"n_modules": 1, "n_units": 5, "kernel_size": 1, "length_kernel_size": 3})
 
     x = floats(13, 2, 6, 8)
     w, y = run_layer(sparsity.FactoredDense(2, 8, 8), x, seed=13)
@@ -258,10 +265,24 @@ def predict_run(make, weights, tokens, prompt, n_new):
     return np.stack(logits), np.array(greedy, np.int32)
 
 
-def model_case(out: Path, name: str, make, cfg: dict, seed: int) -> None:
+def greedy_eval(model, prompt, n_new: int, length: int = 16):
+    """Greedy tokens after `prompt` from the eval model's full forward (no predict cache): the
+    model shifts its input right, so position i's logits predict token i."""
+    seq = list(prompt)
+    for _ in range(n_new):
+        x = np.zeros((1, length), np.int32)
+        x[0, :len(seq)] = seq
+        logits = np.asarray(model(x))
+        seq.append(int(np.argmax(logits[0, len(seq)])))
+    return np.array(seq[len(prompt):], np.int32)
+
+
+def model_case(out: Path, name: str, make, cfg: dict, seed: int, noise: float = 0.0) -> None:
     tokens = ints(seed, cfg["vocab_size"], 2, 16)
     model = make("eval")
     model.init(shapes.signature(tokens), rng=jax.random.PRNGKey(seed))
+    if noise:  # away from the near-uniform outputs of a fresh model, so greedy tokens vary
+        model.weights = jax.tree_util.tree_map(jnp.asarray, perturb(model.weights, seed, noise))
     logits = model(tokens, rng=jax.random.PRNGKey(0))
     prompt = tokens[0, :5]
     extra = {}
@@ -269,6 +290,7 @@ def model_case(out: Path, name: str, make, cfg: dict, seed: int) -> None:
     try:
         p_logits, greedy = predict_run(make, model.weights, tokens[0], prompt, n_new=6)
         extra = dict(predict_logits=p_logits, greedy=greedy, prompt=prompt)
+        extra["greedy_eval"] = greedy_eval(model, prompt, 6)
     except Exception as e:  # noqa: BLE001 - recorded in the fixture, for the test to report
         meta["predict_error"] = f"{type(e).__name__}: {e}"[:300]
         print(f"{name}: predict mode failed under trax: {meta['predict_error']}")
@@ -277,9 +299,9 @@ def model_case(out: Path, name: str, make, cfg: dict, seed: int) -> None:
 
 def model_cases(out: Path) -> None:
     model_case(out, "reformer_lm_local", lambda mode: reformer(mode, "local"),
-               dict(REFORMER, attention="local", **LOCAL), seed=20)
+               dict(REFORMER, attention="local", **LOCAL), seed=20, noise=0.5)
     model_case(out, "reformer_lm_lsh", lambda mode: reformer(mode, "lsh"),
-               dict(REFORMER, attention="lsh", **LSH), seed=21)
+               dict(REFORMER, attention="lsh", **LSH), seed=21, noise=0.5)
     model_case(out, "transformer_lm", transformer, TRANSFORMER, seed=22)
 
 
@@ -384,10 +406,13 @@ def checkpoint_cases(out: Path) -> None:
         model = make("eval")
         tokens = ints(seed, 16, 2, 16)
         model.init(shapes.signature(tokens), rng=jax.random.PRNGKey(seed))
+        if name.startswith("reformer"):  # varied greedy tokens (see model_case)
+            model.weights = jax.tree_util.tree_map(jnp.asarray, perturb(model.weights, seed, 0.5))
         model.save_to_file(str(ckpt / f"{name}.pkl.gz"),
                            input_signature=shapes.signature(tokens))
         np.savez_compressed(ckpt / f"{name}_outputs.npz", tokens=tokens,
-                            logits=np.asarray(model(tokens)))
+                            logits=np.asarray(model(tokens)), prompt=tokens[0, :5],
+                            greedy_eval=greedy_eval(model, tokens[0, :5], 6))
     # A trained TransformerLM: its positional table has moved away from the sinusoids.
     tr = transformer("eval")
     tokens = ints(34, 16, 2, 16)

@@ -1,9 +1,10 @@
 """`import_trax_checkpoint`: a trax 1.4.1 checkpoint in, a terraformer run directory out.
 
 The run directory is what `terraformer train` leaves: `config.gin` (the operative gin config)
-and `checkpoints/<step>/` written by `Checkpointer` with the model's `weights` and
-`model_state` and the meta `eval` / `decode` read (step, input signature). `terraformer eval`
-and `terraformer decode` use it as they use a trained run.
+and `checkpoints/<step>/` written by `Checkpointer` with the model's `weights`, its initial
+`model_state`, a fresh `opt_state` of the configured optimizer (trax's optimizer slots are not
+carried over) and `rng`, and the meta `eval` / `decode` read (step, input signature).
+`terraformer eval`, `decode` and a resumed `train` use it as they use a trained run.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from terraformer.interop.trax_pickle import TraxImportError, read_trax_checkpoin
 from terraformer.interop.trax_weights import trax_to_terraformer
 from terraformer.shapes import ShapeDtype
 from terraformer.training.checkpoints import Checkpointer
+from terraformer.training.optimizers import Adam
 
 CONFIG_FILE = "config.gin"
 CHECKPOINT_DIR = "checkpoints"
@@ -69,6 +71,15 @@ def load_trax_weights(checkpoint_path, model, input_shape=None):
     return weights, state, ckpt
 
 
+def initial_optimizer_state(weights):
+    """A fresh state of the optimizer the gin config's `train` would build for `weights`."""
+    bindings = gin.get_bindings("train")
+    optimizer = bindings.get("optimizer", Adam)
+    schedule = bindings.get("lr_schedule")
+    opt = optimizer(learning_rate=schedule) if schedule is not None else optimizer()
+    return opt.init(weights)
+
+
 def import_trax_checkpoint(checkpoint_path, config_files, output_dir, bindings=(),
                            input_shape=None) -> Path:
     """Writes a run directory for the model of `config_files` with a trax checkpoint's weights.
@@ -98,7 +109,8 @@ def import_trax_checkpoint(checkpoint_path, config_files, output_dir, bindings=(
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / CONFIG_FILE).write_text(gin.config_str())
     meta = {
-        "step": ckpt.step, "batches_consumed": 0, "seed": 0,
+        "step": ckpt.step, "batches_consumed": 0,
+        "seed": int(gin.get_bindings("train").get("seed", 0)),
         "input_signature": [[list(shape), dtype], [list(shape), dtype],
                             [list(shape), "float32"]],
         "best_metric": None, "best_value": None, "eval": None,
@@ -106,7 +118,10 @@ def import_trax_checkpoint(checkpoint_path, config_files, output_dir, bindings=(
     }
     saver = Checkpointer(ckpt_dir, max_to_keep=None, async_save=False)
     try:
-        saver.save(ckpt.step, {"weights": weights, "model_state": state}, meta)
+        trees = {"weights": weights, "model_state": state,
+                 "opt_state": initial_optimizer_state(weights),
+                 "rng": jax.random.PRNGKey(int(gin.get_bindings("train").get("seed", 0)))}
+        saver.save(ckpt.step, trees, meta)
         saver.wait()
     finally:
         saver.close()

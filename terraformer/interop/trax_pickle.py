@@ -51,6 +51,7 @@ def _reconstruct_jax_array(fun, args, arr_state, aval_state):
 
 _NUMPY_RECONSTRUCT = np.ndarray.__reduce__(np.zeros(1))[0]
 _NUMPY_SCALAR = np.float32(0).__reduce__()[0]
+_NUMPY_FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]  # pickle protocol 5 arrays
 _NUMPY_TYPES = {"dtype": np.dtype, "ndarray": np.ndarray}
 _NUMPY_TYPES.update(
     {name: getattr(np, name) for name in (
@@ -62,6 +63,8 @@ ALLOWED_GLOBALS = {
     ("numpy._core.multiarray", "_reconstruct"): _NUMPY_RECONSTRUCT,
     ("numpy.core.multiarray", "scalar"): _NUMPY_SCALAR,
     ("numpy._core.multiarray", "scalar"): _NUMPY_SCALAR,
+    ("numpy.core.numeric", "_frombuffer"): _NUMPY_FROMBUFFER,
+    ("numpy._core.numeric", "_frombuffer"): _NUMPY_FROMBUFFER,
     ("jax._src.array", "_reconstruct_array"): _reconstruct_jax_array,
     ("trax.shapes", "ShapeDtype"): ShapeDtype,
     **{("numpy", name): value for name, value in _NUMPY_TYPES.items()},

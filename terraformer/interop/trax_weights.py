@@ -12,6 +12,9 @@ layer with weights takes the next leaves in trax's layout and converts them to o
   - SelfAttention / LSHSelfAttention (trax's efficient attention): per-head kernels
     [n_heads, d_model, d] (w_o [n_heads, d_v, d_model]) against our [d_model, n_heads * d]
     ([n_heads * d_v, d_model]); trax's CausalAttention keeps four Dense layers (w, b) instead;
+  - SparseFF: trax's block-shaped kernels against our flat units, and our extra first-layer
+    bias set to zero; FactoredDense (our MultiplicativeModularSparseDense): the gating vectors
+    transposed; LocallyConvDense: the same kernel (a Dense in trax when it has one module);
   - ReversibleRepeat: trax has one block per layer; ours stacks them on a leading layer axis.
 Every converted array is checked against the shape our model expects; the error names our weight
 path, trax's leaf index, the expected and the received shape.
@@ -181,7 +184,73 @@ def _lsh_attention(layer, template, leaves, where):
     return out
 
 
+def _factored_dense(layer, template, leaves, where):
+    """trax's FactoredDense: gating [n_modules, d_in], projection [d_in, d_module], bias
+    [d_out] -> ours D [d_in, n_modules], E [d_in, d_module], b."""
+    gating, label = _take_one(leaves, f"{where}.D")
+    out = {"D": _check(gating.T, template["D"].shape, f"{where}.D", label + " transposed")}
+    value, label = _take_one(leaves, f"{where}.E")
+    out["E"] = _check(value, template["E"].shape, f"{where}.E", label)
+    if "b" in template:
+        value, label = _take_one(leaves, f"{where}.b")
+        out["b"] = _check(value, template["b"].shape, f"{where}.b", label)
+    return out
+
+
+def _sparse_ff(layer, template, leaves, where):
+    """trax's SparseFF: controller m1 [d_model, d_lowrank], m2 [d_lowrank, n_blocks, block],
+    bias [n_blocks, block]; then w1 [d_model, n_blocks, block], w2 [block, n_blocks, d_model]
+    (unit-in-block axis first), b2 [d_model]. Ours keeps the units flat (w1 as rows
+    [d_ff, d_model]) and has a first-layer bias b1 that trax lacks: it is set to zero, which
+    computes trax's function."""
+    out = {}
+    m1, label = _take_one(leaves, f"{where}.m1")
+    out["m1"] = _check(m1, template["m1"].shape, f"{where}.m1", label)
+    m2, label = _take_one(leaves, f"{where}.m2")
+    out["m2"] = _check(m2.reshape(m2.shape[0], -1), template["m2"].shape, f"{where}.m2", label)
+    mb, label = _take_one(leaves, f"{where}.mb")
+    out["mb"] = _check(mb.reshape(-1), template["mb"].shape, f"{where}.mb", label)
+    w1, label = _take_one(leaves, f"{where}.w1")
+    out["w1"] = _check(w1.reshape(w1.shape[0], -1).T, template["w1"].shape, f"{where}.w1", label)
+    w2, label = _take_one(leaves, f"{where}.w2")
+    w2 = w2.transpose(1, 0, 2).reshape(-1, w2.shape[-1])
+    out["w2"] = _check(w2, template["w2"].shape, f"{where}.w2", label)
+    b2, label = _take_one(leaves, f"{where}.b2")
+    out["b2"] = _check(b2, template["b2"].shape, f"{where}.b2", label)
+    if "b1" in template:
+        out["b1"] = np.zeros(template["b1"].shape, np.float32)
+    return out
+
+
+def _conv(layer, template, leaves, where):
+    """LocallyConvDense: trax's kernel [length_k, module_k, d_in, n_units] and bias, as ours.
+    With one module trax builds a plain Dense (w [d_in, n_units]) whatever the kernel sizes:
+    it fits ours only when our kernel is 1 x 1."""
+    first = leaves.peek()
+    if first is not None and first.ndim == 2 and len(template["w"].shape) == 4:
+        value, label = _take_one(leaves, f"{where}.w")
+        if tuple(template["w"].shape[:2]) != (1, 1):
+            raise TraxImportError(
+                f"{where}.w: trax's LocallyConvDense with one module is a Dense (from {label}, "
+                f"shape {tuple(value.shape)}); build ours with length_kernel_size=1, "
+                "kernel_size=1")
+        out = {"w": _check(value[None, None], template["w"].shape, f"{where}.w", label)}
+        if "b" in template:
+            value, label = _take_one(leaves, f"{where}.b")
+            out["b"] = _check(value, template["b"].shape, f"{where}.b", label)
+        return out
+    out = {}
+    for key in ("w", "b"):
+        if key in template:
+            value, label = _take_one(leaves, f"{where}.{key}")
+            out[key] = _check(value, template[key].shape, f"{where}.{key}", label)
+    return out
+
+
 CONVERTERS = [
+    (tl.SparseFF, _sparse_ff),
+    (tl.MultiplicativeModularSparseDense, _factored_dense),
+    (tl.LocallyConvDense, _conv),
     (tl.LSHSelfAttention, _lsh_attention),
     (tl.SelfAttention, _self_attention),
     (tl.Dense, _dense),

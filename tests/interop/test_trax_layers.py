@@ -36,6 +36,16 @@ MATCHING = {
     "causal_attention": lambda: tl.CausalAttention(8, n_heads=2, mode="eval"),
     "self_attention_causal": lambda: tl.SelfAttention(causal=True, **CHUNKED),
     "self_attention_causal_masked": lambda: tl.SelfAttention(causal=True, masked=True, **CHUNKED),
+    # trax's SparseFF has no first-layer bias: ours gets b1 = 0.
+    "sparse_ff": lambda: tl.SparseFF(24, n_elements_in_block=4, d_lowrank=4, mode="eval"),
+    "locally_conv_dense": lambda: tl.LocallyConvDense(2, 3, kernel_size=1, length_kernel_size=3,
+                                                      mode="eval"),
+    # trax's LocallyConvDense(n_modules=1) is a plain Dense, whatever its kernel sizes.
+    "locally_conv_dense_1_module": lambda: tl.LocallyConvDense(1, 5, mode="eval"),
+    # trax's FactoredDense: gating [n_modules, d_in] is our D transposed.
+    "factored_dense": lambda: tl.MultiplicativeModularSparseDense(2, 8),
+    "multiplicative_conv_causal_attention": lambda: tl.MultiplicativeConvCausalAttention(
+        8, n_heads=2, sparsity=2, length_kernel_size=3, mode="eval"),
 }
 
 
@@ -45,6 +55,23 @@ def test_layer_matches_trax(name, trax_case):
     y, _ = run_ours(MATCHING[name](), case)
     assert y.shape == case.outputs[0].shape
     np.testing.assert_allclose(y, case.outputs[0], atol=ATOL, rtol=0)
+
+
+def test_sparse_ff_first_layer_bias_is_zero(trax_case):
+    case = trax_case("sparse_ff")
+    _, w = run_ours(MATCHING["sparse_ff"](), case)
+    np.testing.assert_array_equal(np.asarray(w["b1"]), 0.0)
+
+
+def test_one_module_conv_with_a_length_kernel_is_refused(trax_case):
+    """trax's LocallyConvDense(n_modules=1, length_kernel_size=3) ignores the kernel sizes (a
+    Dense); ours would convolve over 3 positions: loading says so."""
+    case = trax_case("locally_conv_dense_1_module")
+    assert case.meta["length_kernel_size"] == 3
+    layer = tl.LocallyConvDense(1, 5, length_kernel_size=3, mode="eval")
+    w, _ = layer.init(tl.signature(case.x))
+    with pytest.raises(TraxImportError, match="one module is a Dense"):
+        trax_to_terraformer(layer, w, case.weights)
 
 
 def test_masked_attention_masks_padding(trax_case):
