@@ -238,3 +238,20 @@ def test_import_then_resumed_train_continues_from_trax_weights(ckpt_dir, tmp_pat
         assert ckpt.latest_step() == 2
     finally:
         ckpt.close()
+
+
+def test_loop_layout_with_bfloat16_weights(tmp_path):
+    """trax's Loop stores bfloat16 weights bit-cast to uint16 in model.weights.npy.gz; they come
+    back as float32 values."""
+    values = np.array([1.0, -2.5, 0.15625], np.float32)
+    bits = (values.view(np.uint32) >> 16).astype(np.uint16)  # exact in bfloat16
+    buf = io.BytesIO()
+    for a in (bits, np.arange(3, dtype=np.float32)):
+        np.save(buf, a, allow_pickle=False)
+    (tmp_path / "model.weights.npy.gz").write_bytes(gzip.compress(buf.getvalue()))
+    (tmp_path / "model.pkl.gz").write_bytes(gzip.compress(pickle.dumps(
+        {"step": 7, "flat_weights": 2, "flat_state": [], "input_signature": None})))
+    ckpt = read_trax_checkpoint(tmp_path / "model.pkl.gz")
+    assert ckpt.step == 7 and ckpt.input_signature is None
+    np.testing.assert_array_equal(ckpt.weights[0], values)
+    np.testing.assert_array_equal(ckpt.weights[1], np.arange(3, dtype=np.float32))
