@@ -277,7 +277,8 @@ def greedy_eval(model, prompt, n_new: int, length: int = 16):
     return np.array(seq[len(prompt):], np.int32)
 
 
-def model_case(out: Path, name: str, make, cfg: dict, seed: int, noise: float = 0.0) -> None:
+def model_case(out: Path, name: str, make, cfg: dict, seed: int, noise: float = 0.0,
+               predict: bool = True) -> None:
     tokens = ints(seed, cfg["vocab_size"], 2, 16)
     model = make("eval")
     model.init(shapes.signature(tokens), rng=jax.random.PRNGKey(seed))
@@ -288,13 +289,28 @@ def model_case(out: Path, name: str, make, cfg: dict, seed: int, noise: float = 
     extra = {}
     meta = {k: (v.__name__ if callable(v) else v) for k, v in cfg.items()}
     try:
-        p_logits, greedy = predict_run(make, model.weights, tokens[0], prompt, n_new=6)
-        extra = dict(predict_logits=p_logits, greedy=greedy, prompt=prompt)
-        extra["greedy_eval"] = greedy_eval(model, prompt, 6)
+        if predict:
+            p_logits, greedy = predict_run(make, model.weights, tokens[0], prompt, n_new=6)
+            extra = dict(predict_logits=p_logits, greedy=greedy, prompt=prompt)
+            extra["greedy_eval"] = greedy_eval(model, prompt, 6)
     except Exception as e:  # noqa: BLE001 - recorded in the fixture, for the test to report
         meta["predict_error"] = f"{type(e).__name__}: {e}"[:300]
         print(f"{name}: predict mode failed under trax: {meta['predict_error']}")
     save(out, name, model.weights, tokens, logits, meta, **extra)
+
+
+def position_cases(out: Path) -> None:
+    """ReformerLM with trax's other pos_type values: None (a trainable table initialised with
+    interleaved sinusoids) and 'fixed-base' (FixedBasePositionalEncoding); eval only."""
+    for pos_type, name in ((None, "reformer_lm_pos_none"), ("fixed-base", "reformer_lm_pos_fixed")):
+        cfg = dict(REFORMER, pos_type=pos_type, pos_axial_shape=None, pos_d_axial_embs=None)
+
+        def make(mode, cfg=cfg):
+            attn = functools.partial(tl.SelfAttention, **LOCAL)
+            return trax.models.ReformerLM(attention_type=attn, mode=mode, **cfg)
+
+        model_case(out, name, make, dict(cfg, attention="local", **LOCAL), seed=23,
+                   predict=False)
 
 
 def model_cases(out: Path) -> None:
@@ -427,7 +443,8 @@ def checkpoint_cases(out: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    p.add_argument("--only", choices=["layers", "models", "checkpoints"], default=None)
+    p.add_argument("--only", choices=["layers", "models", "positions", "checkpoints"],
+                   default=None)
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_default_matmul_precision", "highest")
@@ -436,6 +453,8 @@ def main() -> None:
         layer_cases(args.out)
     if args.only in (None, "models"):
         model_cases(args.out)
+    if args.only in (None, "positions"):
+        position_cases(args.out)
     if args.only in (None, "checkpoints"):
         checkpoint_cases(args.out)
     total = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())

@@ -201,3 +201,45 @@ def test_trax_transformer_predict_is_its_eval(trax_case):
     once the tables agree, matches its predict too)."""
     case = trax_case("transformer_lm")
     np.testing.assert_allclose(case.extra["predict_logits"], case.outputs[0][0], atol=1e-4)
+
+
+# -- ReformerLM with trax's other pos_type values --------------------------------------------
+def reformer_pos(pos_type, mode="eval"):
+    attn = functools.partial(tl.SelfAttention, **LOCAL)
+    return models.ReformerLM(
+        vocab_size=16, d_model=8, d_ff=16, d_attention_key=4, d_attention_value=4, n_layers=2,
+        n_heads=2, max_len=16, dropout=0.0, pos_type=pos_type, ff_activation=tl.FastGelu,
+        attention_type=attn, mode=mode)
+
+
+def test_reformer_pos_type_none_is_trax_trainable_interleaved_table(trax_case):
+    """pos_type=None: trax builds a trainable table initialised with interleaved sinusoids;
+    ours builds no positional layer (so trax's table has nowhere to go), and our 'fixed-base'
+    is a fixed, concatenated table."""
+    case = trax_case("reformer_lm_pos_none")
+    table = case.weights[case.names.index("w/3/1")]
+    ours = our_sinusoids(*table.shape)
+    half = table.shape[1] // 2
+    np.testing.assert_allclose(table[:, 0::2], ours[:, :half], atol=1e-6)
+    np.testing.assert_allclose(table[:, 1::2], ours[:, half:], atol=1e-6)
+    with pytest.raises(TraxImportError, match="expected shape"):
+        loaded(reformer_pos(None), case)
+    with pytest.raises(TraxImportError, match="positional table"):
+        loaded(reformer_pos("fixed-base"), case)
+
+
+@pytest.mark.xfail(strict=True, raises=TraxImportError, reason="pos_type=None: trax's is a "
+                   "trainable sinusoid table, ours means no positions")
+def test_reformer_pos_type_none_matches_trax(trax_case):
+    case = trax_case("reformer_lm_pos_none")
+    y, _ = eval_log_probs(reformer_pos(None), case)
+    np.testing.assert_allclose(y, log_softmax(case.outputs[0]), atol=ATOL, rtol=0)
+
+
+@pytest.mark.xfail(strict=True, raises=TraxImportError, reason="pos_type='fixed-base': trax's "
+                   "is FixedBasePositionalEncoding (with weights), ours concatenated sinusoids")
+def test_reformer_pos_type_fixed_base_matches_trax(trax_case):
+    case = trax_case("reformer_lm_pos_fixed")
+    assert sum(n.startswith("w/3/") for n in case.names) == 33  # trax's positional weights
+    y, _ = eval_log_probs(reformer_pos("fixed-base"), case)
+    np.testing.assert_allclose(y, log_softmax(case.outputs[0]), atol=ATOL, rtol=0)
