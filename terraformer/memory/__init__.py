@@ -1,16 +1,14 @@
-"""Memory: host offload of weights, optimizer slots and activations; quantized storage.
+"""Memory: placement of arrays in device or host memory; quantized storage.
 
-- `offload`: `MemoryEfficientTrainer` (the stack's weights and slots in pinned_host memory,
-  per-block fused optimizer updates, chunked loss), memory-kind helpers.
+- `placement`: memory kinds, `to_host` / `to_device` (the memory-efficient trainer that uses
+  them is `training.memory_efficient`).
 - `quantize`: bf16 / int8 (per-channel) weight storage, dequantized inside the compiled step;
   bf16 optimizer slots.
 """
 
-from terraformer.memory.offload import (
-    MemoryEfficientOptState,
-    MemoryEfficientTrainer,
+from terraformer.memory.placement import (
     host_memory_kind,
-    make_memory_efficient_step,
+    memory_kinds,
     offload_reason,
     to_device,
     to_host,
@@ -25,13 +23,11 @@ from terraformer.memory.quantize import (
 )
 
 __all__ = [
-    "MemoryEfficientOptState",
-    "MemoryEfficientTrainer",
     "QuantizedArray",
     "QuantizedModel",
     "dequantize",
     "host_memory_kind",
-    "make_memory_efficient_step",
+    "memory_kinds",
     "offload_reason",
     "quantize",
     "quantized_apply",
