@@ -184,8 +184,8 @@ def _stderr(line: str) -> None:
 class TrainingRun:
     """One call of `train`: its state and the steps that move it.
 
-    ``run.start()`` (build, restore, open), then ``run.train()``, and ``run.close()`` in any
-    case; `train` does exactly this. Arguments: those of `train`, plus ``log``, a function
+    ``run.run()`` (``start()``: build, restore, open; then ``train()``) and ``run.close()``
+    in any case; `train` does exactly this. Arguments: those of `train`, plus ``log``, a function
     of one line of text (default: print to stderr).
     """
 
@@ -328,11 +328,14 @@ class TrainingRun:
                               header + changes)
 
     # -- steps ---------------------------------------------------------------------------------
-    def train(self) -> None:
-        """Trains to ``steps`` (or until the inputs run out), evaluating and checkpointing."""
+    def run(self) -> None:
+        """`start`, then `train`, with SIGINT and SIGTERM held by `guard` (see
+        `training.interrupts`): an interrupt stops the run at a saved step."""
         with self.guard:
             try:
-                self._loop()
+                self.start()
+                self._stop_if_asked()
+                self.train()
             except KeyboardInterrupt:
                 if not self.guard.aborted:
                     raise
@@ -341,10 +344,15 @@ class TrainingRun:
                     f"stopped at once by a second {signal_name(self.guard.requested)} at step "
                     f"{self.step}; {where}", self.guard.requested, self.step) from None
 
-    def _loop(self) -> None:
+    def train(self) -> None:
+        """Trains to ``steps`` (or until the inputs run out), evaluating and checkpointing;
+        stops at a saved step when `guard` has seen an interrupt."""
         stream = open_stream(self.inputs, "inputs")
         for _ in itertools.islice(stream, self.consumed):
             pass
+        self._loop(stream)
+
+    def _loop(self, stream) -> None:
         if self.eval_step is not None and self.start_step == 0 and self.steps > 0:
             self.evaluate()
         window = _Window()
@@ -459,8 +467,8 @@ class TrainingRun:
             self.checkpoints.wait()
         if self.last_saved is None:
             return "no step had finished: nothing to save"
-        return (f"checkpoint '{self.checkpoints.directory / str(self.last_saved)}' is on disk; "
-                "run the same command to resume")
+        where = (self.output_dir / CHECKPOINT_DIR / str(self.last_saved)).absolute()
+        return f"checkpoint '{where}' is on disk; run the same command to resume"
 
     def _stop_if_asked(self) -> None:
         signum = self.guard.requested
@@ -573,8 +581,7 @@ def train(
                       keep_best, checkpoint_lowest, checkpoint_highest, log_frequency, seed,
                       progress, tensorboard, async_checkpoints, memory_efficient)
     try:
-        run.start()
-        run.train()
+        run.run()
     except BaseException:
         run.close(failed=True)
         raise
