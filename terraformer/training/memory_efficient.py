@@ -36,6 +36,12 @@ chunks and are recomputed in its backward pass; otherwise the output layer's inp
 On CPU, host and device memory are one RAM: the arrays do live in the `pinned_host` space
 between steps, but XLA:CPU compiles the transfers to nothing, so the peak falls because of
 the per-block pieces and the chunked loss, not the offload. The GPU runs the same program.
+
+    step = make_train_step(model, Adam(), memory_efficient=True)   # training.step
+    opt_state = step.init_opt_state(weights)
+    weights, state, opt_state, metrics = step(weights, state, opt_state, batch, rng)
+
+(gin: ``train.memory_efficient = True``.)
 """
 
 from __future__ import annotations
@@ -70,6 +76,7 @@ from terraformer.training.optimizers import reported_learning_rate
 
 __all__ = [
     "HEAD_HIDDEN",
+    "LayerRange",
     "MemoryEfficientOptState",
     "MemoryEfficientTrainer",
     "check_separable",
