@@ -54,7 +54,7 @@ class InterruptGuard:
     """Holds SIGINT and SIGTERM for the run while active (a context manager).
 
     Handlers are installed only in the main thread (the only one Python delivers signals
-    to); elsewhere the guard does nothing and signals act as usual.
+    to), and not for a signal the process ignores; elsewhere signals act as usual.
 
     Args:
       on_request: called with the signal number when the first signal arrives (e.g. to say
@@ -72,7 +72,10 @@ class InterruptGuard:
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             for signum in SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
+                # a signal the process was started to ignore (nohup, a background job of a
+                # script) stays ignored
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc):

@@ -66,6 +66,17 @@ def test_guard_defers_the_first_signal_and_stops_on_the_second():
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_guard_leaves_an_ignored_signal_ignored():
+    before = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with InterruptGuard() as guard:
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+            signal.raise_signal(signal.SIGTERM)
+            assert guard.requested is None
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_interrupt_saves_the_step_in_flight(tmp_path, seed):
     with pytest.raises(TrainingInterruptedError) as info:
         _train(tmp_path, _inputs(seed, signals_at={3: 1}))
