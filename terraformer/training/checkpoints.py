@@ -82,9 +82,8 @@ class Checkpointer:
       async_save: write in a background thread (the arrays are copied to host first, so the
         caller may overwrite or donate them as soon as ``save`` returns).
       read_only: change nothing on disk: no directory made, no leftovers of an interrupted
-        write removed, unreadable steps skipped rather than set aside (listed in
-        ``skipped``), no save. A run checks an old checkpoint this way before it commits
-        to its folder.
+        write removed, unreadable steps passed over rather than set aside, no save. A run
+        checks an old checkpoint this way before it commits to its folder.
     """
 
     def __init__(self, directory, max_to_keep: int | None = 2, async_save: bool = True,
@@ -94,7 +93,6 @@ class Checkpointer:
         self._async = async_save
         self._max_to_keep = max_to_keep
         self.read_only = read_only
-        self.skipped: list[int] = []
         self._manager = self._open()
 
     def _open(self):
@@ -135,7 +133,7 @@ class Checkpointer:
 
     def discard_incomplete(self, newer_than: int | None = None) -> None:
         """Sets aside step directories without a commit marker (a partial copy, a crash), and
-        every step after ``newer_than`` when given (those a read-only restore skipped)."""
+        every step after ``newer_than`` when given (those a read-only restore passed over)."""
         for step in self._manager.all_steps():
             if not self._committed(step):
                 self._set_aside(step, f"no {COMMIT_FILE}")
@@ -177,9 +175,7 @@ class Checkpointer:
                     raise CheckpointError(
                         f"checkpoint '{self.directory / str(s)}' cannot be read: {e}"
                     ) from e
-                if self.read_only:
-                    self.skipped.append(s)
-                else:
+                if not self.read_only:
                     self._set_aside(s, f"{type(e).__name__}: {str(e)[:200]}")
         raise NoCheckpointError(f"no readable checkpoint in '{self.directory}'")
 

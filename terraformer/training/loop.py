@@ -230,7 +230,7 @@ class TrainingRun:
         # what open() makes
         self.created = False
         self.checkpoints = self.best_checkpoints = self.writer = self.bar = None
-        self._skipped_steps: list[int] = []
+        self._restored = False
 
     # -- start: nothing is written before open() ----------------------------------------------
     def start(self) -> None:
@@ -274,11 +274,10 @@ class TrainingRun:
         try:
             trees, meta, step = reader.restore(self._trees())
         except NoCheckpointError:
-            self._skipped_steps = [-1]  # set aside whatever is there: nothing could be read
             return
         finally:
             reader.close()
-        self._skipped_steps = list(reader.skipped)
+        self._restored = True
         self.weights, self.state = trees["weights"], trees["model_state"]
         self.opt_state, self.base_rng = trees["opt_state"], trees["rng"]
         self.step = self.start_step = self.last_saved = step
@@ -295,9 +294,10 @@ class TrainingRun:
             (self.weights, self.state, self.opt_state))
         self.checkpoints = Checkpointer(self.output_dir / CHECKPOINT_DIR, self.keep_checkpoints,
                                         self.async_checkpoints)
-        if self._skipped_steps:
-            self.checkpoints.discard_incomplete(newer_than=self.start_step if self.start_step
-                                                else -1)
+        # What the read-only restore passed over (partial or unreadable steps, all newer
+        # than the one restored) is set aside now, so that it is not mistaken for the newest.
+        self.checkpoints.discard_incomplete(newer_than=self.start_step if self._restored
+                                            else -1)
         if self.best_metric:
             self.best_checkpoints = Checkpointer(self.output_dir / BEST_DIR, 1,
                                                  self.async_checkpoints)

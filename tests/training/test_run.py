@@ -139,3 +139,16 @@ def test_changed_bindings_reads_values_over_several_lines():
 def test_no_eta_until_a_step_is_timed_after_compiling():
     assert progress_eta(0, 0.0, 500) == "-"
     assert progress_eta(4, 2.0, 120) == "01:00"
+
+
+def test_resume_passes_over_an_unreadable_step_and_sets_it_aside(tmp_path, seed):
+    _train(tmp_path, _inputs(seed), steps=20)
+    root = tmp_path / "checkpoints"
+    for f in (root / "20" / "state").rglob("*"):
+        if f.is_file() and "manifest" in f.name:
+            f.write_bytes(b"garbage")
+    with pytest.warns(RuntimeWarning, match="incomplete or unreadable"):
+        result = _train(tmp_path, _inputs(seed), steps=21)
+    assert sorted(result.losses) == list(range(11, 22))
+    assert any(p.name.startswith("20.invalid") for p in root.iterdir())
+    assert Checkpointer(root).latest_step() == 21
