@@ -303,7 +303,7 @@ class TrainingRun:
                                                  self.async_checkpoints)
         self.writer = MetricsWriter(self.output_dir, start_step=self.start_step,
                                     tensorboard=self.tensorboard)
-        if self.start_step:
+        if self._restored:
             self.log(f"resuming from step {self.start_step} "
                      f"(checkpoint '{self.checkpoints.directory / str(self.start_step)}')")
         self.log(f"writing the run to '{self.output_dir.absolute()}'")
@@ -317,7 +317,7 @@ class TrainingRun:
         if not text.strip():
             return
         path = self.output_dir / CONFIG_FILE
-        if not self.start_step or not path.is_file():
+        if not self._restored or not path.is_file():
             write_text_atomic(path, text)
             return
         changes = changed_bindings(path.read_text(), text)
