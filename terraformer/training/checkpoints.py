@@ -129,6 +129,7 @@ class Checkpointer:
             stacklevel=3,
         )
         path.rename(target)
+        self._manager.close()  # its background machinery, before a new one lists the steps
         self._manager = self._open()
 
     def discard_incomplete(self, newer_than: int | None = None) -> None:
