@@ -1,4 +1,4 @@
-"""`terraformer bench`: one workload of BENCHMARKS.md in this process, one JSON record.
+"""`terraformer bench`: one benchmark workload in this process, one JSON record.
 
     terraformer bench train --seq_len 16384 [--attention lsh|full|local] [--n_layers 2]
 
@@ -24,12 +24,12 @@ import optax
 
 from terraformer.decoding import STREAM_BLOCK, Decoder, time_per_token
 from terraformer.layers.attention import SelfAttention
-from terraformer.layers.losses import cross_entropy
 from terraformer.layers.lsh import LSHSelfAttention
 from terraformer.models.reformer import ReformerLM
 from terraformer.models.terraformer import TerraformerLM
 from terraformer.models.transformer import TransformerLM
 from terraformer.shapes import ShapeDtype
+from terraformer.training.step import make_train_step
 
 LSH_CHUNK_LEN = 128
 
@@ -89,23 +89,6 @@ def count_params(weights) -> int:
     return int(sum(np.prod(a.shape) for a in jax.tree.leaves(weights)))
 
 
-def make_train_step(model, optimizer):
-    """A jitted (weights, opt_state, batch, rng) -> (weights, opt_state, loss) Adam step."""
-
-    def loss_fn(weights, state, batch, rng):
-        inputs, targets, mask = batch
-        log_probs, _ = model.apply(inputs, weights, state, rng)
-        return cross_entropy(log_probs, targets, mask)
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(weights, opt_state, state, batch, rng):
-        loss, grads = jax.value_and_grad(loss_fn)(weights, state, batch, rng)
-        updates, opt_state = optimizer.update(grads, opt_state, weights)
-        return optax.apply_updates(weights, updates), opt_state, loss
-
-    return step
-
-
 def timed(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -125,20 +108,19 @@ def bench_train(args) -> dict:
     batch = (jnp.asarray(tokens), jnp.asarray(tokens), jnp.ones((1, length), jnp.float32))
     weights, state = model.init(ShapeDtype((1, length), jnp.int32), jax.random.PRNGKey(0))
     params = count_params(weights)
-    optimizer = optax.adam(1e-3)
-    if args.memory_efficient:
-        step = memory_efficient_step(model, optimizer)
-        opt_state = step.trainer.init_opt_state(weights)
-    else:
-        opt_state = optimizer.init(weights)
-        step = make_train_step(model, optimizer)
+    # The weights and slots are donated (updated in place) on every backend, CPU included:
+    # the peak memory measured is that of a step that needs no second copy of them.
+    step = make_train_step(model, optax.adam(1e-3), memory_efficient=args.memory_efficient,
+                           donate=True)
+    opt_state = step.init_opt_state(weights)
     rng = jax.random.PRNGKey(1)
-    carry = {"w": weights, "o": opt_state}
+    carry = {"w": weights, "s": state, "o": opt_state}
 
     def run():
-        carry["w"], carry["o"], loss = step(carry["w"], carry["o"], state, batch, rng)
-        jax.block_until_ready(loss)
-        carry["loss"] = float(loss)
+        carry["w"], carry["s"], carry["o"], metrics = step(carry["w"], carry["s"], carry["o"],
+                                                           batch, rng)
+        jax.block_until_ready(metrics["loss"])
+        carry["loss"] = float(metrics["loss"])
 
     start = time.perf_counter()
     run()
@@ -151,21 +133,6 @@ def bench_train(args) -> dict:
                 compile_s=compile_s, step_s=step_s,
                 tokens_per_s=length / step_s,
                 peak_rss_gib=peak_memory_gib(), params=params, loss=carry["loss"])
-
-
-def memory_efficient_step(model, optimizer):
-    """`make_train_step`'s (weights, opt_state, state, batch, rng) -> (weights, opt_state,
-    loss) with `memory.offload.MemoryEfficientTrainer` (its trainer at `.trainer`)."""
-    from terraformer.memory.offload import MemoryEfficientTrainer
-
-    trainer = MemoryEfficientTrainer(model, optimizer)
-
-    def step(weights, opt_state, state, batch, rng):
-        weights, _, opt_state, metrics = trainer.step(weights, state, opt_state, batch, rng)
-        return weights, opt_state, metrics["loss"]
-
-    step.trainer = trainer
-    return step
 
 
 D_SHAPE = dict(vocab_size=32000, d_model=1024, d_ff=4096, n_heads=16)
@@ -287,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "0 up to 65,536 tokens, 32,768 above")
     train.add_argument("--memory_efficient", action="store_true",
                        help="the memory-efficient step (host-resident reversible stack, "
-                            "per-block updates, chunked loss): terraformer/memory/offload.py")
+                            "per-block updates, chunked loss): "
+                            "terraformer/training/memory_efficient.py")
     decode = sub.add_parser("decode", help="D workloads: batch-1 greedy decoding latency")
     decode.add_argument("--model", default="dense", choices=["dense", "sparse", "lsh"])
     decode.add_argument("--n_layers", type=int, default=12)

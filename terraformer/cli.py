@@ -236,10 +236,13 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TERRAFORMER_DEBUG"):
         return args.func(args)
     from terraformer.training.checkpoints import CheckpointError
-    from terraformer.training.loop import TrainingDivergedError
+    from terraformer.training.loop import TrainingDivergedError, TrainingInterruptedError
 
     try:
         return args.func(args)
+    except TrainingInterruptedError as e:  # SIGINT/SIGTERM: the step it stopped at is saved
+        print(f"terraformer {args.command}: {_one_line(e)}", file=sys.stderr)
+        return e.exit_status
     except TrainingDivergedError as e:
         print(f"terraformer {args.command}: {_one_line(e)}", file=sys.stderr)
         return EXIT_FAILED

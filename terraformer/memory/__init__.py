@@ -1,15 +1,13 @@
-"""Memory: host offload of weights, optimizer slots and activations; quantized storage.
+"""Memory: placement of arrays in device or host memory; quantized storage.
 
-- `offload`: `MemoryEfficientTrainer` (the stack's weights and slots in pinned_host memory,
-  per-block fused optimizer updates, chunked loss), memory-kind helpers.
-- `quantize`: bf16 optimizer slots.
+- `placement`: memory kinds, `to_host` / `to_device` (the memory-efficient trainer that uses
+  them is `training.memory_efficient`).
+- `quantize`: bf16 optimizer slots (int8 weights for decoding are `layers.core.PackedKernel`).
 """
 
-from terraformer.memory.offload import (
-    MemoryEfficientOptState,
-    MemoryEfficientTrainer,
+from terraformer.memory.placement import (
     host_memory_kind,
-    make_memory_efficient_step,
+    memory_kinds,
     offload_reason,
     to_device,
     to_host,
@@ -17,10 +15,8 @@ from terraformer.memory.offload import (
 from terraformer.memory.quantize import quantized_slots
 
 __all__ = [
-    "MemoryEfficientOptState",
-    "MemoryEfficientTrainer",
     "host_memory_kind",
-    "make_memory_efficient_step",
+    "memory_kinds",
     "offload_reason",
     "quantized_slots",
     "to_device",

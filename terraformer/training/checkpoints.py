@@ -23,6 +23,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 __all__ = ["COMMIT_FILE", "CheckpointError", "Checkpointer", "NoCheckpointError"]
 
@@ -80,23 +81,26 @@ class Checkpointer:
       max_to_keep: how many of the newest checkpoints to keep (None: all).
       async_save: write in a background thread (the arrays are copied to host first, so the
         caller may overwrite or donate them as soon as ``save`` returns).
+      read_only: change nothing on disk: no directory made, no leftovers of an interrupted
+        write removed, unreadable steps passed over rather than set aside, no save. A run
+        checks an old checkpoint this way before it commits to its folder.
     """
 
-    def __init__(self, directory, max_to_keep: int | None = 2, async_save: bool = True):
-        import orbax.checkpoint as ocp
-
+    def __init__(self, directory, max_to_keep: int | None = 2, async_save: bool = True,
+                 read_only: bool = False):
         _quiet_orbax()
-        self._ocp = ocp
         self.directory = Path(directory).absolute()
         self._async = async_save
         self._max_to_keep = max_to_keep
+        self.read_only = read_only
         self._manager = self._open()
 
     def _open(self):
-        ocp = self._ocp
         options = ocp.CheckpointManagerOptions(
             max_to_keep=self._max_to_keep,
-            cleanup_tmp_directories=True,
+            cleanup_tmp_directories=not self.read_only,
+            create=not self.read_only,
+            read_only=self.read_only,
             enable_async_checkpointing=self._async,
         )
         with warnings.catch_warnings():
@@ -125,18 +129,23 @@ class Checkpointer:
             stacklevel=3,
         )
         path.rename(target)
+        self._manager.close()  # its background machinery, before a new one lists the steps
         self._manager = self._open()
 
-    def discard_incomplete(self) -> None:
-        """Sets aside step directories without a commit marker (a partial copy, a crash)."""
+    def discard_incomplete(self, newer_than: int | None = None) -> None:
+        """Sets aside step directories without a commit marker (a partial copy, a crash), and
+        every step after ``newer_than`` when given (those a read-only restore passed over)."""
         for step in self._manager.all_steps():
             if not self._committed(step):
                 self._set_aside(step, f"no {COMMIT_FILE}")
+            elif newer_than is not None and step > newer_than:
+                self._set_aside(step, "it could not be read")
 
     # -- save / restore ------------------------------------------------------------------------
     def save(self, step: int, trees: dict, meta: dict) -> None:
         """Writes ``trees`` (name -> pytree) and the JSON-able ``meta`` as step ``step``."""
-        ocp = self._ocp
+        if self.read_only:
+            raise CheckpointError(f"'{self.directory}' was opened read-only")
         items = {name: _flatten(tree) for name, tree in trees.items()}
         items = {name: flat for name, flat in items.items() if flat}
         meta = dict(meta, tree_names=sorted(items))
@@ -152,7 +161,8 @@ class Checkpointer:
         and the next older one tried. Raises CheckpointError when none is usable.
         """
         self.wait()
-        self.discard_incomplete()
+        if not self.read_only:
+            self.discard_incomplete()
         candidates = self.all_steps() if step is None else [int(step)]
         if not candidates:
             raise NoCheckpointError(f"no checkpoint in '{self.directory}'")
@@ -166,11 +176,11 @@ class Checkpointer:
                     raise CheckpointError(
                         f"checkpoint '{self.directory / str(s)}' cannot be read: {e}"
                     ) from e
-                self._set_aside(s, f"{type(e).__name__}: {str(e)[:200]}")
+                if not self.read_only:
+                    self._set_aside(s, f"{type(e).__name__}: {str(e)[:200]}")
         raise NoCheckpointError(f"no readable checkpoint in '{self.directory}'")
 
     def _restore_step(self, templates: dict, step: int):
-        ocp = self._ocp
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             out = self._manager.restore(
@@ -192,7 +202,7 @@ class Checkpointer:
         if step is None:
             return None
         out = self._manager.restore(
-            step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore())
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
         )
         return dict(out["meta"])
 

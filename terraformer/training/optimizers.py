@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from terraformer.checks import check_number
+
 __all__ = [
     "SGD",
     "Adafactor",
@@ -31,6 +33,7 @@ __all__ = [
     "constant",
     "cosine",
     "current_learning_rate",
+    "reported_learning_rate",
     "multifactor",
     "rsqrt_decay",
     "scale_by_lr",
@@ -38,15 +41,6 @@ __all__ = [
 ]
 
 Schedule = Callable[[jax.Array], jax.Array]
-
-
-def _check_positive(name: str, value, who: str, allow_zero: bool = False):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{who}: {name} must be a number, got {type(value).__name__} {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{who}: {name} must be {bound}, got {value}")
-    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,14 +54,14 @@ def _f32(step):
 @gin.configurable(module="terraformer.lr")
 def constant(value: float = 0.001) -> Schedule:
     """lr(step) = value."""
-    _check_positive("value", value, "constant", allow_zero=True)
+    check_number("value", value, "constant", minimum=0)
     return lambda step: jnp.full(jnp.shape(step), value, jnp.float32)
 
 
 @gin.configurable(module="terraformer.lr")
 def warmup(warmup_steps: int = 1000, max_value: float = 0.001) -> Schedule:
     """Linear warm-up then constant: lr(step) = max_value * min(1, step / warmup_steps)."""
-    _check_positive("warmup_steps", warmup_steps, "warmup")
+    check_number("warmup_steps", warmup_steps, "warmup", minimum=0, allow_minimum=False)
     return lambda step: max_value * jnp.minimum(1.0, _f32(step) / warmup_steps)
 
 
@@ -77,7 +71,7 @@ def rsqrt_decay(warmup_steps: int = 1000, max_value: float = 0.001) -> Schedule:
 
     lr(step) = max_value * min(1, step / w) * sqrt(w / max(step, w)),  w = warmup_steps
     """
-    _check_positive("warmup_steps", warmup_steps, "rsqrt_decay")
+    check_number("warmup_steps", warmup_steps, "rsqrt_decay", minimum=0, allow_minimum=False)
 
     def schedule(step):
         s = _f32(step)
@@ -101,8 +95,8 @@ def cosine(
     p = clip((step - warmup_steps) / (total_steps - warmup_steps), 0, 1)
     lr = min(1, step / warmup_steps) * (min_value + (max_value - min_value) * (1 + cos(pi p)) / 2)
     """
-    _check_positive("total_steps", total_steps, "cosine")
-    _check_positive("warmup_steps", warmup_steps, "cosine", allow_zero=True)
+    check_number("total_steps", total_steps, "cosine", minimum=0, allow_minimum=False)
+    check_number("warmup_steps", warmup_steps, "cosine", minimum=0)
     if warmup_steps >= total_steps:
         raise ValueError(
             f"cosine: warmup_steps must be < total_steps, got {warmup_steps} >= {total_steps}"
@@ -201,7 +195,7 @@ class ScaleByLRState(NamedTuple):
 def _as_schedule(learning_rate) -> Schedule:
     if callable(learning_rate):
         return learning_rate
-    _check_positive("learning_rate", learning_rate, "optimizer", allow_zero=True)
+    check_number("learning_rate", learning_rate, "optimizer", minimum=0)
     return constant(float(learning_rate))
 
 
@@ -244,13 +238,22 @@ def current_learning_rate(opt_state) -> jax.Array:
     return found[-1].learning_rate
 
 
+def reported_learning_rate(opt_state) -> jax.Array:
+    """`current_learning_rate`, or NaN for an optimizer built elsewhere (plain optax keeps no
+    record of its rate); for the metrics of a step, which must not fail for want of it."""
+    try:
+        return current_learning_rate(opt_state)
+    except ValueError:
+        return jnp.float32(jnp.nan)
+
+
 def _finish(direction: list, weight_decay_rate: float, clip_grad_norm, learning_rate, who: str):
     parts = []
     if clip_grad_norm is not None:
-        _check_positive("clip_grad_norm", clip_grad_norm, who)
+        check_number("clip_grad_norm", clip_grad_norm, who, minimum=0, allow_minimum=False)
         parts.append(optax.clip_by_global_norm(float(clip_grad_norm)))
     parts += direction
-    _check_positive("weight_decay_rate", weight_decay_rate, who, allow_zero=True)
+    check_number("weight_decay_rate", weight_decay_rate, who, minimum=0)
     if weight_decay_rate:
         parts.append(optax.add_decayed_weights(float(weight_decay_rate)))
     parts.append(scale_by_lr(learning_rate))
@@ -335,7 +338,7 @@ def Momentum(  # noqa: N802
 ) -> optax.GradientTransformation:
     """SGD with (Nesterov) momentum: ``m = mass * m + g``; the step is ``lr * m`` (or
     ``lr * (g + mass * m)`` with ``nesterov``)."""
-    _check_positive("mass", mass, "Momentum", allow_zero=True)
+    check_number("mass", mass, "Momentum", minimum=0)
     return _finish(
         [optax.trace(decay=mass, nesterov=nesterov)], weight_decay_rate, clip_grad_norm,
         learning_rate, "Momentum",

@@ -9,22 +9,20 @@ import pytest
 from jax_cache_helper import persistent_compilation_cache
 
 from terraformer.data.streams import copy_task
-from terraformer.memory.offload import (
+from terraformer.memory.placement import host_memory_kind, offload_reason, to_device
+from terraformer.models.reformer import LocalAttention, ReformerLM
+from terraformer.models.transformer import TransformerLM
+from terraformer.shapes import ShapeDtype
+from terraformer.training.loop import train
+from terraformer.training.memory_efficient import (
     HEAD_HIDDEN,
     MemoryEfficientOptState,
     MemoryEfficientTrainer,
     check_separable,
-    host_memory_kind,
-    make_memory_efficient_step,
-    offload_reason,
-    to_device,
 )
-from terraformer.models.reformer import LocalAttention, ReformerLM
-from terraformer.models.transformer import TransformerLM
-from terraformer.shapes import ShapeDtype
-from terraformer.training.loop import make_train_step, train
 from terraformer.training.optimizers import SGD, Adam
 from terraformer.training.optimizers import current_learning_rate as lr_of
+from terraformer.training.step import make_train_step
 
 VOCAB, LEN, BATCH = 16, 32, 2
 MODEL = functools.partial(ReformerLM, VOCAB, d_model=16, d_ff=32, n_layers=2, n_heads=2,
@@ -123,7 +121,7 @@ def _head_jaxpr(trainer, weights, state):
     k = trainer.k
     items = (jnp.zeros((BATCH, LEN, 16)),) * 2
     return str(jax.make_jaxpr(trainer._head)(
-        to_device(weights[k + 1:]), items, state[k + 1:], [None] * len(trainer.post),
+        to_device(weights[k + 1:]), items, state[k + 1:], None,
         jnp.zeros((BATCH, LEN), jnp.int32), jnp.ones((BATCH, LEN))))
 
 
@@ -188,6 +186,6 @@ def test_reversible_serial_and_clipping(seed):
     _check_same(weights0, plain, ours)
 
 
-def test_make_memory_efficient_step_keeps_trainer():
-    step = make_memory_efficient_step(MODEL(mode="train"), Adam())
+def test_train_step_builder_keeps_trainer():
+    step = make_train_step(MODEL(mode="train"), Adam(), memory_efficient=True)
     assert isinstance(step.trainer, MemoryEfficientTrainer)

@@ -1,74 +1,47 @@
-"""A memory-efficient training step: host-resident reversible stack, per-block fused updates.
+"""The memory-efficient training step: host-resident reversible stack, per-block updates.
 
-The plain trainer (`training.loop.make_train_step`) differentiates the whole model at once:
-the weights, the optimizer slots and the gradient of every layer live in device memory
-together, and the output layer's [length, vocab] logits are materialised. For a model built
-as (ReformerLM, TerraformerLM)::
+The plain step (`training.step`) differentiates the whole model at once: every layer's weights,
+optimizer slots and gradients are in device memory together, and the output layer's
+[length, vocab] logits exist whole. For a model built as (ReformerLM, TerraformerLM)::
 
     Serial(<pre: ShiftRight, Embedding, Dropout, positions, Dup>,
            <stack: ReversibleRepeat(block, n) or ReversibleSerial(block_1, ..., block_n)>,
            <post: merge, LayerNorm, Dense(vocab), LogSoftmax>)
 
-`MemoryEfficientTrainer` runs one training step as a sequence of small compiled pieces:
+`MemoryEfficientTrainer` runs a step as small compiled pieces, so that only one block's
+weights, slots and gradient are on the device at a time:
 
-1. pre forward (embedding, positions) -> the two reversible streams (x1, x2);
+1. the pre layers forward -> the two reversible streams (x1, x2);
 2. each block forward in turn, its weights brought in from host memory, keeping only the
-   current streams (the block's input is dropped: it can be rebuilt);
-3. the head: post layers and a chunked cross-entropy (`layers.chunked_loss`: no
-   [length, vocab] logits), differentiated at once -> loss, head gradients, d(x1, x2);
-4. the blocks backwards, last to first: rebuild the block's input from its output
-   (`ReversibleLayer.reverse_and_grad`, the machinery of the reversible layers' own
-   custom VJP), take its weight gradient, and apply that block's optimizer update right
-   there, writing weights and slots back to host memory. The gradient of the whole stack
-   never exists at once; only one block's weights, slots and gradient are on the device;
-5. the pre layers' gradient (recomputing their cheap forward) and one update of every
-   weight outside the stack (embedding, positions, output layer).
+   current streams (a reversible block's input can be rebuilt from its output);
+3. the head: post layers and a chunked cross-entropy (no [length, vocab] logits),
+   differentiated at once -> loss, head gradients, d(x1, x2);
+4. the blocks backwards, last to first: rebuild the block's input
+   (`ReversibleLayer.reverse_and_grad`), take its weight gradient and apply that block's
+   optimizer update there, writing weights and slots back to host memory;
+5. the pre layers' gradient (recomputing their cheap forward) and one update of every weight
+   outside the stack.
 
-Numerically it is the plain step: the same gradients (up to float round-off) and the same
-optimizer maths. Per-block updates are exact for optimizers that act on each weight on its
-own (Adam, SGD, Momentum, Adafactor as built in `training.optimizers`); a global-norm clip
-is not (it needs every gradient first), so the trainer refuses such an optimizer (it probes
-it on a tiny tree) and offers `clip_grad_norm=` instead: a first backward walk computes the
-global norm, a second one applies the clipped updates (one more backward walk per step).
+Why it gives the plain step's updates: the gradients are the same (up to float round-off) and
+an optimizer that acts on each weight alone (Adam, SGD, Momentum, Adafactor of
+`training.optimizers`) may update block by block. A global-norm clip may not (it needs every
+gradient first): the trainer refuses such an optimizer and offers `clip_grad_norm=`, a first
+backward walk for the norm and a second for the clipped updates.
 
-Host memory: the stack's weights and optimizer slots live in the device's `pinned_host`
-memory (JAX memory kinds; `jax.devices()[0].addressable_memories()`), on CPU (jax 0.10
-lists `pinned_host` there) and GPU alike. Inside the compiled block step a block is sliced
-out of the host-resident stacked arrays and moved to device memory (`jax.device_put` to the
-device memory kind), updated, and written back with the host arrays donated, so the update
-is in place. Where a backend has no host memory kind, everything stays in device memory
-(`host_memory_kind()` returns None and `offload_reason()` says why); results are the same.
+Why the head saves nothing of size [length, d]: when the layers between the stack and the
+output Dense act on each position alone (merge, LayerNorm), they run inside the chunked loss's
+chunks and are recomputed in its backward pass; otherwise the output layer's input
+(`HEAD_HIDDEN`) is the one saved activation, offloaded to host memory between the passes.
 
-Saved activations: reversible blocks save none. The head is one differentiated function of
-the streams: when the layers between the stack and the output Dense act on each position
-alone (ReformerLM's Concatenate or Terraformer's average, then LayerNorm), they run inside the
-chunked loss's chunks under `jax.checkpoint`, so the head saves nothing of size
-[length, d] (its backward recomputes merge, LayerNorm and logits per chunk). Otherwise the
-head runs under `jax.checkpoint` with the policy `save_and_offload_only_these_names`: the
-output layer's input (`HEAD_HIDDEN`, [batch, length, d]) is the one saved activation and is
-offloaded to host memory between the head's forward and backward pass; the rest of the head
-is recomputed. The pre layers (a gather and an addition) are simply recomputed in step 5.
-The streams (x1, x2) and their gradients stay on the device: they are what the next piece
-computes on.
+On CPU, host and device memory are one RAM: the arrays do live in the `pinned_host` space
+between steps, but XLA:CPU compiles the transfers to nothing, so the peak falls because of
+the per-block pieces and the chunked loss, not the offload. The GPU runs the same program.
 
-On CPU "host" and "device" memory are the same RAM: between steps the stack's arrays do live
-in the pinned_host memory space (their sharding says so; tested), but XLA:CPU lowers the
-transfers inside a compiled function to nothing (the jaxpr holds the `device_put`s to
-`MemorySpace.Host`, the CPU executable has no copies). So on CPU the offload changes
-placement, not the peak; the peak falls because of steps 2-4 and the chunked loss. The GPU
-path (XLA's host-offload of the slices, the DUS write-backs and the checkpoint policy) is
-the same program; it was not run in the session that wrote this module (no GPU lent).
+    step = make_train_step(model, Adam(), memory_efficient=True)   # training.step
+    opt_state = step.init_opt_state(weights)
+    weights, state, opt_state, metrics = step(weights, state, opt_state, batch, rng)
 
-Evaluation with the plain eval step needs every weight in one memory space:
-`wrap_eval_step` copies the weights to device memory for each call.
-
-    trainer = MemoryEfficientTrainer(ReformerLM(..., mode='train'), Adam())
-    opt_state = trainer.init_opt_state(weights)
-    weights, state, opt_state, metrics = trainer.step(weights, state, opt_state, batch, rng)
-
-`trainer.step` has the signature of the plain jitted step, weights and state in the same
-pytrees; the optimizer state is a `MemoryEfficientOptState` (per-part optimizer states).
-`train(..., memory_efficient=True)` (gin: `train.memory_efficient = True`) uses it.
+(gin: ``train.memory_efficient = True``.)
 """
 
 from __future__ import annotations
@@ -83,99 +56,35 @@ import optax
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
+from terraformer.checks import check_number
 from terraformer.layers.base import Layer, as_items, from_items, split_rng
 from terraformer.layers.chunked_loss import DEFAULT_CHUNK_LEN, chunked_cross_entropy
-from terraformer.layers.combinators import Serial
+from terraformer.layers.combinators import Select, Serial
 from terraformer.layers.core import Dense, LayerNorm
 from terraformer.layers.losses import accuracy, cross_entropy
 from terraformer.layers.reversible import ReversibleRepeat, ReversibleSerial
-from terraformer.training.optimizers import current_learning_rate
+from terraformer.memory.placement import (
+    device_memory_kind,
+    host_memory_kind,
+    offload_reason,
+    on_memory_kind,
+    to_device,
+    to_host,
+)
+from terraformer.training.batches import model_input
+from terraformer.training.optimizers import reported_learning_rate
 
 __all__ = [
     "HEAD_HIDDEN",
+    "LayerRange",
     "MemoryEfficientOptState",
     "MemoryEfficientTrainer",
     "check_separable",
-    "host_memory_kind",
-    "make_memory_efficient_step",
-    "memory_kinds",
-    "offload_reason",
-    "to_device",
-    "to_host",
 ]
 
 HEAD_HIDDEN = "head_hidden"
 # Layers (by name) that act on each position alone: the head runs them inside the loss's chunks.
 _POSITIONWISE = ("Concatenate", "XYAvg")
-_HOST_KINDS = ("pinned_host", "unpinned_host")
-
-
-# ---------------------------------------------------------------------------------------------
-# Memory kinds.
-
-
-def memory_kinds(device=None) -> tuple[str, ...]:
-    """The memory kinds `device` (default: the first device) can address."""
-    device = device or jax.devices()[0]
-    try:
-        return tuple(m.kind for m in device.addressable_memories())
-    except Exception:  # noqa: BLE001 (a backend without the memories API)
-        return ()
-
-
-def host_memory_kind(device=None) -> str | None:
-    """'pinned_host' where the device has it (CPU and GPU in jax 0.10), else None.
-
-    Only pinned host memory is used: it is what device transfers (DMA) read and write
-    directly. 'unpinned_host' alone is not taken: moving to and from it stages through a
-    pinned buffer, which defeats the point.
-    """
-    return "pinned_host" if "pinned_host" in memory_kinds(device) else None
-
-
-def offload_reason(device=None) -> str:
-    """Why arrays will or will not be offloaded on `device`, in words."""
-    device = device or jax.devices()[0]
-    kinds = memory_kinds(device)
-    if "pinned_host" in kinds:
-        return f"{device.platform}: offloading to pinned_host (memory kinds {list(kinds)})"
-    if not kinds:
-        return (f"{device.platform}: the device reports no memory kinds (no "
-                "addressable_memories); keeping everything in device memory")
-    return (f"{device.platform}: no pinned_host memory kind (has {list(kinds)}); keeping "
-            "everything in device memory")
-
-
-def _sharding(kind: str, device=None):
-    device = device or jax.devices()[0]
-    return jax.sharding.SingleDeviceSharding(device, memory_kind=kind)
-
-
-def _device_kind(device=None) -> str:
-    device = device or jax.devices()[0]
-    return device.default_memory().kind
-
-
-def to_host(tree, device=None):
-    """`tree` with every array in the device's pinned_host memory (unchanged without one).
-
-    Works outside and inside `jax.jit` (inside, it marks a transfer the compiler schedules).
-    """
-    kind = host_memory_kind(device)
-    if kind is None:
-        return tree
-    return jax.device_put(tree, _sharding(kind, device))
-
-
-def to_device(tree, device=None):
-    """`tree` with every array in the device's default (device) memory."""
-    return jax.device_put(tree, _sharding(_device_kind(device), device))
-
-
-def _on_kind(tree, kind: str) -> bool:
-    leaves = jax.tree.leaves(tree)
-    return all(getattr(getattr(a, "sharding", None), "memory_kind", None) == kind
-               for a in leaves)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,26 +143,38 @@ def check_separable(optimizer, who: str = "MemoryEfficientTrainer") -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Running a slice of a Serial's layers on the stack.
+# Running some of a Serial's layers on the stack.
+
+# A layer that takes and gives nothing: it stands in for the layers outside a `LayerRange`.
+_NOTHING = Select([], n_in=0, name="Nothing")
 
 
-def _run_layers(layers, items: tuple, weights, states, rngs):
-    """Serial.apply over `layers` with the stack `items`; returns (items, new_states)."""
-    new_states = []
-    for layer, w, s, r in zip(layers, weights, states, rngs, strict=True):
-        inputs, items = items[: layer.n_in], items[layer.n_in:]
-        y, s = layer.apply(from_items(inputs, layer.n_in), w, s, r)
-        items = as_items(y, layer.n_out, layer.name) + items
-        new_states.append(s)
-    return items, tuple(new_states)
+class LayerRange:
+    """Layers [start, stop) of a `Serial` model, run by `Serial.apply` itself.
 
+    The other layers are replaced by a layer that does nothing, so the Serial still has one
+    layer per model layer: it splits the rng as `model.apply` does, and each layer gets the
+    key (and so the dropout mask) it gets in the plain forward pass.
+    """
 
-def _learning_rate(opt_state):
-    """The rate of the last update (optimizers of `training.optimizers`), else NaN."""
-    try:
-        return current_learning_rate(opt_state)
-    except ValueError:
-        return jnp.float32(jnp.nan)
+    def __init__(self, model: Serial, start: int, stop: int):
+        layers = model.sublayers
+        self.start, self.stop, self.n = start, stop, len(layers)
+        self.serial = Serial(*[layer if start <= i < stop else _NOTHING
+                               for i, layer in enumerate(layers)])
+
+    def _pad(self, trees) -> tuple:
+        return ((),) * self.start + tuple(trees) + ((),) * (self.n - self.stop)
+
+    def apply(self, items: tuple, weights, states, rng):
+        """Runs the layers on the stack `items` with the model's `rng`; returns (items,
+        new_states) with the states of these layers only. Items below what the layers read
+        stay on the stack."""
+        n = self.serial.n_in
+        y, new_states = self.serial.apply(from_items(tuple(items[:n]), n), self._pad(weights),
+                                          self._pad(states), rng)
+        out = as_items(y, self.serial.n_out, self.serial.name) + tuple(items[n:])
+        return out, tuple(new_states[self.start:self.stop])
 
 
 def _sq_norm(tree):
@@ -454,15 +375,18 @@ class MemoryEfficientTrainer:
         self.k = _find_stack(model)
         layers = model.sublayers
         self.pre, self.stack, self.post = layers[: self.k], layers[self.k], layers[self.k + 1:]
+        n = len(layers)
+        self._pre_layers = LayerRange(model, 0, self.k)
+        self._post_layers = LayerRange(model, self.k + 1, n)
+        self._body_layers = LayerRange(model, self.k + 1, n - 2)  # post, less Dense + LogSoftmax
         if model.n_in not in (1, 2):
             raise ValueError(
                 "MemoryEfficientTrainer: the model must take 1 input (tokens) or 2 (inputs, "
                 f"targets), takes {model.n_in}"
             )
-        if clip_grad_norm is not None and not clip_grad_norm > 0:
-            raise ValueError(
-                f"MemoryEfficientTrainer: clip_grad_norm must be > 0 or None, got "
-                f"{clip_grad_norm!r}")
+        if clip_grad_norm is not None:
+            check_number("clip_grad_norm", clip_grad_norm, "MemoryEfficientTrainer",
+                         minimum=0.0, allow_minimum=False)
         check_separable(optimizer)
         self.clip_grad_norm = clip_grad_norm
         self.offload = bool(offload) and host_memory_kind() is not None
@@ -498,7 +422,7 @@ class MemoryEfficientTrainer:
         if not self.offload:
             return tree
         leaves = jax.tree.leaves(tree)
-        if leaves and _on_kind(tree, host_memory_kind()):
+        if leaves and on_memory_kind(tree, host_memory_kind()):
             return tree
         return to_host(tree)
 
@@ -517,25 +441,12 @@ class MemoryEfficientTrainer:
             )
         return weights, MemoryEfficientOptState(self._host(opt_state.stack), opt_state.outer)
 
-    def wrap_eval_step(self, eval_step):
-        """`eval_step(weights, state, batch)` (a plain model's jitted step) for weights whose
-        stack lives in host memory: they are copied to device memory for the call (the plain
-        model computes with every weight at once; compiled code cannot mix memory kinds in
-        one operation)."""
-
-        @functools.wraps(eval_step)
-        def run(weights, state, batch):
-            return eval_step(to_device(weights), state, batch)
-
-        return run
-
     # -- the compiled pieces -------------------------------------------------------------------
     def _model_items(self, batch):
-        x = batch[0] if self.model.n_in == 1 else (batch[0], batch[1])
-        return as_items(x, self.model.n_in, self.model.name)
+        return as_items(model_input(self.model, batch), self.model.n_in, self.model.name)
 
-    def _pre_forward(self, pre_w, pre_s, batch, rngs):
-        return _run_layers(self.pre, self._model_items(batch), pre_w, pre_s, rngs)
+    def _pre_forward(self, pre_w, pre_s, batch, rng):
+        return self._pre_layers.apply(self._model_items(batch), pre_w, pre_s, rng)
 
     def _positionwise_body(self, items, post_w, post_s) -> bool:
         """Whether the layers between the stack and the output Dense act on each position
@@ -547,48 +458,48 @@ class MemoryEfficientTrainer:
         if not all(isinstance(layer, LayerNorm) or layer.name in _POSITIONWISE for layer in body):
             return False
         out = jax.eval_shape(
-            lambda xs, w, s: _run_layers(body, xs, w, s, [None] * len(body))[0],
+            lambda xs, w, s: self._body_layers.apply(xs, w, s, None)[0],
             tuple(items), post_w[:-2], post_s[:-2])
         return len(out) == 1 and out[0].shape[:2] == items[0].shape[:2]
 
-    def _head_loss(self, post_w, items, post_s, rngs, targets, mask):
+    def _head_loss(self, post_w, items, post_s, rng, targets, mask):
         if not self.chunked_head:
-            out, new_s = _run_layers(self.post, items, post_w, post_s, rngs)
+            out, new_s = self._post_layers.apply(items, post_w, post_s, rng)
             log_probs = out[0]
             return cross_entropy(log_probs, targets, mask), (
                 accuracy(log_probs, targets, mask), new_s)
-        body, dense = self.post[:-2], post_w[-2]
+        dense = post_w[-2]
         if self._positionwise_body(items, post_w, post_s):
             # merge + LayerNorm + Dense + loss per chunk of positions: O(chunk) memory
             def hidden_fn(*chunk_items):
-                return _run_layers(body, chunk_items, post_w[:-2], post_s[:-2], rngs[:-2])[0][0]
+                return self._body_layers.apply(chunk_items, post_w[:-2], post_s[:-2], rng)[0][0]
 
             loss, acc = chunked_cross_entropy(tuple(items), dense["w"], dense.get("b"), targets,
                                               mask, self.loss_chunk_len, hidden_fn=hidden_fn)
             return loss, (acc, tuple(post_s))
-        out, new_s = _run_layers(body, items, post_w[:-2], post_s[:-2], rngs[:-2])
+        out, new_s = self._body_layers.apply(items, post_w[:-2], post_s[:-2], rng)
         hidden = checkpoint_name(out[0], HEAD_HIDDEN)
         loss, acc = chunked_cross_entropy(hidden, dense["w"], dense.get("b"), targets, mask,
                                           self.loss_chunk_len)
         return loss, (acc, new_s + tuple(post_s[-2:]))
 
-    def _head(self, post_w, items, post_s, rngs, targets, mask):
+    def _head(self, post_w, items, post_s, rng, targets, mask):
         fn = self._head_loss
         if self.offload:
             policy = jax.checkpoint_policies.save_and_offload_only_these_names(
                 names_which_can_be_saved=[], names_which_can_be_offloaded=[HEAD_HIDDEN],
-                offload_src=_device_kind(), offload_dst=host_memory_kind())
+                offload_src=device_memory_kind(), offload_dst=host_memory_kind())
         else:
             policy = jax.checkpoint_policies.save_only_these_names(HEAD_HIDDEN)
         fn = jax.checkpoint(fn, policy=policy)
         (loss, (acc, new_s)), (g_post, g_items) = jax.value_and_grad(
-            fn, argnums=(0, 1), has_aux=True)(post_w, items, post_s, rngs, targets, mask)
+            fn, argnums=(0, 1), has_aux=True)(post_w, items, post_s, rng, targets, mask)
         return loss, acc, new_s, g_post, g_items, _sq_norm(g_post)
 
-    def _outer_step(self, outer_w, outer_opt, g_post, pre_s, batch, rngs, g_items, sq_blocks,
+    def _outer_step(self, outer_w, outer_opt, g_post, pre_s, batch, rng, g_items, sq_blocks,
                     scale, update):
         pre_w = outer_w[: self.k]
-        _, vjp = jax.vjp(lambda w: self._pre_forward(w, pre_s, batch, rngs)[0], pre_w)
+        _, vjp = jax.vjp(lambda w: self._pre_forward(w, pre_s, batch, rng)[0], pre_w)
         (g_pre,) = vjp(tuple(g_items))
         grads = tuple(g_pre) + ((),) + tuple(g_post)
         sq = sq_blocks + _sq_norm(g_pre) + _sq_norm(g_post)
@@ -614,13 +525,12 @@ class MemoryEfficientTrainer:
         outer_w = to_device(outer_w)
         opt_state = MemoryEfficientOptState(opt_state.stack, to_device(opt_state.outer))
         pre_s, stack_s, post_s = state[: self.k], state[self.k], state[self.k + 1:]
-        rngs = split_rng(rng, len(self.model.sublayers))
-        pre_r, stack_r, post_r = rngs[: self.k], rngs[self.k], rngs[self.k + 1:]
-        block_rngs = self.blocks.rngs(stack_r)
+        # The layer ranges split `rng` as model.apply does; the stack's key is that split's.
+        block_rngs = self.blocks.rngs(split_rng(rng, len(self.model.sublayers))[self.k])
         n_stack = self.stack.n_in
 
         # forward: pre, then each block, keeping only the current streams
-        items, new_pre_s = self._pre_fwd(outer_w[: self.k], pre_s, batch, pre_r)
+        items, new_pre_s = self._pre_fwd(outer_w[: self.k], pre_s, batch, rng)
         ys, rest = tuple(items[:n_stack]), tuple(items[n_stack:])
         new_block_s = []
         for i in range(self.blocks.n):
@@ -630,7 +540,7 @@ class MemoryEfficientTrainer:
 
         # head: loss and the gradients of the output layers and of the streams
         loss, acc, new_post_s, g_post, g_items, _ = self._head_grad(
-            outer_w[self.k + 1:], ys + rest, post_s, post_r, batch[1], batch[2])
+            outer_w[self.k + 1:], ys + rest, post_s, rng, batch[1], batch[2])
         g_ys, g_rest = tuple(g_items[:n_stack]), tuple(g_items[n_stack:])
 
         stack_opt = opt_state.stack
@@ -642,19 +552,19 @@ class MemoryEfficientTrainer:
             stack_w, stack_opt, g_xs, sq_blocks = self._walk(
                 stack_w, stack_opt, stack_s, tuple(jnp.copy(a) for a in ys),
                 tuple(jnp.copy(a) for a in g_ys), block_rngs, scale, update=False)
-            _, _, sq = self._outer(outer_w, outer_opt, g_post, pre_s, batch, pre_r,
+            _, _, sq = self._outer(outer_w, outer_opt, g_post, pre_s, batch, rng,
                                    g_xs + g_rest, sq_blocks, scale, update=False)
             scale = _clip_scale(sq, self.clip_grad_norm)
         stack_w, stack_opt, g_xs, sq_blocks = self._walk(
             stack_w, stack_opt, stack_s, ys, g_ys, block_rngs, scale, update=True)
-        outer_w, outer_opt, sq = self._outer(outer_w, outer_opt, g_post, pre_s, batch, pre_r,
+        outer_w, outer_opt, sq = self._outer(outer_w, outer_opt, g_post, pre_s, batch, rng,
                                              g_xs + g_rest, sq_blocks, scale, update=True)
 
         weights = self._join(outer_w, stack_w)
         new_state = tuple(new_pre_s) + (new_stack_s,) + tuple(new_post_s)
         opt_state = MemoryEfficientOptState(stack_opt, outer_opt)
         metrics = {"loss": loss, "accuracy": acc, "grad_norm": jnp.sqrt(sq),
-                   "lr": _learning_rate(opt_state)}
+                   "lr": reported_learning_rate(opt_state)}
         return weights, new_state, opt_state, metrics
 
     def _walk(self, stack_w, stack_opt, stack_s, ys, g_ys, block_rngs, scale, update):
@@ -669,18 +579,4 @@ class MemoryEfficientTrainer:
         return stack_w, stack_opt, tuple(g_ys), sq_total
 
     __call__ = step
-
-
-def make_memory_efficient_step(model: Layer, optimizer, **kwargs):
-    """`MemoryEfficientTrainer(model, optimizer, **kwargs).step`, with the trainer kept as the
-    function's `.trainer` attribute (for `init_opt_state`)."""
-    trainer = MemoryEfficientTrainer(model, optimizer, **kwargs)
-    step = trainer.step
-
-    @functools.wraps(step)
-    def run(weights, state, opt_state, batch, rng):
-        return step(weights, state, opt_state, batch, rng)
-
-    run.trainer = trainer
-    return run
 

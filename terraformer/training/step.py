@@ -1,0 +1,167 @@
+"""The training and evaluation steps: one builder for every trainer.
+
+`make_train_step(model, optimizer)` gives the step that `train`, `terraformer bench train` and
+`dry_run` run::
+
+    step = make_train_step(model, optimizer)                  # or memory_efficient=True
+    opt_state = step.init_opt_state(weights)
+    weights, state, opt_state, metrics = step(weights, state, opt_state, batch, rng)
+
+``batch`` is ``(inputs, targets, weights)`` with arrays ``[batch, length]``; ``metrics`` holds
+the scalars ``loss`` (mean cross-entropy in nats per weighted token), ``accuracy``,
+``grad_norm`` and ``lr``. The plain step differentiates the whole model in one compiled
+function; ``memory_efficient=True`` runs the same update as `MemoryEfficientTrainer`'s
+per-block pieces (a model with one reversible stack; see `training.memory_efficient`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from terraformer.layers.losses import accuracy, cross_entropy, sequence_accuracy
+from terraformer.memory.placement import to_device
+from terraformer.training.batches import as_batch, log_probs_of, model_input, open_stream
+from terraformer.training.memory_efficient import MemoryEfficientTrainer
+from terraformer.training.optimizers import reported_learning_rate
+
+__all__ = ["LN2", "TrainStep", "evaluate", "make_eval_step", "make_train_step"]
+
+LN2 = math.log(2.0)
+
+
+def _loss_and_metrics(model, weights, state, batch, rng):
+    out, new_state = model.apply(model_input(model, batch), weights, state, rng)
+    log_probs = log_probs_of(out)
+    _, targets, mask = batch
+    loss = cross_entropy(log_probs, targets, mask)
+    return loss, (new_state, accuracy(log_probs, targets, mask))
+
+
+def _plain_step(model, optimizer, donate: bool) -> Callable:
+    def step(weights, state, opt_state, batch, rng):
+        grad_fn = jax.value_and_grad(
+            lambda w: _loss_and_metrics(model, w, state, batch, rng), has_aux=True
+        )
+        (loss, (new_state, acc)), grads = grad_fn(weights)
+        updates, opt_state = optimizer.update(grads, opt_state, weights)
+        weights = optax.apply_updates(weights, updates)
+        metrics = {
+            "loss": loss,
+            "accuracy": acc,
+            "grad_norm": optax.global_norm(grads),
+            "lr": reported_learning_rate(opt_state),
+        }
+        return weights, new_state, opt_state, metrics
+
+    return jax.jit(step, donate_argnums=(0, 1, 2) if donate else ())
+
+
+class TrainStep:
+    """A training step ``(weights, state, opt_state, batch, rng) -> (weights, state,
+    opt_state, metrics)``, with the optimizer state it needs (see the module docstring).
+
+    Attributes:
+      model, optimizer: what it was built from.
+      trainer: the `MemoryEfficientTrainer` running it, or None for the plain step.
+    """
+
+    def __init__(self, model, optimizer, memory_efficient: bool = False,
+                 donate: bool | None = None, **memory_options):
+        self.model = model
+        self.optimizer = optimizer
+        if memory_efficient:
+            self.trainer = MemoryEfficientTrainer(model, optimizer, **memory_options)
+            self._step = self.trainer.step
+        else:
+            if memory_options:
+                raise TypeError(
+                    f"make_train_step: {sorted(memory_options)} apply only with "
+                    "memory_efficient=True")
+            self.trainer = None
+            # On CPU the arrays a caller holds (numpy views, restored checkpoints) may share
+            # memory with the step's inputs: donate only where device memory is separate.
+            if donate is None:
+                donate = jax.default_backend() != "cpu"
+            self._step = _plain_step(model, optimizer, bool(donate))
+
+    def __call__(self, weights, state, opt_state, batch, rng):
+        return self._step(weights, state, opt_state, batch, rng)
+
+    def init_opt_state(self, weights):
+        """The optimizer state for ``weights`` (the memory-efficient one keeps the stack's
+        slots in host memory)."""
+        if self.trainer is not None:
+            return self.trainer.init_opt_state(weights)
+        return jax.jit(self.optimizer.init)(weights)
+
+    def eval_weights(self, weights):
+        """``weights`` as a plain (whole-model) function takes them: all in device memory."""
+        return to_device(weights) if self.trainer is not None else weights
+
+    def lower(self, weights, state, opt_state, batch, rng):
+        """The plain step lowered for these (possibly abstract) arguments, to compile it and
+        read its memory analysis."""
+        if self.trainer is not None:
+            raise TypeError("TrainStep.lower: the memory-efficient step is several compiled "
+                            "pieces, not one function")
+        return self._step.lower(weights, state, opt_state, batch, rng)
+
+
+def make_train_step(model, optimizer, *, memory_efficient: bool = False,
+                    donate: bool | None = None, **memory_options) -> TrainStep:
+    """The training step of ``model`` (a train-mode Layer) with ``optimizer`` (optax).
+
+    Args:
+      model: the Layer; its first output is taken as log-probabilities.
+      optimizer: an optax transformation.
+      memory_efficient: run `MemoryEfficientTrainer` (``memory_options`` go to it:
+        ``clip_grad_norm``, ``offload``, ``loss_chunk_len``, ``chunk_head``).
+      donate: let the plain step reuse the memory of its weights, state and optimizer
+        state (the caller must not use them after the call); None: on accelerators only.
+    """
+    return TrainStep(model, optimizer, memory_efficient, donate, **memory_options)
+
+
+def make_eval_step(model) -> Callable:
+    """Jitted ``(weights, state, batch) -> sums`` of loss, accuracy and weight per batch."""
+
+    def step(weights, state, batch):
+        out, _ = model.apply(model_input(model, batch), weights, state, None)
+        log_probs = log_probs_of(out)
+        _, targets, mask = batch
+        total = jnp.sum(mask.astype(jnp.float32))
+        return {
+            "loss": cross_entropy(log_probs, targets, mask) * total,
+            "accuracy": accuracy(log_probs, targets, mask) * total,
+            "sequence_accuracy": sequence_accuracy(log_probs, targets, mask) * targets.shape[0],
+            "weight": total,
+            "sequences": jnp.float32(targets.shape[0]),
+        }
+
+    return jax.jit(step)
+
+
+def evaluate(eval_step, weights, state, eval_inputs, eval_steps: int) -> dict:
+    """Mean loss (nats/token), accuracy, sequence accuracy and bits per token over the first
+    ``eval_steps`` batches of a fresh ``eval_inputs`` stream (fewer if it ends first)."""
+    stream = open_stream(eval_inputs, "eval_inputs")
+    sums = None
+    for batch in itertools.islice(stream, eval_steps):
+        out = jax.device_get(eval_step(weights, state, as_batch(batch, "eval_inputs")))
+        sums = out if sums is None else {k: sums[k] + out[k] for k in sums}
+    if sums is None:
+        raise ValueError("eval_inputs yielded no batch")
+    weight = max(float(sums["weight"]), 1e-9)
+    loss = float(sums["loss"]) / weight
+    return {
+        "loss": loss,
+        "accuracy": float(sums["accuracy"]) / weight,
+        "sequence_accuracy": float(sums["sequence_accuracy"]) / float(sums["sequences"]),
+        "bits_per_token": loss / LN2,
+    }
