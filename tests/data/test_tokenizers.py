@@ -13,6 +13,7 @@ from terraformer.data.tokenizers import (
     Tokenizer,
     check_vocab,
     get_tokenizer,
+    tokenizer,
 )
 
 SP_MODEL = Path(__file__).resolve().parents[2].parent / "shared/data/t5-sentencepiece-32k.model"
@@ -171,3 +172,20 @@ def test_check_vocab():
     assert str(info.value) == (
         "tokenizer 'byte' has vocab_size 258 but the model's vocab_size is 256"
     )
+
+
+# IdsTokenizer (through the gin-configurable tokenizer()) -------------------------------------
+
+
+def test_ids_tokenizer(np_rng):
+    tok = tokenizer("ids", vocab_size=10)
+    ids = np_rng.integers(0, 10, size=7)
+    text = " ".join(map(str, ids))
+    np.testing.assert_array_equal(tok.encode(text), ids)
+    assert tok.decode(tok.encode(text)) == text
+    with pytest.raises(ValueError, match=r"ids must lie in \[0, 10\)"):
+        tok.encode("3 12")
+    with pytest.raises(ValueError, match="whitespace-separated integers"):
+        tok.encode("three")
+    with pytest.raises(ValueError, match="vocab_size"):
+        tokenizer("ids")
