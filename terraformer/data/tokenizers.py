@@ -11,10 +11,11 @@ Every tokenizer here has the same small surface:
 ``tokenizer(...)`` builds the run's tokenizer as the gin config names it (``'ids'`` included),
 and ``check_vocab`` tells early when a tokenizer emits ids the model's embedding cannot hold.
 
-TensorFlow is imported only by ``SentencePieceTokenizer``, quietly: unless the environment sets
-``TF_CPP_MIN_LOG_LEVEL`` (asking for TensorFlow's logging), the lines it writes to stderr while
-loading (oneDNN notices, CUDA probing, ``failed call to cuInit`` on a machine without a GPU) are
-dropped, so that a bad tokenizer shows as one line of error and nothing else.
+TensorFlow is imported only by ``SentencePieceTokenizer``, quietly: unless the environment
+chooses TensorFlow's logging (``TF_CPP_MIN_LOG_LEVEL`` set to another value than the ``1`` that
+``import jax`` sets), the lines it writes to stderr while loading (oneDNN notices, CUDA probing,
+``failed call to cuInit`` on a machine without a GPU) are dropped, so that a bad tokenizer shows
+as one line of error and nothing else.
 """
 
 from __future__ import annotations
@@ -134,12 +135,19 @@ def _read_model_bytes(model_path: Path) -> bytes:
     return data
 
 
+# TF_CPP_MIN_LOG_LEVEL values that mean nobody chose TensorFlow's logging: unset, or the "1"
+# that `import jax` sets by default.
+_UNCHOSEN_TF_LOG_LEVELS = (None, "1")
+
+
 @contextlib.contextmanager
 def _quiet_tensorflow():
     """Drops what TensorFlow's C++ side writes to stderr inside the block (it logs through absl
-    before any level applies), and sets ``TF_CPP_MIN_LOG_LEVEL=3`` for the errors it logs later
-    (``failed call to cuInit`` at the first op). Does nothing when the user set the level."""
-    if "TF_CPP_MIN_LOG_LEVEL" in os.environ:
+    before any level applies) and runs the block with ``TF_CPP_MIN_LOG_LEVEL=3``, which
+    TensorFlow reads once, at its first log (``failed call to cuInit`` at the first op), and
+    keeps. Does nothing when the user chose a level (see ``_UNCHOSEN_TF_LOG_LEVELS``)."""
+    level = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
+    if level not in _UNCHOSEN_TF_LOG_LEVELS:
         yield
         return
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
@@ -153,6 +161,10 @@ def _quiet_tensorflow():
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+        if level is None:
+            del os.environ["TF_CPP_MIN_LOG_LEVEL"]
+        else:
+            os.environ["TF_CPP_MIN_LOG_LEVEL"] = level
 
 
 def _piece_id(tf_tokenizer, piece: str, default: int) -> int:
@@ -181,23 +193,26 @@ class SentencePieceTokenizer:
     def __init__(self, model_path: str | os.PathLike):
         path = Path(model_path)
         data = _read_model_bytes(path)
+        # The first ops start TensorFlow's devices (and log about it): quiet until they ran.
         with _quiet_tensorflow():
             # Imported here: only SentencePiece needs TensorFlow, and it loads slowly.
             import tensorflow as tf
             import tensorflow_text as tf_text
-        try:
-            self._sp = tf_text.SentencepieceTokenizer(model=data, out_type=tf.int32, add_eos=False)
-            self.vocab_size = int(self._sp.vocab_size().numpy())
-        except Exception as e:  # tf raises assorted op errors for a bad model proto
-            detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-            raise ValueError(
-                f"SentencePieceTokenizer: '{path}' is not a valid SentencePiece model "
-                f"({type(e).__name__}: {detail})"
-            ) from e
+
+            try:
+                self._sp = tf_text.SentencepieceTokenizer(model=data, out_type=tf.int32,
+                                                          add_eos=False)
+                self.vocab_size = int(self._sp.vocab_size().numpy())
+            except Exception as e:  # tf raises assorted op errors for a bad model proto
+                detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+                raise ValueError(
+                    f"SentencePieceTokenizer: '{path}' is not a valid SentencePiece model "
+                    f"({type(e).__name__}: {detail})"
+                ) from e
+            self.pad_id = _piece_id(self._sp, "<pad>", 0)
+            self.eos_id = _piece_id(self._sp, "</s>", 1)
         self._tf = tf
         self.name = str(path)
-        self.pad_id = _piece_id(self._sp, "<pad>", 0)
-        self.eos_id = _piece_id(self._sp, "</s>", 1)
 
     def encode(self, text: str) -> np.ndarray:
         """Returns the ids of ``text``: int32, shape ``(n_tokens,)``, no EOS appended."""

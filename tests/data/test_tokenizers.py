@@ -1,5 +1,6 @@
 """Tests of terraformer.data.tokenizers."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -189,3 +190,18 @@ def test_ids_tokenizer(np_rng):
         tok.encode("three")
     with pytest.raises(ValueError, match="vocab_size"):
         tokenizer("ids")
+
+
+@pytest.mark.parametrize("level", ["0", "2", None])
+def test_sentencepiece_leaves_the_tensorflow_log_level_as_it_was(level, tmp_path, monkeypatch):
+    # A chosen level (0: all of TensorFlow's logging) turns the quieting off; without one the
+    # quieting sets a level only while TensorFlow starts.
+    if level is None:
+        monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
+    else:
+        monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", level)
+    bad = tmp_path / "bad.model"
+    bad.write_bytes(b"not a model" * 4)
+    with pytest.raises(ValueError, match="bad.model"):
+        SentencePieceTokenizer(bad)
+    assert os.environ.get("TF_CPP_MIN_LOG_LEVEL") == level
