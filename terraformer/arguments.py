@@ -32,6 +32,25 @@ class ArgumentParser(argparse.ArgumentParser):
     Subparsers made by `add_subparsers` are of the same class, so every subcommand answers so.
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._checks: list[Callable[[argparse.Namespace], object]] = []
+
+    def add_check(self, check: Callable[[argparse.Namespace], object]) -> None:
+        """Adds a check of several arguments together (e.g. `--block_size` at most
+        `--new_tokens`), run on the parsed namespace; an `ArgumentError` it raises is a parse
+        error of this (sub)command."""
+        self._checks.append(check)
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        for check in self._checks:
+            try:
+                check(namespace)
+            except ArgumentError as e:
+                self.error(_message(e))
+        return namespace, extras
+
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 

@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 from terraformer.arguments import ArgumentParser, integer
+from terraformer.checks import check_int
 from terraformer.decoding import STREAM_BLOCK, Decoder, time_per_token
 from terraformer.layers.attention import SelfAttention
 from terraformer.layers.losses import cross_entropy
@@ -309,6 +310,8 @@ def build_parser() -> ArgumentParser:
     decode.add_argument("--output_dtype", default=None, choices=["float32", "bf16", "int8"],
                         help="the output layer's storage when it should differ from --dtype "
                              "(int8: a quarter of the bytes of the largest matrix a step reads)")
+    decode.add_check(lambda args: check_int("argument --block_size (at most --new_tokens)",
+                                            args.block_size, 1, maximum=args.new_tokens))
     return parser
 
 

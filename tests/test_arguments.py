@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from terraformer.arguments import ArgumentParser, integer, number
-from terraformer.checks import ArgumentError, check_token_ids
+from terraformer.checks import ArgumentError, check_int, check_token_ids
 
 
 def _parser():
@@ -17,6 +17,8 @@ def _parser():
     p.add_argument("--n", type=integer(1, 9), default=1)
     p.add_argument("--p", type=number(0.0, 1.0, allow_minimum=False), default=0.5)
     p.add_argument("--kind", choices=["a", "b"], default="a")
+    p.add_argument("--k", type=integer(1), default=1)
+    p.add_check(lambda args: check_int("argument --k (at most --n)", args.k, 1, maximum=args.n))
     return parser
 
 
@@ -36,6 +38,8 @@ def test_good_values_are_converted(np_rng):
     (["run", "--kind", "c"], "prog run: error: argument --kind: invalid choice: 'c'"),
     (["walk"], "prog: error: argument command: invalid choice: 'walk'"),
     (["run", "--m", "1"], "prog: error: unrecognized arguments: --m 1"),
+    (["run", "--n", "2", "--k", "3"],
+     "prog run: error: argument --k (at most --n) must be an int <= 2, got 3"),
 ])
 def test_every_error_is_one_line_with_status_2(argv, message, capsys):
     with pytest.raises(SystemExit) as info:

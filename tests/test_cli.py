@@ -275,6 +275,7 @@ BAD_ARGUMENTS = [
     (["bench", "decode", "--prompt_len", "1.5"], ("--prompt_len",)),
     (["bench", "decode", "--prefill_chunk", "0"], ("--prefill_chunk",)),
     (["bench", "decode", "--block_size", "0"], ("--block_size",)),
+    (["bench", "decode", "--new_tokens", "8"], ("--block_size", "<= 8, got 16")),
     (["bench", "decode", "--dtype", "int4"], ("--dtype",)),
     (["bench", "nonsense"], ("nonsense",)),
     ([*DECODE, "--max_new_tokens", "0"], ("--max_new_tokens",)),
