@@ -293,7 +293,23 @@ BAD_ARGUMENTS = [
 @pytest.mark.parametrize("argv, needles", BAD_ARGUMENTS,
                          ids=[" ".join(a[2:] if a[0] != "bench" else a[:4])
                               for a, _ in BAD_ARGUMENTS])
-def test_bad_argument_is_one_line_and_status_2(argv, needles, tmp_path):
+def test_bad_argument_is_one_line_and_status_2(argv, needles, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    out, err = capsys.readouterr()
+    _one_line_error(info.value.code, err, *needles)
+    assert out == ""
+
+
+IN_SUBPROCESS = (["bench", "train", "--seq_len", "0"], ["bench", "decode", "--new_tokens", "8"])
+
+
+@pytest.mark.parametrize("argv, needles", [case for case in BAD_ARGUMENTS
+                                           if case[0][:4] in IN_SUBPROCESS or "--top_p" in case[0]])
+def test_bad_argument_in_a_subprocess(argv, needles, tmp_path):
+    """The same, through ``python -m terraformer.cli`` (the issue's ``bench train --seq_len 0``
+    ended in a ``math domain error`` traceback)."""
     _one_line_exit_2(_subprocess(argv, tmp_path), *needles)
 
 
