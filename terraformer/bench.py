@@ -22,12 +22,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from terraformer.arguments import ArgumentParser, integer
+from terraformer.checks import check_int
 from terraformer.decoding import STREAM_BLOCK, Decoder, time_per_token
 from terraformer.layers.attention import SelfAttention
 from terraformer.layers.lsh import LSHSelfAttention
 from terraformer.models.reformer import ReformerLM
 from terraformer.models.terraformer import TerraformerLM
 from terraformer.models.transformer import TransformerLM
+from terraformer.runtime import tune_cpu_runtime
 from terraformer.shapes import ShapeDtype
 from terraformer.training.step import make_train_step
 
@@ -240,16 +243,18 @@ def bench_decode(args) -> dict:
                 params=params)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="terraformer bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ArgumentParser:
+    """The `terraformer bench` parser: every numeric option is checked while parsing
+    (`terraformer.arguments`), and a bad one is one line on stderr with exit status 2."""
+    parser = ArgumentParser(prog="terraformer bench", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="workload", required=True)
     train = sub.add_parser("train", help="T workloads: a training step on one sequence")
-    train.add_argument("--seq_len", type=int, default=16384)
-    train.add_argument("--n_layers", type=int, default=2)
+    train.add_argument("--seq_len", type=integer(1), default=16384)
+    train.add_argument("--n_layers", type=integer(1), default=2)
     train.add_argument("--attention", default="lsh", choices=["lsh", "full", "local"])
-    train.add_argument("--repeats", type=int, default=3)
-    train.add_argument("--ff_chunk_size", type=int, default=None,
+    train.add_argument("--repeats", type=integer(1), default=3)
+    train.add_argument("--ff_chunk_size", type=integer(0), default=None,
                        help="feed-forward positions per chunk (0: whole length); default: "
                             "0 up to 65,536 tokens, 32,768 above")
     train.add_argument("--memory_efficient", action="store_true",
@@ -258,25 +263,28 @@ def build_parser() -> argparse.ArgumentParser:
                             "terraformer/training/memory_efficient.py")
     decode = sub.add_parser("decode", help="D workloads: batch-1 greedy decoding latency")
     decode.add_argument("--model", default="dense", choices=["dense", "sparse", "lsh"])
-    decode.add_argument("--n_layers", type=int, default=12)
-    decode.add_argument("--prompt_len", type=int, default=128)
-    decode.add_argument("--new_tokens", type=int, default=128)
-    decode.add_argument("--prefill_chunk", type=int, default=1024)
+    decode.add_argument("--n_layers", type=integer(1), default=12)
+    decode.add_argument("--prompt_len", type=integer(1), default=128)
+    decode.add_argument("--new_tokens", type=integer(1), default=128)
+    decode.add_argument("--prefill_chunk", type=integer(1), default=1024)
     decode.add_argument("--dtype", default="float32", choices=["float32", "bf16", "int8"],
                         help="how the decoder stores the kernels it multiplies by: float32, "
                              "bf16 or int8 (a scale per output unit), converted inside the "
                              "fused matrix-vector products (memory.quantize.pack_for_decoding)")
-    decode.add_argument("--block_size", type=int, default=STREAM_BLOCK,
+    decode.add_argument("--block_size", type=integer(1), default=STREAM_BLOCK,
                         help="tokens per call of the compiled decoding loop while timing "
                              f"(default {STREAM_BLOCK}, as `terraformer decode` streams them; "
                              "1: each token its own call, dispatch included)")
     decode.add_argument("--output_dtype", default=None, choices=["float32", "bf16", "int8"],
                         help="the output layer's storage when it should differ from --dtype "
                              "(int8: a quarter of the bytes of the largest matrix a step reads)")
+    decode.add_check(lambda args: check_int("argument --block_size (at most --new_tokens)",
+                                            args.block_size, 1, maximum=args.new_tokens))
     return parser
 
 
 def main(argv=None) -> int:
+    tune_cpu_runtime()  # before JAX's first computation
     args = build_parser().parse_args(argv)
     if args.workload == "train":
         record = bench_train(args)

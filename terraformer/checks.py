@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numbers
 
+import numpy as np
+
 
 class ArgumentError(ValueError, TypeError):
     """A bad argument: a wrong type or a value out of range.
@@ -69,3 +71,24 @@ def check_choice(name: str, value, choices, who: str = ""):
         listed = ", ".join(repr(c) for c in choices)
         raise ArgumentError(f"{prefix}{name} must be one of {listed}, got {value!r}")
     return value
+
+
+def check_token_ids(name: str, ids, who: str = "", *, vocab_size: int | None = None,
+                    dtype=np.int32) -> np.ndarray:
+    """Returns `ids` as a 1-D `dtype` array, shape (n_tokens,), after checking its rank, that
+    it holds integers (an empty array may have any dtype) and, given `vocab_size`, that every
+    id lies in [0, vocab_size)."""
+    prefix = f"{who}: " if who else ""
+    arr = np.asarray(ids)
+    if arr.ndim != 1:
+        raise ArgumentError(f"{prefix}{name} must be 1-D (n_tokens,), got shape {arr.shape}")
+    if arr.size == 0:
+        return arr.astype(dtype)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ArgumentError(f"{prefix}{name} must hold integers, got dtype {arr.dtype}")
+    if vocab_size is not None:
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ArgumentError(f"{prefix}{name} must lie in [0, {vocab_size}), got values in "
+                                f"[{lo}, {hi}]")
+    return arr.astype(dtype)

@@ -1,4 +1,4 @@
-"""The ``terraformer`` command line (see DESIGN.md, "The command line").
+"""The ``terraformer`` command line.
 
 ::
 
@@ -10,24 +10,29 @@
     terraformer plot   DIR
     terraformer bench  ...                      (terraformer.bench)
 
-Bad input (a missing file, an unknown gin binding, a gin syntax error, no checkpoint, a
-tokenizer that does not fit the model) prints one line on stderr and exits with status 2; a
-run whose loss stops being finite exits with status 1. ``TERRAFORMER_DEBUG=1`` shows
+Bad input (an argument out of range, a missing file, an unknown gin binding, a gin syntax
+error, no checkpoint, a tokenizer that does not fit the model) prints one line on stderr and
+exits with status 2, for ``bench`` as for the others (the checks of ``terraformer.arguments``);
+a run whose loss stops being finite exits with status 1. ``TERRAFORMER_DEBUG=1`` shows
 tracebacks instead.
+
+``main`` applies ``tune_cpu_runtime()`` before anything imports JAX, so that its XLA flags
+reach the backend.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import tokenize
 from pathlib import Path
 
+from terraformer.arguments import EXIT_USAGE, ArgumentParser, integer, number
+from terraformer.runtime import tune_cpu_runtime
+
 __all__ = ["main"]
 
-EXIT_USAGE = 2
 EXIT_FAILED = 1
 
 
@@ -129,16 +134,13 @@ def _cmd_decode(args) -> int:
         prompt = path.read_text(encoding="utf-8")
     else:
         prompt = args.prompt
-    if args.max_new_tokens < 1:
-        raise UsageError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     _parse_run_config(args.output_dir, args.gin_param)
-    from terraformer import configs
-    from terraformer.data.tokenizers import check_vocab
+    from terraformer.data.tokenizers import check_vocab, tokenizer
     from terraformer.training import loop
 
     config = loop.train_config()
     model_fn = config["model"]
-    tok = configs.tokenizer()
+    tok = tokenizer()
     weights, _, meta = loop.load_weights(args.output_dir, model_fn, args.checkpoint)
     check_vocab(tok, meta["vocab_size"])
     ids = tok.encode(prompt)
@@ -181,8 +183,8 @@ def _cmd_plot(args) -> int:
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def _parser() -> ArgumentParser:
+    parser = ArgumentParser(
         prog="terraformer", description="Train, evaluate, decode and benchmark Terraformers."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -208,11 +210,15 @@ def _parser() -> argparse.ArgumentParser:
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text")
     prompt.add_argument("--prompt_file", help="file holding the prompt text")
-    p.add_argument("--max_new_tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top_k", type=int, default=None)
-    p.add_argument("--top_p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max_new_tokens", type=integer(1), default=100,
+                   help="tokens to generate (default 100; fewer when the model ends the text)")
+    p.add_argument("--temperature", type=number(0.0), default=0.0,
+                   help="0 (the default): greedy; above 0: sampling")
+    p.add_argument("--top_k", type=integer(1), default=None,
+                   help="sample among the k likeliest tokens")
+    p.add_argument("--top_p", type=number(0.0, 1.0, allow_minimum=False), default=None,
+                   help="sample among the likeliest tokens holding this probability")
+    p.add_argument("--seed", type=integer(0), default=0)
     p.add_argument("--gin_param", action="append", default=[], metavar="BINDING")
     p.add_argument("--checkpoint", choices=("latest", "best"), default="latest")
     p.set_defaults(func=_cmd_decode)
@@ -227,11 +233,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns the exit status."""
+    tune_cpu_runtime()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
-        from terraformer import bench
-
-        return bench.main(argv[1:]) or 0
+        return _bench(argv[1:])
     args = _parser().parse_args(argv)
     if os.environ.get("TERRAFORMER_DEBUG"):
         return args.func(args)
@@ -248,6 +253,20 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     except (UsageError, CheckpointError, FileNotFoundError, ValueError, TypeError) as e:
         print(f"terraformer {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _bench(argv: list[str]) -> int:
+    """``terraformer bench``: its parser refuses bad arguments; a workload the library refuses
+    (a length its chunking cannot split, ...) is one line and status 2 as for the others."""
+    from terraformer import bench
+
+    if os.environ.get("TERRAFORMER_DEBUG"):
+        return bench.main(argv) or 0
+    try:
+        return bench.main(argv) or 0
+    except (ValueError, TypeError) as e:
+        print(f"terraformer bench: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
 
 

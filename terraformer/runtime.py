@@ -1,15 +1,19 @@
-"""Process settings that make XLA:CPU fast on this library's workloads, applied at import.
+"""Process settings that make XLA:CPU fast on this library's workloads.
+
+They change the whole process, so a library must not apply them on import: the programs call
+``tune_cpu_runtime()`` explicitly (``terraformer`` on the command line and ``terraformer bench``
+before JAX creates its backend, the benchmark scripts, the notebooks' first cell).
 
 Three measured problems, three settings (see benchmarks/RESULTS.md for the figures):
 
 - XLA:CPU in jax 0.10 routes dots and reductions through YNNPACK fusions by default; on the
-  batched chunk-by-chunk products of chunked and LSH attention those ran 2x slower than XLA's
-  own kernels here. `--xla_cpu_experimental_ynn_fusion_type=` (an empty list) turns them off.
+  batched chunk-by-chunk products of chunked and LSH attention those ran slower than XLA's own
+  kernels. `--xla_cpu_experimental_ynn_fusion_type=` (an empty list) turns them off.
 - XLA:CPU's default copy insertion copies a buffer that a computation both reads and updates
   in place, even when every read can come first: each decoding step then copied every layer's
-  key/value cache twice (about a third of a step's time at 200 positions, growing with the
-  context). `--xla_cpu_copy_insertion_use_region_analysis=true` (the analysis XLA:GPU uses)
-  orders the reads before the update instead.
+  key/value cache twice, a cost that grows with the context.
+  `--xla_cpu_copy_insertion_use_region_analysis=true` (the analysis XLA:GPU uses) orders the
+  reads before the update instead.
 - glibc's malloc hands buffers above 32 MiB back to the kernel when XLA frees them, so every
   step page-faults its large temporaries in again. Raising the mmap and trim thresholds
   (`mallopt`) keeps that memory in the process for the next step.

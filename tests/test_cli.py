@@ -245,3 +245,151 @@ def test_subprocess_error_has_no_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "x.gin" in lines[0], proc.stderr
+
+
+# -- every bad input of the command line: one line on stderr, exit status 2 (subprocesses) -------
+
+
+def _subprocess(argv, cwd, env_drop=()):
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for name in ("TERRAFORMER_DEBUG", *env_drop):
+        env.pop(name, None)
+    return subprocess.run([sys.executable, "-m", "terraformer.cli", *map(str, argv)],
+                          capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+
+def _one_line_exit_2(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    return _one_line_error(proc.returncode, proc.stderr, *needles)
+
+
+DECODE = ["decode", "--output_dir", "run", "--prompt", "a"]
+BAD_ARGUMENTS = [
+    (["bench", "train", "--seq_len", "0"], ("--seq_len", ">= 1",)),
+    (["bench", "train", "--seq_len", "1e3"], ("--seq_len", "must be an int",)),
+    (["bench", "train", "--n_layers", "0"], ("--n_layers",)),
+    (["bench", "train", "--repeats", "-1"], ("--repeats",)),
+    (["bench", "train", "--ff_chunk_size", "-5"], ("--ff_chunk_size",)),
+    (["bench", "train", "--attention", "sparse"], ("--attention",)),
+    (["bench", "decode", "--new_tokens", "0"], ("--new_tokens",)),
+    (["bench", "decode", "--prompt_len", "1.5"], ("--prompt_len",)),
+    (["bench", "decode", "--prefill_chunk", "0"], ("--prefill_chunk",)),
+    (["bench", "decode", "--block_size", "0"], ("--block_size",)),
+    (["bench", "decode", "--new_tokens", "8"], ("--block_size", "<= 8, got 16")),
+    (["bench", "decode", "--dtype", "int4"], ("--dtype",)),
+    (["bench", "nonsense"], ("nonsense",)),
+    ([*DECODE, "--max_new_tokens", "0"], ("--max_new_tokens",)),
+    ([*DECODE, "--temperature", "-1"], ("--temperature",)),
+    ([*DECODE, "--temperature", "nan"], ("--temperature",)),
+    ([*DECODE, "--top_k", "0"], ("--top_k",)),
+    ([*DECODE, "--top_p", "1.5"], ("--top_p",)),
+    ([*DECODE, "--seed", "x"], ("--seed",)),
+    (["decode", "--output_dir", "run"], ("--prompt",)),
+    (["eval", "--output_dir", "run", "--checkpoint", "newest"], ("--checkpoint",)),
+    (["train", "--output_dir", "run"], ("--config",)),
+]
+
+
+@pytest.mark.parametrize("argv, needles", BAD_ARGUMENTS,
+                         ids=[" ".join(a[2:] if a[0] != "bench" else a[:4])
+                              for a, _ in BAD_ARGUMENTS])
+def test_bad_argument_is_one_line_and_status_2(argv, needles, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    out, err = capsys.readouterr()
+    _one_line_error(info.value.code, err, *needles)
+    assert out == ""
+
+
+IN_SUBPROCESS = (["bench", "train", "--seq_len", "0"], ["bench", "decode", "--new_tokens", "8"])
+
+
+@pytest.mark.parametrize("argv, needles", [case for case in BAD_ARGUMENTS
+                                           if case[0][:4] in IN_SUBPROCESS or "--top_p" in case[0]])
+def test_bad_argument_in_a_subprocess(argv, needles, tmp_path):
+    """The same, through ``python -m terraformer.cli`` (the issue's ``bench train --seq_len 0``
+    ended in a ``math domain error`` traceback)."""
+    _one_line_exit_2(_subprocess(argv, tmp_path), *needles)
+
+
+def test_bench_workload_the_library_refuses_is_one_line(tmp_path):
+    # 100 positions do not fit the workload's axial grid: the model refuses when it is built.
+    proc = _subprocess(["bench", "train", "--seq_len", 100, "--n_layers", 1, "--repeats", 1],
+                       tmp_path)
+    _one_line_exit_2(proc, "terraformer bench", "100")
+
+
+@pytest.mark.parametrize("binding, needles", [
+    ("text_lm_inputs.path='{tmp}/gone.txt'", ("gone.txt", "does not exist")),
+    ("text_lm_inputs.path='{tmp}/empty.txt'", ("empty.txt", "empty")),
+    ("TransformerLM.vocab_size=100", ("vocab_size 258", "vocab_size is 100")),
+    ("TransformerLM.n_heads=3", ("n_heads",)),
+])
+def test_failed_start_is_one_line(binding, needles, tiny_config, tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    proc = _subprocess(["train", "--config", tiny_config, "--output_dir", tmp_path / "out",
+                        "--gin_param", binding.format(tmp=tmp_path)], tmp_path)
+    _one_line_exit_2(proc, *needles)
+
+
+def test_bad_sentencepiece_model_is_one_line_without_tensorflow_logging(tiny_config, tmp_path):
+    bad = tmp_path / "bad.model"
+    bad.write_bytes(b"\x00\x01 not a sentencepiece model \xff" * 8)
+    proc = _subprocess(["train", "--config", tiny_config, "--output_dir", tmp_path / "out",
+                        "--dry_run", "--gin_param", f"tokenizer.name_or_path='{bad}'"],
+                       tmp_path, env_drop=("TF_CPP_MIN_LOG_LEVEL",))
+    line = _one_line_exit_2(proc, "bad.model")
+    assert "cuInit" not in proc.stderr and "oneDNN" not in proc.stderr, line
+
+
+def test_rejected_resume_is_one_line(trained, tiny_config, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    proc = _subprocess(["train", "--config", tiny_config, "--output_dir", run,
+                        "--gin_param", "TransformerLM.d_model=64"], tmp_path)
+    _one_line_exit_2(proc)
+
+
+# -- the CPU runtime settings: applied by the program, not by importing the library -------------
+
+
+IMPORT_EVERYTHING = """
+import ctypes, os, sys
+calls = []
+class NoLibc:
+    def __init__(self, *a, **k):
+        calls.append(a)
+        raise OSError("libc refused by the test")
+ctypes.CDLL = NoLibc
+import terraformer, terraformer.configs, terraformer.cli, terraformer.bench  # noqa
+import terraformer.data, terraformer.decoding, terraformer.training.loop  # noqa
+print(repr(os.environ.get("XLA_FLAGS")), len(calls))
+"""
+
+
+def test_importing_terraformer_changes_nothing(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_dump_to=/nonexistent")
+    env.pop("TERRAFORMER_CPU_TUNING", None)
+    proc = subprocess.run([sys.executable, "-c", IMPORT_EVERYTHING], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["'--xla_dump_to=/nonexistent'", "0"]
+
+
+def test_the_command_line_tunes_the_runtime(tmp_path):
+    script = ("import os\nfrom terraformer import cli\n"
+              "code = cli.main(['plot', 'no_such_run'])\n"
+              "print(code, os.environ.get('XLA_FLAGS'))\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("XLA_FLAGS", None)
+    env.pop("TERRAFORMER_CPU_TUNING", None)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    code, flags = proc.stdout.split(maxsplit=1)
+    assert code == "2"
+    assert "--xla_cpu_experimental_ynn_fusion_type=" in flags
+    assert "--xla_cpu_copy_insertion_use_region_analysis=true" in flags

@@ -91,3 +91,28 @@ def test_notebook_runs_small(name, tmp_path, monkeypatch):
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
               if "image/png" in o.get("data", {})]
     assert len(images) == len(NOTEBOOKS[name]), "each plot is shown in the notebook"
+
+
+@pytest.mark.parametrize("name", sorted(NOTEBOOKS))
+def test_first_cell_installs_without_editing(name):
+    """No placeholder to fill in: the install cell takes the repository from
+    TERRAFORMER_REPO_URL, else the checkout, and tunes the CPU runtime before JAX starts."""
+    nb = _read(name)
+    assert not any("<URL" in c.source for c in nb.cells), "a placeholder is left to edit"
+    first = next(c.source for c in nb.cells if c.cell_type == "code")
+    assert 'os.environ.get("TERRAFORMER_REPO_URL")' in first
+    assert "git clone" in first.replace('"git", "clone"', "git clone")
+    assert "Path.cwd().resolve().parent" in first  # the checkout the notebook runs in
+    assert "terraformer.tune_cpu_runtime()" in first
+    assert "import jax" not in first
+
+
+def test_colab_extra_installs_a_pinned_jupyter():
+    import configparser
+
+    setup = configparser.ConfigParser()
+    setup.read(COLABS.parent / "setup.cfg")
+    extra = setup["options.extras_require"]["colab"].split()
+    assert any(req.startswith("notebook==") for req in extra), extra
+    assert all("==" in req for req in extra), extra
+    assert "pip install -e '.[colab]'" in (COLABS / "README.md").read_text()

@@ -24,6 +24,8 @@ from pathlib import Path
 import gin
 import numpy as np
 
+from terraformer.checks import ArgumentError, check_int, check_rate, check_token_ids
+
 __all__ = [
     "batch",
     "copy_task",
@@ -40,29 +42,6 @@ __all__ = [
 ]
 
 PathLike = str | os.PathLike
-
-
-# ---------------------------------------------------------------------------------------------
-# Argument checks.
-
-
-def _check_int(name: str, value, minimum: int, who: str) -> int:
-    """Returns ``value`` as int after checking it is an int >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{who}: {name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{who}: {name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _check_tokens(tokens, who: str, name: str = "tokens") -> np.ndarray:
-    """Returns ``tokens`` as a 1-D int32 array after checking its rank and dtype."""
-    arr = np.asarray(tokens)
-    if arr.ndim != 1:
-        raise ValueError(f"{who}: {name} must be 1-D (n_tokens,), got shape {arr.shape}")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        raise TypeError(f"{who}: {name} must hold integers, got dtype {arr.dtype}")
-    return arr.astype(np.int32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,11 +68,13 @@ def copy_task(
         ValueError: ``seq_len`` is odd or below 4, ``vocab_size`` below 2, ``batch_size`` below 1.
     """
     who = "copy_task"
-    batch_size = _check_int("batch_size", batch_size, 1, who)
-    seq_len = _check_int("seq_len", seq_len, 4, who)
-    vocab_size = _check_int("vocab_size", vocab_size, 2, who)
+    batch_size = check_int("batch_size", batch_size, 1, who)
+    seq_len = check_int("seq_len", seq_len, None, who)
+    vocab_size = check_int("vocab_size", vocab_size, 2, who)
+    if seq_len < 4:  # the word w must hold a symbol
+        raise ArgumentError(f"{who}: seq_len must be >= 4 (0 w 0 w), got {seq_len}")
     if seq_len % 2:
-        raise ValueError(f"{who}: seq_len must be even (0 w 0 w), got {seq_len}")
+        raise ArgumentError(f"{who}: seq_len must be even (0 w 0 w), got {seq_len}")
     half = seq_len // 2
     weights = np.zeros((batch_size, seq_len), np.float32)
     weights[:, half + 1 :] = 1.0
@@ -264,10 +245,7 @@ def split_text(text: str, held_out_fraction: float = 0.05) -> tuple[str, str]:
     characters is held out for evaluation (deterministic, no shuffling)."""
     if not isinstance(text, str):
         raise TypeError(f"split_text: text must be str, got {type(text).__name__}")
-    if not 0.0 <= held_out_fraction < 1.0:
-        raise ValueError(
-            f"split_text: held_out_fraction must be in [0, 1), got {held_out_fraction}"
-        )
+    check_rate("held_out_fraction", held_out_fraction, "split_text")
     cut = len(text) - round(len(text) * held_out_fraction)
     return text[:cut], text[cut:]
 
@@ -310,9 +288,9 @@ def pack_documents(
         ``(tokens, weights)``: int32 ``(seq_len,)`` and float32 ``(seq_len,)``, weights 0 exactly
         on the padding.
     """
-    seq_len = _check_int("seq_len", seq_len, 1, "pack_documents")
-    eos = np.array([_check_int("eos_id", eos_id, 0, "pack_documents")], np.int32)
-    pad_id = _check_int("pad_id", pad_id, 0, "pack_documents")
+    seq_len = check_int("seq_len", seq_len, 1, "pack_documents")
+    eos = np.array([check_int("eos_id", eos_id, 0, "pack_documents")], np.int32)
+    pad_id = check_int("pad_id", pad_id, 0, "pack_documents")
     return _pack(token_arrays, seq_len, eos, pad_id)
 
 
@@ -321,7 +299,7 @@ def _pack(token_arrays, seq_len, eos, pad_id):
     n_pending = 0
     ones = np.ones((seq_len,), np.float32)
     for i, tokens in enumerate(token_arrays):
-        tokens = _check_tokens(tokens, "pack_documents", f"token_arrays[{i}]")
+        tokens = check_token_ids(f"token_arrays[{i}]", tokens, "pack_documents")
         pending += [tokens, eos]
         n_pending += tokens.size + 1
         if n_pending < seq_len:
@@ -356,11 +334,11 @@ def whole_document(
         ``(tokens, weights)``: int32 ``(seq_len,)`` and float32 ``(seq_len,)``, weights 0 exactly
         on the padding. Infinite.
     """
-    tokens = _check_tokens(tokens, "whole_document")
+    tokens = check_token_ids("tokens", tokens, "whole_document")
     if tokens.size == 0:
         raise ValueError("whole_document: tokens must hold at least one token, got 0")
-    seq_len = _check_int("seq_len", seq_len, 1, "whole_document")
-    pad_id = _check_int("pad_id", pad_id, 0, "whole_document")
+    seq_len = check_int("seq_len", seq_len, 1, "whole_document")
+    pad_id = check_int("pad_id", pad_id, 0, "whole_document")
     return _whole_document_stream(tokens, seq_len, pad_id, seed)
 
 
@@ -394,8 +372,8 @@ def summarization_pairs(
         float32 ``(target_len,)``, weights 1 on the target tokens (EOS included), 0 on padding.
     """
     who = "summarization_pairs"
-    input_len = _check_int("input_len", input_len, 1, who)
-    target_len = _check_int("target_len", target_len, 1, who)
+    input_len = check_int("input_len", input_len, 1, who)
+    target_len = check_int("target_len", target_len, 1, who)
     pairs = jsonl_pairs(path, input_key, target_key)
     return _summarization_stream(pairs, tokenizer, input_len, target_len)
 
@@ -424,7 +402,7 @@ def shuffle(stream: Iterable, buffer_size: int, seed: int = 0) -> Iterator:
     which is yielded. At the end the remaining buffer is yielded in random order. Every item is
     yielded exactly once; ``buffer_size=1`` keeps the order.
     """
-    buffer_size = _check_int("buffer_size", buffer_size, 1, "shuffle")
+    buffer_size = check_int("buffer_size", buffer_size, 1, "shuffle")
     return _shuffle(stream, buffer_size, seed)
 
 
@@ -459,7 +437,7 @@ def batch(stream: Iterable, batch_size: int) -> Iterator:
     Items are arrays or tuples of arrays; a tuple ``(a, b)`` of shapes ``(s_a,), (s_b,)``
     becomes ``(A, B)`` of shapes ``(batch_size, s_a), (batch_size, s_b)``.
     """
-    batch_size = _check_int("batch_size", batch_size, 1, "batch")
+    batch_size = check_int("batch_size", batch_size, 1, "batch")
     return _batch(stream, batch_size)
 
 

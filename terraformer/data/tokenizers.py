@@ -1,4 +1,4 @@
-"""Tokenizers: raw UTF-8 bytes and SentencePiece (through tensorflow-text).
+"""Tokenizers: raw UTF-8 bytes, SentencePiece (through tensorflow-text), and integer ids.
 
 Every tokenizer here has the same small surface:
 
@@ -7,25 +7,38 @@ Every tokenizer here has the same small surface:
 - ``encode(text: str) -> np.ndarray``: int32, shape ``(n_tokens,)``, no EOS appended;
 - ``decode(ids, stop_at_eos=True) -> str``: the inverse, ignoring padding and EOS.
 
-``get_tokenizer('byte')`` or ``get_tokenizer('path/to/x.model')`` builds one by name, and
-``check_vocab`` tells early when a tokenizer emits ids the model's embedding cannot hold.
+``get_tokenizer('byte')`` or ``get_tokenizer('path/to/x.model')`` builds one by name,
+``tokenizer(...)`` builds the run's tokenizer as the gin config names it (``'ids'`` included),
+and ``check_vocab`` tells early when a tokenizer emits ids the model's embedding cannot hold.
+
+TensorFlow is imported only by ``SentencePieceTokenizer``, quietly: unless the environment
+chooses TensorFlow's logging (``TF_CPP_MIN_LOG_LEVEL`` set to another value than the ``1`` that
+``import jax`` sets), the lines it writes to stderr while loading (oneDNN notices, CUDA probing,
+``failed call to cuInit`` on a machine without a GPU) are dropped, so that a bad tokenizer shows
+as one line of error and nothing else.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import gin
 import numpy as np
 
+from terraformer.checks import ArgumentError, check_int, check_token_ids
+
 __all__ = [
     "ByteTokenizer",
+    "IdsTokenizer",
     "SentencePieceTokenizer",
     "Tokenizer",
     "check_vocab",
     "get_tokenizer",
+    "tokenizer",
 ]
 
 
@@ -41,21 +54,6 @@ class Tokenizer(Protocol):
     def encode(self, text: str) -> np.ndarray: ...
 
     def decode(self, ids, stop_at_eos: bool = True) -> str: ...
-
-
-def _as_id_vector(ids, vocab_size: int, who: str) -> np.ndarray:
-    """Checks ``ids`` is a 1-D integer array-like with values in [0, vocab_size); returns int64."""
-    arr = np.asarray(ids)
-    if arr.ndim != 1:
-        raise ValueError(f"{who}: ids must be 1-D (n_tokens,), got shape {arr.shape}")
-    if arr.size == 0:
-        return arr.astype(np.int64)
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise TypeError(f"{who}: ids must be integers, got dtype {arr.dtype}")
-    lo, hi = int(arr.min()), int(arr.max())
-    if lo < 0 or hi >= vocab_size:
-        raise ValueError(f"{who}: ids must lie in [0, {vocab_size}), got values in [{lo}, {hi}]")
-    return arr.astype(np.int64)
 
 
 def _strip_specials(ids: np.ndarray, pad_id: int, eos_id: int, stop_at_eos: bool) -> np.ndarray:
@@ -112,7 +110,8 @@ class ByteTokenizer:
         With ``stop_at_eos`` (the default) everything from the first EOS on is ignored;
         without it, EOS ids are only removed.
         """
-        ids = _as_id_vector(ids, self.vocab_size, "ByteTokenizer.decode")
+        ids = check_token_ids("ids", ids, "ByteTokenizer.decode", vocab_size=self.vocab_size,
+                              dtype=np.int64)
         ids = _strip_specials(ids, self.pad_id, self.eos_id, stop_at_eos)
         data = (ids - self.n_special).astype(np.uint8).tobytes()
         try:
@@ -134,6 +133,38 @@ def _read_model_bytes(model_path: Path) -> bytes:
     if not data:
         raise ValueError(f"SentencePieceTokenizer: model file '{model_path}' is empty")
     return data
+
+
+# TF_CPP_MIN_LOG_LEVEL values that mean nobody chose TensorFlow's logging: unset, or the "1"
+# that `import jax` sets by default.
+_UNCHOSEN_TF_LOG_LEVELS = (None, "1")
+
+
+@contextlib.contextmanager
+def _quiet_tensorflow():
+    """Drops what TensorFlow's C++ side writes to stderr inside the block (it logs through absl
+    before any level applies) and runs the block with ``TF_CPP_MIN_LOG_LEVEL=3``, which
+    TensorFlow reads once, at its first log (``failed call to cuInit`` at the first op), and
+    keeps. Does nothing when the user chose a level (see ``_UNCHOSEN_TF_LOG_LEVELS``)."""
+    level = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
+    if level not in _UNCHOSEN_TF_LOG_LEVELS:
+        yield
+        return
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+        if level is None:
+            del os.environ["TF_CPP_MIN_LOG_LEVEL"]
+        else:
+            os.environ["TF_CPP_MIN_LOG_LEVEL"] = level
 
 
 def _piece_id(tf_tokenizer, piece: str, default: int) -> int:
@@ -160,24 +191,28 @@ class SentencePieceTokenizer:
     """
 
     def __init__(self, model_path: str | os.PathLike):
-        import tensorflow as tf
-        import tensorflow_text as tf_text
-
         path = Path(model_path)
         data = _read_model_bytes(path)
-        try:
-            self._sp = tf_text.SentencepieceTokenizer(model=data, out_type=tf.int32, add_eos=False)
-            self.vocab_size = int(self._sp.vocab_size().numpy())
-        except Exception as e:  # tf raises assorted op errors for a bad model proto
-            detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-            raise ValueError(
-                f"SentencePieceTokenizer: '{path}' is not a valid SentencePiece model "
-                f"({type(e).__name__}: {detail})"
-            ) from e
+        # The first ops start TensorFlow's devices (and log about it): quiet until they ran.
+        with _quiet_tensorflow():
+            # Imported here: only SentencePiece needs TensorFlow, and it loads slowly.
+            import tensorflow as tf
+            import tensorflow_text as tf_text
+
+            try:
+                self._sp = tf_text.SentencepieceTokenizer(model=data, out_type=tf.int32,
+                                                          add_eos=False)
+                self.vocab_size = int(self._sp.vocab_size().numpy())
+            except Exception as e:  # tf raises assorted op errors for a bad model proto
+                detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+                raise ValueError(
+                    f"SentencePieceTokenizer: '{path}' is not a valid SentencePiece model "
+                    f"({type(e).__name__}: {detail})"
+                ) from e
+            self.pad_id = _piece_id(self._sp, "<pad>", 0)
+            self.eos_id = _piece_id(self._sp, "</s>", 1)
         self._tf = tf
         self.name = str(path)
-        self.pad_id = _piece_id(self._sp, "<pad>", 0)
-        self.eos_id = _piece_id(self._sp, "</s>", 1)
 
     def encode(self, text: str) -> np.ndarray:
         """Returns the ids of ``text``: int32, shape ``(n_tokens,)``, no EOS appended."""
@@ -192,7 +227,8 @@ class SentencePieceTokenizer:
 
         With ``stop_at_eos`` (the default) everything from the first EOS on is ignored.
         """
-        ids = _as_id_vector(ids, self.vocab_size, "SentencePieceTokenizer.decode")
+        ids = check_token_ids("ids", ids, "SentencePieceTokenizer.decode",
+                              vocab_size=self.vocab_size, dtype=np.int64)
         ids = _strip_specials(ids, self.pad_id, self.eos_id, stop_at_eos)
         if ids.size == 0:
             return ""
@@ -229,10 +265,55 @@ def get_tokenizer(
 
 def check_vocab(tokenizer, vocab_size: int) -> None:
     """Raises ValueError when ``tokenizer`` can emit ids that a model with ``vocab_size`` lacks."""
-    if not isinstance(vocab_size, (int, np.integer)) or isinstance(vocab_size, bool):
-        raise TypeError(f"check_vocab: vocab_size must be an int, got {type(vocab_size).__name__}")
+    check_int("vocab_size", vocab_size, None, "check_vocab")
     if tokenizer.vocab_size > vocab_size:
-        raise ValueError(
+        raise ArgumentError(
             f"tokenizer '{tokenizer.name}' has vocab_size {tokenizer.vocab_size} "
             f"but the model's vocab_size is {vocab_size}"
         )
+
+
+class IdsTokenizer:
+    """Token ids written as whitespace-separated integers, for synthetic tasks (copy task).
+
+    ``encode("0 5 3")`` -> ``[0, 5, 3]``; ``decode([5, 3])`` -> ``"5 3"``. There is no EOS
+    (``eos_id`` is -1) and ``decode`` keeps every id, 0 included.
+    """
+
+    pad_id = 0
+    eos_id = -1
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = check_int("vocab_size (gin: tokenizer.vocab_size)", vocab_size, 1,
+                                    "IdsTokenizer")
+        self.name = "ids"
+
+    def encode(self, text: str) -> np.ndarray:
+        """Returns the ids written in ``text``: int32, shape ``(n_tokens,)``."""
+        try:
+            ids = [int(t) for t in text.split()]
+        except ValueError as e:
+            raise ArgumentError(
+                f"IdsTokenizer.encode: text must be whitespace-separated integers, got "
+                f"{text[:50]!r}"
+            ) from e
+        return check_token_ids("ids", np.array(ids, np.int64), "IdsTokenizer.encode",
+                               vocab_size=self.vocab_size)
+
+    def decode(self, ids, stop_at_eos: bool = True) -> str:
+        del stop_at_eos
+        return " ".join(str(int(i)) for i in np.asarray(ids).reshape(-1))
+
+    def __repr__(self) -> str:
+        return f"IdsTokenizer({self.vocab_size})"
+
+
+@gin.configurable(module="terraformer")
+def tokenizer(name_or_path: str | os.PathLike = "byte", vocab_size: int | None = None):
+    """The run's tokenizer: ``'byte'``, a SentencePiece ``.model`` path, or ``'ids'``
+    (whitespace-separated ids, needs ``vocab_size``). Registered with gin so that a config's
+    ``tokenizer.name_or_path`` reaches both the input pipeline (``data.inputs``) and
+    ``terraformer decode``."""
+    if name_or_path == "ids":
+        return IdsTokenizer(vocab_size)
+    return get_tokenizer(name_or_path)

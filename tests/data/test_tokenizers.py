@@ -1,5 +1,6 @@
 """Tests of terraformer.data.tokenizers."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from terraformer.data.tokenizers import (
     Tokenizer,
     check_vocab,
     get_tokenizer,
+    tokenizer,
 )
 
 SP_MODEL = Path(__file__).resolve().parents[2].parent / "shared/data/t5-sentencepiece-32k.model"
@@ -171,3 +173,35 @@ def test_check_vocab():
     assert str(info.value) == (
         "tokenizer 'byte' has vocab_size 258 but the model's vocab_size is 256"
     )
+
+
+# IdsTokenizer (through the gin-configurable tokenizer()) -------------------------------------
+
+
+def test_ids_tokenizer(np_rng):
+    tok = tokenizer("ids", vocab_size=10)
+    ids = np_rng.integers(0, 10, size=7)
+    text = " ".join(map(str, ids))
+    np.testing.assert_array_equal(tok.encode(text), ids)
+    assert tok.decode(tok.encode(text)) == text
+    with pytest.raises(ValueError, match=r"ids must lie in \[0, 10\)"):
+        tok.encode("3 12")
+    with pytest.raises(ValueError, match="whitespace-separated integers"):
+        tok.encode("three")
+    with pytest.raises(ValueError, match="vocab_size"):
+        tokenizer("ids")
+
+
+@pytest.mark.parametrize("level", ["0", "2", None])
+def test_sentencepiece_leaves_the_tensorflow_log_level_as_it_was(level, tmp_path, monkeypatch):
+    # A chosen level (0: all of TensorFlow's logging) turns the quieting off; without one the
+    # quieting sets a level only while TensorFlow starts.
+    if level is None:
+        monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
+    else:
+        monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", level)
+    bad = tmp_path / "bad.model"
+    bad.write_bytes(b"not a model" * 4)
+    with pytest.raises(ValueError, match="bad.model"):
+        SentencePieceTokenizer(bad)
+    assert os.environ.get("TF_CPP_MIN_LOG_LEVEL") == level
