@@ -177,7 +177,7 @@ def bytes_read_per_token(weights, vocab_size: int, ff_sparsity: int) -> int:
 
     The embedding table contributes one row; a sparse feed-forward's w1/b1/w2 (or w12, the
     two packed as one table) one unit in `ff_sparsity`; everything else (PackedKernels and
-    QuantizedArrays at their stored size) is read whole.
+    int8/bf16 kernels at their stored size) is read whole.
     """
     from terraformer.layers.core import PackedKernel
 
@@ -270,7 +270,7 @@ def build_parser() -> ArgumentParser:
     decode.add_argument("--dtype", default="float32", choices=["float32", "bf16", "int8"],
                         help="how the decoder stores the kernels it multiplies by: float32, "
                              "bf16 or int8 (a scale per output unit), converted inside the "
-                             "fused matrix-vector products (memory.quantize.pack_for_decoding)")
+                             "fused matrix-vector products (Layer.pack_for_decoding)")
     decode.add_argument("--block_size", type=integer(1), default=STREAM_BLOCK,
                         help="tokens per call of the compiled decoding loop while timing "
                              f"(default {STREAM_BLOCK}, as `terraformer decode` streams them; "

@@ -8,6 +8,7 @@
     terraformer decode --output_dir DIR (--prompt TEXT | --prompt_file F) [--max_new_tokens N]
                        [--temperature T] [--top_k K] [--top_p P] [--seed S]
     terraformer plot   DIR
+    terraformer import-trax --checkpoint model.pkl.gz --config X.gin --output_dir DIR
     terraformer bench  ...                      (terraformer.bench)
 
 Bad input (an argument out of range, a missing file, an unknown gin binding, a gin syntax
@@ -22,6 +23,7 @@ reach the backend.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -183,6 +185,26 @@ def _cmd_plot(args) -> int:
     return 0
 
 
+def _cmd_import_trax(args) -> int:
+    from terraformer.interop import import_trax_checkpoint
+
+    for path in (args.checkpoint, *args.config):
+        if not Path(path).is_file():
+            raise UsageError(f"'{path}' does not exist")
+    run_dir = import_trax_checkpoint(args.checkpoint, args.config, args.output_dir,
+                                     bindings=args.gin_param, input_shape=args.input_shape)
+    print(json.dumps({"output_dir": str(run_dir)}))
+    return 0
+
+
+def _batch_and_length(text: str) -> tuple[int, int]:
+    """`--input_shape 1,2048` as (batch, length)."""
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"must be BATCH,LENGTH, got {text!r}")
+    return tuple(integer(1)(part) for part in parts)
+
+
 def _parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="terraformer", description="Train, evaluate, decode and benchmark Terraformers."
@@ -226,6 +248,18 @@ def _parser() -> ArgumentParser:
     p = sub.add_parser("plot", help="draw DIR/metrics.jsonl as DIR/metrics.png")
     p.add_argument("dir")
     p.set_defaults(func=_cmd_plot)
+
+    p = sub.add_parser("import-trax",
+                       help="make a run directory from a trax 1.4.1 checkpoint (no trax needed)")
+    p.add_argument("--checkpoint", required=True, metavar="FILE",
+                   help="trax's model.pkl.gz (training.Loop) or a Layer.save_to_file file")
+    p.add_argument("--config", action="append", required=True, metavar="FILE.gin",
+                   help="gin file(s) that build the same model (repeatable)")
+    p.add_argument("--gin_param", action="append", default=[], metavar="BINDING")
+    p.add_argument("--output_dir", required=True, help="the new run directory")
+    p.add_argument("--input_shape", type=_batch_and_length, default=None, metavar="BATCH,LENGTH",
+                   help="token input shape, when the checkpoint holds no input signature")
+    p.set_defaults(func=_cmd_import_trax)
 
     sub.add_parser("bench", help="run a benchmark workload (terraformer bench -h)", add_help=False)
     return parser

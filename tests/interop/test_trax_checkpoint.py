@@ -91,13 +91,15 @@ def test_imported_weights_decode_trax_greedy_tokens(ckpt_dir):
     np.testing.assert_array_equal(new, ref["greedy_eval"])
 
 
-@pytest.mark.slow
 def test_import_then_cli_decode_gives_trax_greedy_tokens(ckpt_dir, tmp_path):
     from terraformer import cli
 
     ref = outputs(ckpt_dir, "reformer_saved")
-    run = import_trax_checkpoint(ckpt_dir / "reformer_saved.pkl.gz",
-                                 [ckpt_dir / "reformer_lm.gin"], tmp_path / "run")
+    run = tmp_path / "run"
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = cli.main(["import-trax", "--checkpoint", str(ckpt_dir / "reformer_saved.pkl.gz"),
+                       "--config", str(ckpt_dir / "reformer_lm.gin"), "--output_dir", str(run)])
+    assert rc == 0
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         rc = cli.main(["decode", "--output_dir", str(run), "--prompt",
@@ -113,6 +115,30 @@ def one_line(excinfo):
     msg = str(excinfo.value)
     assert "\n" not in msg and msg
     return msg
+
+
+@pytest.mark.parametrize("case", ["missing checkpoint", "missing config", "bad input_shape",
+                                  "another width"])
+def test_cli_import_trax_bad_input_is_one_line_and_status_2(case, ckpt_dir, tmp_path, capsys):
+    from terraformer import cli
+
+    args = {"--checkpoint": str(ckpt_dir / "reformer_saved.pkl.gz"),
+            "--config": str(ckpt_dir / "reformer_lm.gin"), "--output_dir": str(tmp_path / "run")}
+    extra = []
+    if case == "missing checkpoint":
+        args["--checkpoint"] = str(tmp_path / "nope.pkl.gz")
+    elif case == "missing config":
+        args["--config"] = str(tmp_path / "nope.gin")
+    elif case == "bad input_shape":
+        extra = ["--input_shape", "1x8"]
+    else:
+        extra = ["--gin_param", "ReformerLM.d_model=24"]
+    argv = ["import-trax", *[t for kv in args.items() for t in kv], *extra]
+    with pytest.raises(SystemExit) if case == "bad input_shape" else contextlib.nullcontext():
+        assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "error" in err, err
+    assert not (tmp_path / "run").exists()
 
 
 def test_missing_checkpoint_file(ckpt_dir, tmp_path):
