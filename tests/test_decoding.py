@@ -25,6 +25,7 @@ def _decoder(weights, batch=2, prefill_chunk=4):
                    prefill_chunk=prefill_chunk, max_len=CFG["max_len"])
 
 
+@pytest.mark.slow
 def test_greedy_equals_argmax_of_eval_forward(np_rng, trained_like):
     model, weights, state = trained_like
     prompt = np_rng.integers(1, CFG["vocab_size"], size=(2, int(np_rng.integers(1, 12))))
@@ -105,6 +106,7 @@ def test_bad_requests_are_clear_errors(trained_like):
         Sampling(1.0, top_p=1.5)
 
 
+@pytest.mark.slow
 def test_encoder_decoder_greedy_equals_eval_forward(np_rng):
     import functools
 

@@ -57,7 +57,7 @@ def _chunk_sums(h, w, b, targets, weights):
     """(sum of weighted -log p(target), sum of weighted correct) over one chunk."""
     logits = jnp.dot(h, w.astype(h.dtype))
     if b is not None:
-        logits = logits + b.astype(h.dtype)
+        logits = logits + lax.broadcast_to_rank(b.astype(h.dtype), logits.ndim)
     logits = logits.astype(jnp.float32)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     nll = jax.nn.logsumexp(logits, axis=-1) - picked
@@ -127,7 +127,7 @@ def chunked_cross_entropy(hidden, w, b, targets, weights, chunk_len: int = DEFAU
                 return lax.dynamic_slice_in_dim(a, start, chunk_len, axis=1)
 
             fresh = (start + jnp.arange(chunk_len)) >= i * chunk_len
-            mask = cut(weights).astype(jnp.float32) * fresh
+            mask = cut(weights).astype(jnp.float32) * fresh[None].astype(jnp.float32)
             return _chunk_sums(fn(*(cut(a) for a in inputs)), w, b, cut(targets), mask)
 
         def step(carry, i):

@@ -20,7 +20,7 @@ def _inputs(np_rng, batch, length, d, vocab):
 
 
 def _reference(h, w, b, targets, weights):
-    log_probs = jax.nn.log_softmax(h @ w + b)
+    log_probs = jax.nn.log_softmax(h @ w + b[None, None])  # [batch, length, vocab]
     return cross_entropy(log_probs, targets, weights), accuracy(log_probs, targets, weights)
 
 
