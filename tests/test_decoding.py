@@ -151,7 +151,9 @@ def _lm(kind, mode):
     return TerraformerLM(attention_sparsity=2, ff_sparsity=4, d_lowrank=4, **common)
 
 
-@pytest.mark.parametrize("kind", ["transformer", "reformer_local", "terraformer"])
+@pytest.mark.parametrize("kind", ["transformer",
+                                  pytest.param("reformer_local", marks=pytest.mark.slow),
+                                  pytest.param("terraformer", marks=pytest.mark.slow)])
 def test_step_by_step_log_probs_equal_eval(np_rng, kind):
     """The decoder's packed-weight steps reproduce the eval forward pass (< 1e-4)."""
     key = jax.random.PRNGKey(int(np_rng.integers(1 << 20)))

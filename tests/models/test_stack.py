@@ -15,7 +15,7 @@ from terraformer.models.reformer import ReformerLM
 from terraformer.models.stack import feed_forward_builder, merge_streams, reversible_stack
 
 
-def ChunkedFeedForward(d_ff, ff_chunk_size, activation=tl.FastGelu, mode="train"):  # noqa: N802
+def _chunked_feed_forward(d_ff, ff_chunk_size, activation=tl.FastGelu, mode="train"):
     """The dense feed-forward as the models build it, chunked over `ff_chunk_size` positions."""
     return feed_forward_builder(d_ff, dropout=0.0, activation=activation,
                                 ff_chunk_size=ff_chunk_size)(mode)
@@ -27,7 +27,7 @@ def test_chunked_equals_unchunked(length, chunk, seed):
     x = jnp.asarray(rng.normal(size=(2, length, 16)), jnp.float32)
     cotangent = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
     whole = FeedForward(32, activation=tl.Relu, mode="eval")
-    chunked = ChunkedFeedForward(32, ff_chunk_size=chunk, activation=tl.Relu, mode="eval")
+    chunked = _chunked_feed_forward(32, ff_chunk_size=chunk, activation=tl.Relu, mode="eval")
     weights, state = whole.init(tl.signature(x), jax.random.PRNGKey(seed))
     w_chunked, _ = chunked.init(tl.signature(x), jax.random.PRNGKey(seed))
     assert jax.tree.structure(w_chunked) == jax.tree.structure(weights)
@@ -46,11 +46,11 @@ def test_chunked_equals_unchunked(length, chunk, seed):
 
 
 def test_chunk_size_zero_is_the_plain_block():
-    block = ChunkedFeedForward(8, ff_chunk_size=0)
+    block = _chunked_feed_forward(8, ff_chunk_size=0)
     assert block.name == "FeedForward"
-    assert ChunkedFeedForward(8, ff_chunk_size=4).name == "Chunk"
+    assert _chunked_feed_forward(8, ff_chunk_size=4).name == "Chunk"
     with pytest.raises(ValueError, match="ff_chunk_size"):
-        ChunkedFeedForward(8, ff_chunk_size=-1)
+        _chunked_feed_forward(8, ff_chunk_size=-1)
 
 
 def test_chunking_bounds_hidden_memory():
@@ -66,7 +66,7 @@ def test_chunking_bounds_hidden_memory():
 
     hidden_bytes = length * d_ff * 4  # 4 MiB
     whole = temp_bytes(FeedForward(d_ff, activation=tl.Relu, mode="eval"))
-    chunked = temp_bytes(ChunkedFeedForward(d_ff, chunk, activation=tl.Relu, mode="eval"))
+    chunked = temp_bytes(_chunked_feed_forward(d_ff, chunk, activation=tl.Relu, mode="eval"))
     assert whole >= hidden_bytes, whole
     assert chunked < whole / 2, (chunked, whole)
 
