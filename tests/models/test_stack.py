@@ -1,4 +1,5 @@
-"""The models' shared stack builder: chunked feed-forward, repeat-or-serial, stream merge."""
+"""The models' shared stack builder: chunked feed-forward, repeat-or-serial, stream merge,
+and the Terraformer's sparse choices."""
 
 import functools
 
@@ -11,8 +12,10 @@ from terraformer import layers as tl
 from terraformer.layers.attention import SelfAttention
 from terraformer.layers.feedforward import FeedForward
 from terraformer.layers.reversible import ReversibleRepeat, ReversibleSerial
+from terraformer.layers.sparsity import MultiplicativeConvCausalAttention, SparseFF
 from terraformer.models.reformer import ReformerLM
 from terraformer.models.stack import feed_forward_builder, merge_streams, reversible_stack
+from terraformer.models.terraformer import sparse_layers
 
 
 def _chunked_feed_forward(d_ff, ff_chunk_size, activation=tl.FastGelu, mode="train"):
@@ -137,3 +140,17 @@ def test_reformer_lm_with_a_list_of_one_type_repeats():
     model = ReformerLM(11, d_model=8, d_ff=16, n_layers=2, n_heads=1, d_attention_key=4,
                        d_attention_value=4, attention_type=[local], mode="eval")
     assert any(isinstance(layer, ReversibleRepeat) for layer in model.sublayers)
+
+
+def test_terraformer_sparse_layers_choose_what_chunks():
+    kw = dict(attention_sparsity=4, length_kernel_size=3, d_lowrank=4, temperature=0.1,
+              quant_prob=0.3, ff_chunk_size=6)
+    local = functools.partial(SelfAttention, chunk_len=4)
+    dense = sparse_layers(local, ff_sparsity=0, **kw)
+    assert dense == dict(attention_type=local, feed_forward_type=None, ff_chunk_size=6)
+    sparse = sparse_layers(None, ff_sparsity=8, **kw)
+    assert sparse["ff_chunk_size"] == 0  # the sparse block chunks itself
+    assert sparse["attention_type"].func is MultiplicativeConvCausalAttention
+    assert sparse["attention_type"].keywords["sparsity"] == 4
+    block = sparse["feed_forward_type"](16, dropout=0.0, mode="eval")
+    assert block.name == "SparseFeedForward" and isinstance(block.sublayers[1], SparseFF)
