@@ -61,6 +61,7 @@ def test_notebook_reads_the_size_switch(name):
     assert "pip install" in source  # the guarded install cell, for Colab
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(NOTEBOOKS))
 def test_notebook_runs_small(name, tmp_path, monkeypatch):
     problem = _kernel_problem()

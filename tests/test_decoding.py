@@ -27,6 +27,7 @@ def _decoder(weights, batch=2, prefill_chunk=4):
                    prefill_chunk=prefill_chunk, max_len=CFG["max_len"])
 
 
+@pytest.mark.slow
 def test_greedy_equals_argmax_of_eval_forward(np_rng, trained_like):
     model, weights, state = trained_like
     prompt = np_rng.integers(1, CFG["vocab_size"], size=(2, int(np_rng.integers(1, 12))))
@@ -107,6 +108,7 @@ def test_bad_requests_are_clear_errors(trained_like):
         Sampling(1.0, top_p=1.5)
 
 
+@pytest.mark.slow
 def test_encoder_decoder_greedy_equals_eval_forward(np_rng):
     import functools
 
@@ -151,7 +153,9 @@ def _lm(kind, mode):
     return TerraformerLM(attention_sparsity=2, ff_sparsity=4, d_lowrank=4, **common)
 
 
-@pytest.mark.parametrize("kind", ["transformer", "reformer_local", "terraformer"])
+@pytest.mark.parametrize("kind", ["transformer",
+                                  pytest.param("reformer_local", marks=pytest.mark.slow),
+                                  pytest.param("terraformer", marks=pytest.mark.slow)])
 def test_step_by_step_log_probs_equal_eval(np_rng, kind):
     """The decoder's packed-weight steps reproduce the eval forward pass (< 1e-4)."""
     key = jax.random.PRNGKey(int(np_rng.integers(1 << 20)))

@@ -2,7 +2,7 @@
 
 from terraformer.layers.attention import CausalAttention, SelfAttention
 from terraformer.layers.base import EMPTY, MODES, Layer, PureLayer
-from terraformer.layers.chunked_loss import ChunkedLogSoftmaxCrossEntropy, chunked_cross_entropy
+from terraformer.layers.chunked_loss import chunked_cross_entropy
 from terraformer.layers.combinators import (
     Add,
     Branch,
@@ -36,7 +36,7 @@ from terraformer.layers.core import (
     Softmax,
     Tanh,
 )
-from terraformer.layers.feedforward import ChunkedFeedForward, FeedForward, FeedForwardBlock
+from terraformer.layers.feedforward import FeedForward, FeedForwardBlock
 from terraformer.layers.losses import Accuracy, CrossEntropyLoss, SequenceAccuracy
 from terraformer.layers.lsh import LSHSelfAttention
 from terraformer.layers.positional import AxialPositionalEncoding

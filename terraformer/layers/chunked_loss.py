@@ -15,9 +15,6 @@ overlap weighted 0.
 
     loss, acc = chunked_cross_entropy(h, w, b, targets, weights, chunk_len=2048)
     # == cross_entropy(log_softmax(h @ w + b), targets, weights), accuracy(...)
-
-`ChunkedLogSoftmaxCrossEntropy(vocab_size, chunk_len)` is the same as a layer that owns the
-output Dense's weights: `(hidden, targets, weights) -> (loss, accuracy)`.
 """
 
 from __future__ import annotations
@@ -26,8 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from terraformer.layers.base import EMPTY, Layer, as_items
-from terraformer.layers.core import Dense
+from terraformer.checks import check_int
 
 DEFAULT_CHUNK_LEN = 2048
 
@@ -54,15 +50,14 @@ def _check(hidden, w, b, targets, weights, chunk_len):
         )
     if not jnp.issubdtype(targets.dtype, jnp.integer):
         raise TypeError(f"chunked_cross_entropy: targets must be integer ids, got {targets.dtype}")
-    if isinstance(chunk_len, bool) or not isinstance(chunk_len, int) or chunk_len < 1:
-        raise ValueError(f"chunked_cross_entropy: chunk_len must be an int >= 1, got {chunk_len!r}")
+    check_int("chunk_len", chunk_len, 1, "chunked_cross_entropy")
 
 
 def _chunk_sums(h, w, b, targets, weights):
     """(sum of weighted -log p(target), sum of weighted correct) over one chunk."""
     logits = jnp.dot(h, w.astype(h.dtype))
     if b is not None:
-        logits = logits + b.astype(h.dtype)
+        logits = logits + lax.broadcast_to_rank(b.astype(h.dtype), logits.ndim)
     logits = logits.astype(jnp.float32)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     nll = jax.nn.logsumexp(logits, axis=-1) - picked
@@ -132,7 +127,7 @@ def chunked_cross_entropy(hidden, w, b, targets, weights, chunk_len: int = DEFAU
                 return lax.dynamic_slice_in_dim(a, start, chunk_len, axis=1)
 
             fresh = (start + jnp.arange(chunk_len)) >= i * chunk_len
-            mask = cut(weights).astype(jnp.float32) * fresh
+            mask = cut(weights).astype(jnp.float32) * fresh[None].astype(jnp.float32)
             return _chunk_sums(fn(*(cut(a) for a in inputs)), w, b, cut(targets), mask)
 
         def step(carry, i):
@@ -149,40 +144,4 @@ def _identity(x):
     return x
 
 
-class ChunkedLogSoftmaxCrossEntropy(Layer):
-    """(hidden [batch, length, d], targets, weights) -> (mean cross-entropy, accuracy).
-
-    The output layer `Dense(vocab_size)`, its LogSoftmax and the cross-entropy, fused and run
-    over chunks of `chunk_len` positions (see `chunked_cross_entropy`): the [length, vocab]
-    logits never exist at once. Weights: `{'w': [d, vocab_size], 'b': [vocab_size]}`, the same
-    pytree (and initialisation) as `Dense(vocab_size)`, so a trained model's output layer can
-    be used here and back.
-    """
-
-    def __init__(self, vocab_size: int, chunk_len: int = DEFAULT_CHUNK_LEN):
-        if isinstance(chunk_len, bool) or not isinstance(chunk_len, int) or chunk_len < 1:
-            raise ValueError(
-                f"ChunkedLogSoftmaxCrossEntropy: chunk_len must be an int >= 1, got {chunk_len!r}"
-            )
-        super().__init__(n_in=3, n_out=2, name="ChunkedLogSoftmaxCrossEntropy")
-        self._dense = Dense(vocab_size)
-        self._chunk_len = chunk_len
-
-    @property
-    def chunk_len(self) -> int:
-        return self._chunk_len
-
-    def init_weights_and_state(self, input_signature, rng):
-        hidden_sig = as_items(input_signature, 3, self.name)[0]
-        weights, _ = self._dense.init_weights_and_state(hidden_sig, rng)
-        return weights, EMPTY
-
-    def apply(self, x, weights, state, rng):
-        del rng
-        hidden, targets, mask = as_items(x, 3, self.name)
-        loss, acc = chunked_cross_entropy(hidden, weights["w"], weights.get("b"), targets, mask,
-                                          self._chunk_len)
-        return (loss, acc), state
-
-
-__all__ = ["ChunkedLogSoftmaxCrossEntropy", "DEFAULT_CHUNK_LEN", "chunked_cross_entropy"]
+__all__ = ["DEFAULT_CHUNK_LEN", "chunked_cross_entropy"]

@@ -123,7 +123,8 @@ class PackedKernel:
             y = _converting_matmul_blocked(x, self.rows)
         else:
             y = _converting_matmul(x, self.rows)
-        return y if self.scale is None else y * self.scale.astype(x.dtype)
+        return y if self.scale is None else y * jax.lax.broadcast_to_rank(
+            self.scale.astype(x.dtype), y.ndim)
 
     def dense(self):
         """The float32 kernel [..., d_in, d_out] this stands for."""
@@ -255,7 +256,7 @@ class Dense(Layer):
         check_feature_dim(x, weights["w"].shape[-2], self.name)
         y = matmul(x, weights["w"])
         if "b" in weights:
-            y = y + weights["b"].astype(x.dtype)
+            y = y + jax.lax.broadcast_to_rank(weights["b"].astype(x.dtype), y.ndim)
         return y, state
 
 
@@ -337,6 +338,7 @@ def layer_norm(x, scale, bias, epsilon: float = 1e-6):
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
     y = (x32 - mean) * jax.lax.rsqrt(var + epsilon)
+    scale, bias = (jax.lax.broadcast_to_rank(a, y.ndim) for a in (scale, bias))
     return (y * scale + bias).astype(x.dtype)
 
 
@@ -404,8 +406,9 @@ def shift_right(x, n_positions: int = 1, pad_value=0):
 def sinusoids(positions, d_feature: int):
     """Sinusoidal encodings of integer `positions`: (...,) -> (..., d_feature)."""
     half = d_feature // 2
-    inv_freq = jnp.exp(-math.log(10000.0) * jnp.arange(half) / max(half, 1))
-    angles = positions[..., None].astype(jnp.float32) * inv_freq
+    inv_freq = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / max(half, 1))
+    angles = positions[..., None].astype(jnp.float32) * jax.lax.broadcast_to_rank(
+        inv_freq, positions.ndim + 1)
     enc = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
     if d_feature % 2:
         enc = jnp.pad(enc, [(0, 0)] * (enc.ndim - 1) + [(0, 1)])

@@ -1,20 +1,19 @@
-"""Position-wise feed-forward blocks, whole or chunked over the length axis.
+"""The position-wise feed-forward block.
 
 `FeedForward(d_ff)`: (x [..., d_model]) -> (y [..., d_model]), the pre-norm block
 
     LayerNorm -> Dense(d_ff) -> activation -> Dropout -> Dense(d_model) -> Dropout
 
 with `d_model` read from the input at `init`. It has no residual connection of its own: wrap
-it in `Residual` (dense Transformer) or `ReversibleHalfResidual` (Reformer).
-`ChunkedFeedForward(d_ff, ff_chunk_size)` runs the same block on `ff_chunk_size` positions at a
-time, so the `[batch, length, d_ff]` hidden activation is only ever `[batch, ff_chunk_size,
-d_ff]` (in the backward pass too: each chunk is recomputed).
+it in `Residual` (dense Transformer) or `ReversibleHalfResidual` (Reformer). To run it on a
+few positions at a time, wrap it in `Chunk` (the models do, given `ff_chunk_size`).
 """
 
 from __future__ import annotations
 
+from terraformer.checks import check_int
 from terraformer.layers.base import Layer, check_mode
-from terraformer.layers.combinators import Chunk, Serial
+from terraformer.layers.combinators import Serial
 from terraformer.layers.core import Dense, Dropout, FastGelu, LayerNorm
 
 
@@ -71,10 +70,9 @@ class FeedForwardBlock(Layer):
         mode: str = "train",
         d_model: int | None = None,
     ):
-        if d_ff < 1:
-            raise ValueError(f"FeedForward: d_ff must be >= 1, got {d_ff}")
-        if d_model is not None and d_model < 1:
-            raise ValueError(f"FeedForward: d_model must be >= 1 or None, got {d_model}")
+        check_int("d_ff", d_ff, 1, "FeedForward")
+        if d_model is not None:
+            check_int("d_model", d_model, 1, "FeedForward")
         check_mode(mode)
         ff_dropout = dropout if ff_dropout is None else ff_dropout
         layers = [
@@ -141,36 +139,4 @@ def FeedForward(  # noqa: N802
     )
 
 
-def ChunkedFeedForward(  # noqa: N802
-    d_ff: int,
-    ff_chunk_size: int = 0,
-    dropout: float = 0.0,
-    dropout_shared_axes=None,
-    activation=FastGelu,
-    ff_dropout: float | None = None,
-    mode: str = "train",
-    d_model: int | None = None,
-) -> Layer:
-    """`FeedForward(...)` run on `ff_chunk_size` positions of the length axis (1) at a time.
-
-    (x [batch, length, d_model]) -> (y [batch, length, d_model]). The hidden activation takes
-    `batch x ff_chunk_size x d_ff` memory instead of `batch x length x d_ff`, in the backward
-    pass too (chunks are recomputed). A length that is not a multiple of `ff_chunk_size` is
-    padded and cut back; `ff_chunk_size=0` runs unchunked. Weights are FeedForward's. In train
-    mode each chunk draws its own dropout masks, so they differ from the unchunked block's.
-    """
-    if ff_chunk_size is None or ff_chunk_size < 0:
-        raise ValueError(f"ChunkedFeedForward: ff_chunk_size must be >= 0, got {ff_chunk_size}")
-    block = FeedForward(
-        d_ff,
-        dropout=dropout,
-        dropout_shared_axes=dropout_shared_axes,
-        activation=activation,
-        ff_dropout=ff_dropout,
-        mode=mode,
-        d_model=d_model,
-    )
-    return Chunk(block, ff_chunk_size) if ff_chunk_size else block
-
-
-__all__ = ["ChunkedFeedForward", "FeedForward", "FeedForwardBlock"]
+__all__ = ["FeedForward", "FeedForwardBlock"]

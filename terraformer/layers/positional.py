@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from terraformer.checks import check_int, check_rate
 from terraformer.layers import initializers as init_lib
 from terraformer.layers.base import EMPTY, Layer, check_mode
 from terraformer.layers.core import check_feature_dim
@@ -47,19 +48,17 @@ class AxialPositionalEncoding(Layer):
         dropout_broadcast_dims=(-2,),
         mode: str = "train",
     ):
-        shape = tuple(int(s) for s in shape)
-        d_embs = tuple(int(d) for d in d_embs)
-        if not shape or any(s < 1 for s in shape):
-            raise ValueError(f"AxialPositionalEncoding: shape must be positive ints, got {shape}")
+        who = "AxialPositionalEncoding"
+        shape = tuple(check_int(f"shape[{a}]", s, 1, who) for a, s in enumerate(shape))
+        d_embs = tuple(check_int(f"d_embs[{a}]", d, 1, who) for a, d in enumerate(d_embs))
+        if not shape:
+            raise ValueError(f"{who}: shape must be positive ints, got {shape}")
         if len(d_embs) != len(shape):
             raise ValueError(
-                "AxialPositionalEncoding: d_embs needs one width per axis of shape, got "
-                f"shape={shape} and d_embs={d_embs}"
+                f"{who}: d_embs needs one width per axis of shape, got shape={shape} and "
+                f"d_embs={d_embs}"
             )
-        if any(d < 1 for d in d_embs):
-            raise ValueError(f"AxialPositionalEncoding: d_embs must be positive, got {d_embs}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"AxialPositionalEncoding: dropout must be in [0, 1), got {dropout}")
+        dropout = check_rate("dropout", dropout, who)
         n_dims = len(shape) + 2
         dims = tuple(int(d) for d in dropout_broadcast_dims)
         if any(not -n_dims <= d < n_dims for d in dims):

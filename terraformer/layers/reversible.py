@@ -12,7 +12,7 @@ The Reformer block, on a stack `(x1, x2)` made by `Dup()`::
     ReversibleSerial(
         ReversibleHalfResidual(LayerNorm(), attention),  # (x1, x2) -> (x1 + A(x2), x2)
         ReversibleSwap(),                                # -> (x2, y1)
-        ReversibleHalfResidual(ChunkedFeedForward(...)), # -> (x2 + FF(y1), y1)
+        ReversibleHalfResidual(FeedForward(...)),        # -> (x2 + FF(y1), y1)
         ReversibleSwap(),                                # -> (y1, y2)
     )
 

@@ -51,20 +51,20 @@ from terraformer import layers as tl
 from terraformer.layers.attention import SelfAttention
 from terraformer.layers.base import check_mode
 from terraformer.layers.encdec import Cache, EncDecAttention, PaddingMask
-from terraformer.layers.feedforward import FeedForward
 from terraformer.layers.lsh import LSHSelfAttention
 from terraformer.layers.reversible import (
     ReversibleHalfResidual,
-    ReversibleRepeat,
     ReversibleSerial,
     ReversibleSwap,
 )
-from terraformer.models.reformer import (
-    attention_per_layer,
+from terraformer.models.stack import (
     build_attention,
+    feed_forward_builder,
+    merge_streams,
     positional_encoding,
+    reversible_stack,
 )
-from terraformer.models.terraformer import sparse_feed_forward, sparse_qkv_attention
+from terraformer.models.terraformer import sparse_layers
 
 
 def build_encoder_attention(attention_type, *, n_heads, d_qk, d_v, dropout, mode) -> tl.Layer:
@@ -91,37 +91,6 @@ def build_encoder_attention(attention_type, *, n_heads, d_qk, d_v, dropout, mode
     return attention_type(**kwargs)
 
 
-def _feed_forward(d_ff, ff_dropout, ff_activation, ff_chunk_size, feed_forward_type, mode):
-    if feed_forward_type is not None:
-        return feed_forward_type(d_ff, dropout=ff_dropout, mode=mode)
-    ff = FeedForward(d_ff, dropout=ff_dropout, activation=ff_activation, mode=mode)
-    return tl.Chunk(ff, ff_chunk_size) if ff_chunk_size else ff
-
-
-def _repeat_blocks(make_block, types, n_layers: int, mode: str):
-    """`n_layers` blocks: one `ReversibleRepeat` when all types agree, else a ReversibleSerial."""
-    if n_layers == 0:
-        return []
-    per_layer = attention_per_layer(types, n_layers)
-    if len({id(t) for t in per_layer}) > 1:
-        return ReversibleSerial([make_block(t) for t in per_layer])
-    return ReversibleRepeat(make_block(per_layer[0]), n_layers, mode=mode)
-
-
-def _merge_streams(merge: str, who: str) -> tl.Layer:
-    if merge == "average":
-        return tl.Fn("XYAvg", lambda x1, x2: (x1 + x2) / 2)
-    if merge == "concatenate":
-        return tl.Concatenate()
-    raise ValueError(f"{who} must be 'average' or 'concatenate', got {merge!r}")
-
-
-def _check_count(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-    return value
-
-
 def encoder_decoder(
     input_vocab_size: int,
     output_vocab_size: int | None,
@@ -137,8 +106,7 @@ def encoder_decoder(
     encoder_attention_type,
     attention_type,
     encoder_decoder_attention_type,
-    encoder_feed_forward,
-    decoder_feed_forward,
+    feed_forward,
     pos_type,
     pos_axial_shape,
     pos_d_axial_embs,
@@ -149,12 +117,10 @@ def encoder_decoder(
 ) -> tl.Layer:
     """The reversible encoder-decoder shared by `Reformer` and `Terraformer` (module doc).
 
-    `encoder_feed_forward(mode)` and `decoder_feed_forward(mode)` build one feed-forward block
-    (with its own LayerNorm) for an encoder / decoder layer.
+    `feed_forward(mode)` builds the feed-forward block (with its own LayerNorm) of one encoder
+    or decoder layer (`stack.feed_forward_builder`).
     """
     mode = check_mode(mode)
-    _check_count(n_encoder_layers, "n_encoder_layers")
-    _check_count(n_decoder_layers, "n_decoder_layers")
     output_vocab_size = output_vocab_size or input_vocab_size
     enc_mode = "eval" if mode == "predict" else mode
 
@@ -165,7 +131,7 @@ def encoder_decoder(
         return ReversibleSerial(
             ReversibleHalfResidual(tl.LayerNorm(), attention),
             ReversibleSwap(),
-            ReversibleHalfResidual(encoder_feed_forward(enc_mode)),
+            ReversibleHalfResidual(feed_forward(enc_mode)),
             ReversibleSwap(),
             name="ReversibleEncoderBlock",
         )
@@ -187,7 +153,7 @@ def encoder_decoder(
             ReversibleSwap(),
             ReversibleHalfResidual(tl.LayerNorm(), cross_attention),
             ReversibleSwap(),
-            ReversibleHalfResidual(decoder_feed_forward(mode)),
+            ReversibleHalfResidual(feed_forward(mode)),
             ReversibleSwap(),
             name="ReversibleEncoderDecoderBlock",
         )
@@ -203,8 +169,9 @@ def encoder_decoder(
             PaddingMask(pad_id),
         ),                                                         # vec_e mask_e
         tl.Dup(),                                                  # x1 x2 mask_e
-        _repeat_blocks(encoder_block, encoder_attention_type, n_encoder_layers, enc_mode),
-        _merge_streams("average", "encoder merge"),                # vec_e mask_e
+        reversible_stack(encoder_block, encoder_attention_type, n_encoder_layers, enc_mode,
+                         name="n_encoder_layers"),
+        merge_streams("average"),                                  # vec_e mask_e
         tl.LayerNorm(),
         name="Encoder",
     )
@@ -218,8 +185,9 @@ def encoder_decoder(
         positional_encoding(pos_type, d_model, max_len, pos_axial_shape, pos_d_axial_embs,
                             dropout, mode),                        # vec_d vec_e mask_e
         tl.Dup(),                                                  # x1 x2 vec_e mask_e
-        _repeat_blocks(decoder_block, attention_type, n_decoder_layers, mode),
-        _merge_streams(output_merge, "output_merge"),              # vec_d vec_e mask_e
+        reversible_stack(decoder_block, attention_type, n_decoder_layers, mode,
+                         name="n_decoder_layers"),
+        merge_streams(output_merge),                               # vec_d vec_e mask_e
         tl.LayerNorm(),
         tl.Dense(output_vocab_size),
         tl.LogSoftmax(),
@@ -282,21 +250,18 @@ def Reformer(  # noqa: N802
       pad_id: the input token that is padding (masked in all attention on the encoder).
       mode: 'train', 'eval' or 'predict'.
     """
-    ff_dropout = dropout if ff_dropout is None else ff_dropout
-
-    def feed_forward(ff_mode):
-        return _feed_forward(d_ff, ff_dropout, ff_activation, ff_chunk_size, feed_forward_type,
-                             ff_mode)
-
+    feed_forward = feed_forward_builder(
+        d_ff, dropout=dropout if ff_dropout is None else ff_dropout, activation=ff_activation,
+        ff_chunk_size=ff_chunk_size, feed_forward_type=feed_forward_type)
     return encoder_decoder(
         input_vocab_size, output_vocab_size, d_model=d_model, d_attention_key=d_attention_key,
         d_attention_value=d_attention_value, n_encoder_layers=n_encoder_layers,
         n_decoder_layers=n_decoder_layers, n_heads=n_heads, dropout=dropout, max_len=max_len,
         encoder_attention_type=encoder_attention_type, attention_type=attention_type,
         encoder_decoder_attention_type=encoder_decoder_attention_type,
-        encoder_feed_forward=feed_forward, decoder_feed_forward=feed_forward,
-        pos_type=pos_type, pos_axial_shape=pos_axial_shape, pos_d_axial_embs=pos_d_axial_embs,
-        output_merge=output_merge, pad_id=pad_id, mode=mode, name="Reformer",
+        feed_forward=feed_forward, pos_type=pos_type, pos_axial_shape=pos_axial_shape,
+        pos_d_axial_embs=pos_d_axial_embs, output_merge=output_merge, pad_id=pad_id, mode=mode,
+        name="Reformer",
     )
 
 
@@ -346,28 +311,22 @@ def Terraformer(  # noqa: N802
       encoder_attention_type: bidirectional LSH attention by default, with the padding mask.
     The decoder's streams are averaged before the output layer (Trax's Terraformer).
     """
-    ff_dropout = dropout if ff_dropout is None else ff_dropout
-    if attention_type is None:
-        attention_type = sparse_qkv_attention(attention_sparsity, length_kernel_size)
-    feed_forward_type = None
-    if ff_sparsity:
-        feed_forward_type = sparse_feed_forward(ff_sparsity, d_lowrank, temperature, quant_prob,
-                                                ff_chunk_size)
-
-    def feed_forward(ff_mode):
-        # sparse_feed_forward is pre-norm itself, like the dense FeedForward.
-        return _feed_forward(d_ff, ff_dropout, ff_activation,
-                             0 if ff_sparsity else ff_chunk_size, feed_forward_type, ff_mode)
-
+    sparse = sparse_layers(attention_type, attention_sparsity=attention_sparsity,
+                           length_kernel_size=length_kernel_size, ff_sparsity=ff_sparsity,
+                           d_lowrank=d_lowrank, temperature=temperature, quant_prob=quant_prob,
+                           ff_chunk_size=ff_chunk_size)
+    feed_forward = feed_forward_builder(
+        d_ff, dropout=dropout if ff_dropout is None else ff_dropout, activation=ff_activation,
+        ff_chunk_size=sparse["ff_chunk_size"], feed_forward_type=sparse["feed_forward_type"])
     return encoder_decoder(
         input_vocab_size, output_vocab_size, d_model=d_model, d_attention_key=d_attention_key,
         d_attention_value=d_attention_value, n_encoder_layers=n_encoder_layers,
         n_decoder_layers=n_decoder_layers, n_heads=n_heads, dropout=dropout, max_len=max_len,
-        encoder_attention_type=encoder_attention_type, attention_type=attention_type,
+        encoder_attention_type=encoder_attention_type, attention_type=sparse["attention_type"],
         encoder_decoder_attention_type=encoder_decoder_attention_type,
-        encoder_feed_forward=feed_forward, decoder_feed_forward=feed_forward,
-        pos_type=pos_type, pos_axial_shape=pos_axial_shape, pos_d_axial_embs=pos_d_axial_embs,
-        output_merge="average", pad_id=pad_id, mode=mode, name="Terraformer",
+        feed_forward=feed_forward, pos_type=pos_type, pos_axial_shape=pos_axial_shape,
+        pos_d_axial_embs=pos_d_axial_embs, output_merge="average", pad_id=pad_id, mode=mode,
+        name="Terraformer",
     )
 
 

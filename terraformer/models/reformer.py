@@ -1,54 +1,35 @@
 """Reformer: reversible blocks with LSH or chunked attention and chunked feed-forward.
 
-`ReformerLM` is decoder-only; `Reformer` is the encoder-decoder. Both keep two copies of the
-activations (x1, x2) through a reversible stack, so the backward pass rebuilds activations
-instead of storing them, and memory does not grow with depth.
+`ReformerLM` is decoder-only (the encoder-decoder `Reformer` is in `encoder_decoder`). It keeps
+two copies of the activations (x1, x2) through a reversible stack, so the backward pass
+rebuilds activations instead of storing them, and memory does not grow with depth::
+
+    ShiftRight, Embedding, Dropout, positions, Dup                     # x1 x2
+    n_layers x ReversibleSerial(
+        ReversibleHalfResidual(LayerNorm, attention, Dropout), ReversibleSwap,
+        ReversibleHalfResidual(feed-forward), ReversibleSwap)
+    merge (concatenate or average), LayerNorm, Dense(vocab_size), LogSoftmax
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
 
 from terraformer import layers as tl
 from terraformer.layers.attention import SelfAttention
-from terraformer.layers.feedforward import FeedForward
 from terraformer.layers.lsh import LSHSelfAttention
-from terraformer.layers.positional import AxialPositionalEncoding
 from terraformer.layers.reversible import (
     ReversibleHalfResidual,
-    ReversibleRepeat,
     ReversibleSerial,
     ReversibleSwap,
 )
-
-
-def attention_per_layer(attention_type, n_layers: int) -> list:
-    """One attention constructor per layer from a constructor or a list cycled over layers."""
-    if isinstance(attention_type, (list, tuple)):
-        if not attention_type:
-            raise ValueError("attention_type: an empty list; give at least one layer type")
-        return [attention_type[i % len(attention_type)] for i in range(n_layers)]
-    return [attention_type] * n_layers
-
-
-def positional_encoding(pos_type, d_model, max_len, pos_axial_shape, pos_d_axial_embs, dropout,
-                        mode) -> list:
-    """The positional layer named by `pos_type`: 'axial', 'fixed-base' (sinusoids) or None."""
-    if pos_type is None or pos_type == "none":
-        return []
-    if pos_type == "axial":
-        shape = tuple(pos_axial_shape) if pos_axial_shape else None
-        embs = tuple(pos_d_axial_embs) if pos_d_axial_embs else None
-        if not shape or not embs:
-            raise ValueError(
-                "pos_type='axial' needs pos_axial_shape and pos_d_axial_embs, got "
-                f"{pos_axial_shape!r} and {pos_d_axial_embs!r}"
-            )
-        return [AxialPositionalEncoding(shape=shape, d_embs=embs, dropout=dropout, mode=mode)]
-    if pos_type in ("fixed-base", "sin-cos"):
-        return [tl.PositionalEncoding(max_len=max_len, dropout=dropout, mode=mode)]
-    raise ValueError(f"pos_type must be 'axial', 'fixed-base' or None, got {pos_type!r}")
+from terraformer.models.stack import (
+    build_attention,
+    feed_forward_builder,
+    merge_streams,
+    positional_encoding,
+    reversible_stack,
+)
 
 
 def ReversibleDecoderBlock(  # noqa: N802
@@ -62,24 +43,6 @@ def ReversibleDecoderBlock(  # noqa: N802
         ReversibleSwap(),
         name="ReversibleDecoderBlock",
     )
-
-
-def build_attention(attention_type, *, d_model, n_heads, d_qk, d_v, causal, dropout, max_len,
-                    mode) -> tl.Layer:
-    """Calls an attention constructor with the arguments its convention takes.
-
-    Two conventions exist, as in Trax: Reformer-style layers take
-    `(n_heads=, d_qk=, d_v=, causal=, output_dropout=, mode=)`; Transformer-style layers take
-    `(d_feature=, n_heads=, dropout=, max_inference_length=, mode=)` and are always causal.
-    """
-    params = inspect.signature(attention_type).parameters
-    if "d_feature" in params:
-        if not causal:
-            raise ValueError(f"{attention_type!r} is causal only; use it in a decoder")
-        return attention_type(d_feature=d_model, n_heads=n_heads, dropout=dropout,
-                              max_inference_length=max_len, mode=mode)
-    return attention_type(n_heads=n_heads, d_qk=d_qk, d_v=d_v, causal=causal,
-                          output_dropout=dropout, mode=mode)
 
 
 def ReformerLM(  # noqa: N802
@@ -123,50 +86,32 @@ def ReformerLM(  # noqa: N802
         Terraformer: (x1 + x2) / 2, half the output layer's weights to read when decoding).
     When every layer has the same attention type, the blocks share one compiled body through
     `ReversibleRepeat` (weights stacked on a leading layer axis), keeping compile time flat in
-    depth.
+    depth (`stack.reversible_stack`).
     """
-    ff_dropout = dropout if ff_dropout is None else ff_dropout
+    feed_forward = feed_forward_builder(
+        d_ff, dropout=dropout if ff_dropout is None else ff_dropout, activation=ff_activation,
+        ff_chunk_size=ff_chunk_size, feed_forward_type=feed_forward_type)
 
     def block(attn_type):
         attention = build_attention(attn_type, d_model=d_model, n_heads=n_heads,
                                     d_qk=d_attention_key, d_v=d_attention_value, causal=True,
                                     dropout=dropout, max_len=max_len, mode=mode)
-        if feed_forward_type is not None:
-            ff = feed_forward_type(d_ff, dropout=ff_dropout, mode=mode)
-        else:
-            ff = FeedForward(d_ff, dropout=ff_dropout, activation=ff_activation, mode=mode)
-        ff = tl.Chunk(ff, ff_chunk_size) if ff_chunk_size else ff
-        return ReversibleDecoderBlock(attention, ff, dropout, mode)
+        return ReversibleDecoderBlock(attention, feed_forward(mode), dropout, mode)
 
-    if isinstance(attention_type, (list, tuple)) and len(set(attention_type)) > 1:
-        blocks = ReversibleSerial(
-            [block(a) for a in attention_per_layer(attention_type, n_layers)])
-    else:
-        single = attention_type[0] if isinstance(attention_type, (list, tuple)) else attention_type
-        blocks = ReversibleRepeat(block(single), n_layers, mode=mode)
-
-    return tl.Serial(
+    return tl.Serial(                                                  # tokens
         tl.ShiftRight(mode=mode),
         tl.Embedding(vocab_size, d_model),
         tl.Dropout(dropout, mode=mode),
         positional_encoding(pos_type, d_model, max_len, pos_axial_shape, pos_d_axial_embs,
                             dropout, mode),
-        tl.Dup(),
-        blocks,
-        _merge_streams(output_merge),
+        tl.Dup(),                                                      # x1 x2
+        reversible_stack(block, attention_type, n_layers, mode),
+        merge_streams(output_merge),                                   # x
         tl.LayerNorm(),
         tl.Dense(vocab_size),
         tl.LogSoftmax(),
         name="ReformerLM",
     )
-
-
-def _merge_streams(output_merge: str) -> tl.Layer:
-    if output_merge == "concatenate":
-        return tl.Concatenate()
-    if output_merge == "average":
-        return tl.Fn("XYAvg", lambda x1, x2: (x1 + x2) / 2)
-    raise ValueError(f"output_merge must be 'concatenate' or 'average', got {output_merge!r}")
 
 
 def LocalAttention(chunk_len: int = 128, n_chunks_before: int = 1):  # noqa: N802

@@ -3,7 +3,9 @@
 The Reformer's reversible backbone with sparse dense layers: sparse QKV projections
 (multiplicative modular dense + causal local convolution) in attention, and a
 controller-gated feed-forward with one active unit per block, so that decoding a token reads
-about `1 / ff_sparsity` of the feed-forward weights.
+about `1 / ff_sparsity` of the feed-forward weights. `TerraformerLM` is `ReformerLM` with
+those layers (`sparse_layers`) and its two streams averaged before the output layer; the
+encoder-decoder `Terraformer` (in `encoder_decoder`) takes the same `sparse_layers`.
 """
 
 from __future__ import annotations
@@ -40,6 +42,27 @@ def sparse_qkv_attention(attention_sparsity: int = 16, length_kernel_size: int =
                              output_layer_type=output_layer_type)
 
 
+def sparse_layers(attention_type, *, attention_sparsity: int, length_kernel_size: int,
+                  ff_sparsity: int, d_lowrank: int, temperature: float, quant_prob: float,
+                  ff_chunk_size: int) -> dict:
+    """The Terraformer's choices as Reformer arguments: `attention_type`, `feed_forward_type`
+    and `ff_chunk_size`.
+
+    `attention_type=None` becomes sparse-QKV attention; `ff_sparsity > 0` the sparse
+    feed-forward, which chunks itself over `ff_chunk_size` positions (so the Reformer's own
+    chunking is 0); `ff_sparsity=0` keeps the dense feed-forward chunked by `ff_chunk_size`.
+    """
+    if attention_type is None:
+        attention_type = sparse_qkv_attention(attention_sparsity, length_kernel_size)
+    if not ff_sparsity:
+        return dict(attention_type=attention_type, feed_forward_type=None,
+                    ff_chunk_size=ff_chunk_size)
+    feed_forward_type = sparse_feed_forward(ff_sparsity, d_lowrank, temperature, quant_prob,
+                                            ff_chunk_size)
+    return dict(attention_type=attention_type, feed_forward_type=feed_forward_type,
+                ff_chunk_size=0)
+
+
 def TerraformerLM(  # noqa: N802
     vocab_size: int,
     d_model: int = 512,
@@ -74,17 +97,13 @@ def TerraformerLM(  # noqa: N802
       d_lowrank, temperature, quant_prob: the controller's rank and its Gumbel-softmax
         training (see `SparseFF`).
     """
-    if attention_type is None:
-        attention_type = sparse_qkv_attention(attention_sparsity, length_kernel_size)
-    feed_forward_type = None
-    if ff_sparsity:
-        feed_forward_type = sparse_feed_forward(ff_sparsity, d_lowrank, temperature, quant_prob,
-                                                ff_chunk_size)
+    sparse = sparse_layers(attention_type, attention_sparsity=attention_sparsity,
+                           length_kernel_size=length_kernel_size, ff_sparsity=ff_sparsity,
+                           d_lowrank=d_lowrank, temperature=temperature, quant_prob=quant_prob,
+                           ff_chunk_size=ff_chunk_size)
     return ReformerLM(
         vocab_size, d_model=d_model, d_ff=d_ff, d_attention_key=d_attention_key,
         d_attention_value=d_attention_value, n_layers=n_layers, n_heads=n_heads,
-        dropout=dropout, max_len=max_len, attention_type=attention_type, pos_type=pos_type,
-        pos_axial_shape=pos_axial_shape, pos_d_axial_embs=pos_d_axial_embs,
-        ff_chunk_size=0 if ff_sparsity else ff_chunk_size,
-        feed_forward_type=feed_forward_type, output_merge="average", mode=mode,
+        dropout=dropout, max_len=max_len, pos_type=pos_type, pos_axial_shape=pos_axial_shape,
+        pos_d_axial_embs=pos_d_axial_embs, output_merge="average", mode=mode, **sparse,
     )

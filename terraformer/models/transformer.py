@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from terraformer import layers as tl
+from terraformer.checks import check_int
 from terraformer.layers.attention import CausalAttention
 from terraformer.layers.feedforward import FeedForward
-from terraformer.layers.losses import Accuracy, CrossEntropyLoss  # noqa: F401 (re-export)
 
 
 def DecoderBlock(  # noqa: N802
@@ -45,6 +45,7 @@ def TransformerLM(  # noqa: N802
     The model shifts its input right, so targets equal inputs (Trax convention). In `predict`
     mode it takes the previous token(s) and keeps key/value caches of `max_len` positions.
     """
+    check_int("n_layers", n_layers, 0, "TransformerLM")
     return tl.Serial(
         tl.ShiftRight(mode=mode),
         tl.Embedding(vocab_size, d_model),

@@ -69,7 +69,7 @@ def test_forward_matches_plain_reference(np_rng, case):
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("dropout_rate", [0.0, 0.3])
+@pytest.mark.parametrize("dropout_rate", [0.0, pytest.param(0.3, marks=pytest.mark.slow)])
 def test_custom_gradient_equals_autodiff(np_rng, case, dropout_rate):
     q, k, v, q_pos, k_pos = _inputs(np_rng)
     w_out = jnp.asarray(np_rng.standard_normal((N, N_CHUNKS, C, D_V)).astype(np.float32))

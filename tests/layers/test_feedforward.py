@@ -1,4 +1,7 @@
-"""FeedForward and ChunkedFeedForward: reference math, chunking equivalence, memory, dropout."""
+"""FeedForward: reference math, d_model from the input, dropout.
+
+Chunking it over the length is the models' feed-forward builder: tests/models/test_stack.py.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +9,7 @@ import numpy as np
 import pytest
 
 from terraformer import layers as tl
-from terraformer.layers.feedforward import ChunkedFeedForward, FeedForward
+from terraformer.layers.feedforward import FeedForward
 
 
 def _reference(x, weights, activation):
@@ -72,58 +75,8 @@ def test_d_model_is_read_from_the_input_or_checked():
         FeedForward(8, activation="relu")
     with pytest.raises(TypeError, match="activation"):
         FeedForward(8, activation=lambda: jax.nn.relu)
-    with pytest.raises(ValueError, match="ff_chunk_size"):
-        ChunkedFeedForward(8, ff_chunk_size=-1)
     with pytest.raises(ValueError, match="mode"):
         FeedForward(8, mode="test")
-
-
-@pytest.mark.parametrize("length,chunk", [(24, 8), (29, 8), (5, 8)])
-def test_chunked_equals_unchunked(length, chunk, seed):
-    rng = np.random.default_rng(seed)
-    x = jnp.asarray(rng.normal(size=(2, length, 16)), jnp.float32)
-    cotangent = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
-    whole = FeedForward(32, activation=tl.Relu, mode="eval")
-    chunked = ChunkedFeedForward(32, ff_chunk_size=chunk, activation=tl.Relu, mode="eval")
-    weights, state = whole.init(tl.signature(x), jax.random.PRNGKey(seed))
-    w_chunked, _ = chunked.init(tl.signature(x), jax.random.PRNGKey(seed))
-    assert jax.tree.structure(w_chunked) == jax.tree.structure(weights)
-
-    y_whole, _ = whole.apply(x, weights, state, None)
-    y_chunked, _ = chunked.apply(x, weights, state, None)
-    np.testing.assert_allclose(y_chunked, y_whole, rtol=1e-6, atol=1e-6, err_msg=f"seed {seed}")
-
-    def loss(layer):
-        return lambda w, x_: jnp.sum(layer.apply(x_, w, state, None)[0] * cotangent)
-
-    g_whole = jax.grad(loss(whole), argnums=(0, 1))(weights, x)
-    g_chunked = jax.grad(loss(chunked), argnums=(0, 1))(weights, x)
-    for a, b in zip(jax.tree.leaves(g_chunked), jax.tree.leaves(g_whole), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=f"seed {seed}")
-
-
-def test_chunk_size_zero_is_the_plain_block():
-    block = ChunkedFeedForward(8, ff_chunk_size=0)
-    assert block.name == "FeedForward"
-    assert ChunkedFeedForward(8, ff_chunk_size=4).name == "Chunk"
-
-
-def test_chunking_bounds_hidden_memory():
-    """The [batch, length, d_ff] hidden activation is only ever [batch, chunk, d_ff]."""
-    d_model, d_ff, length, chunk = 16, 256, 4096, 256
-    sig = tl.ShapeDtype((1, length, d_model))
-
-    def temp_bytes(layer):
-        w, s = layer.init_weights_and_state(sig, jax.random.PRNGKey(0))
-        grad = jax.jit(jax.grad(lambda w_, x: jnp.sum(jnp.sin(layer.apply(x, w_, s, None)[0]))))
-        compiled = grad.lower(w, jnp.zeros(sig.shape)).compile()
-        return compiled.memory_analysis().temp_size_in_bytes
-
-    hidden_bytes = length * d_ff * 4  # 4 MiB
-    whole = temp_bytes(FeedForward(d_ff, activation=tl.Relu, mode="eval"))
-    chunked = temp_bytes(ChunkedFeedForward(d_ff, chunk, activation=tl.Relu, mode="eval"))
-    assert whole >= hidden_bytes, whole
-    assert chunked < whole / 2, (chunked, whole)
 
 
 def test_dropout_in_train_mode_only(seed):
