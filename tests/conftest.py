@@ -8,9 +8,15 @@ a silent widening or an outer sum.
 
 import os
 
-import jax
-import numpy as np
-import pytest
+from terraformer.runtime import tune_cpu_runtime
+
+# The tests run what the programs run: XLA:CPU with the library's runtime settings, applied
+# before JAX creates its backend (importing terraformer no longer applies them).
+tune_cpu_runtime()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
