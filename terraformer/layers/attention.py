@@ -177,7 +177,7 @@ class SelfAttention(Layer):
     def _project(self, x, weights, name):
         y = matmul(x, weights["w" + name])
         if self._use_bias:
-            y = y + weights["b" + name]
+            y = y + lax.broadcast_to_rank(weights["b" + name], y.ndim)
         return y
 
     # -- forward --------------------------------------------------------------------------
@@ -197,7 +197,7 @@ class SelfAttention(Layer):
             out = self._attend(q, k, v, mask, rng_attn)
         y = matmul(merge_heads(out), weights["wo"])
         if self._use_bias:
-            y = y + weights["bo"]
+            y = y + lax.broadcast_to_rank(weights["bo"], y.ndim)
         y = dropout(y, self._output_dropout, rng_out, self._mode)
         return ((y, mask) if self._masked else y), state
 

@@ -199,7 +199,8 @@ def ring_attention(q, q_pos, k_cache, v_cache, key_mask, lo, block_len: int, new
         vb = lax.dynamic_slice_in_dim(v_cache, slot0, length, axis=2)
         allowed = key_mask(k_pos, slot0, length)
         if new_kv is not None:
-            allowed = allowed & (k_pos != hi)  # the slot the new key will take: stale
+            stale = k_pos == hi  # the slot the new key will take
+            allowed = allowed & ~lax.broadcast_to_rank(stale, allowed.ndim)
         return fold(carry, scores_of(kb, allowed), vb)
 
     def body(j, carry):

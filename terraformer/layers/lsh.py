@@ -142,7 +142,7 @@ def _argmax_pm(rotated, axis: int = -1):
     magnitude = jnp.abs(rotated)
     top = jnp.max(magnitude, axis=axis, keepdims=True)
     index = lax.broadcasted_iota(jnp.int32, rotated.shape, axis)
-    code = index + half * (rotated < 0)
+    code = index + half * (rotated < 0).astype(index.dtype)
     return jnp.min(jnp.where(magnitude == top, code, 2 * half), axis=axis)
 
 
@@ -678,7 +678,7 @@ class LSHSelfAttention(Layer):
         o = o.transpose(0, 2, 1, 3).reshape(o.shape[0], o.shape[2], -1)
         y = jnp.dot(o, weights["w_o"].astype(o.dtype))
         if "b_o" in weights:
-            y = y + weights["b_o"].astype(o.dtype)
+            y = y + lax.broadcast_to_rank(weights["b_o"].astype(o.dtype), y.ndim)
         return y
 
     # -- init ----------------------------------------------------------------------------------
@@ -810,7 +810,8 @@ class LSHSelfAttention(Layer):
             def shift(m):
                 src = jnp.minimum(jnp.arange(mem_len) + n_drop, mem_len - 1)
                 out = {k: jnp.take(a, src, axis=_MEMORY_POSITION_AXIS[k]) for k, a in m.items()}
-                out["valid"] = out["valid"] & (jnp.arange(mem_len) < mem_len - n_drop)
+                kept = jnp.arange(mem_len) < mem_len - n_drop
+                out["valid"] = out["valid"] & lax.broadcast_to_rank(kept, out["valid"].ndim)
                 return out
 
             mem = lax.cond(n_drop > 0, shift, lambda m: m, mem)

@@ -218,7 +218,7 @@ class SparseFF(Layer):
         """Unit scores: (..., d_model) -> (..., n_blocks, n_elements_in_block)."""
         dtype = x.dtype
         logits = matmul(matmul(x, weights["m1"]), weights["m2"])
-        logits = logits + weights["mb"].astype(dtype)
+        logits = logits + lax.broadcast_to_rank(weights["mb"].astype(dtype), logits.ndim)
         return logits.reshape(x.shape[:-1] + (self._n_blocks, self._n_elements_in_block))
 
     def choices(self, x, weights):
@@ -243,10 +243,12 @@ class SparseFF(Layer):
             )
         mask = mask.reshape(x.shape[:-1] + (self._d_ff,))
         cdt = self._compute_dtype(x)
-        h = jnp.dot(x.astype(cdt), weights["w1"].astype(cdt).T) + weights["b1"].astype(cdt)
+        h = jnp.dot(x.astype(cdt), weights["w1"].astype(cdt).T)
+        h = h + lax.broadcast_to_rank(weights["b1"].astype(cdt), h.ndim)
         h = jax.nn.relu(h) * mask.astype(cdt)
         h = dropout(h, self._dropout_rate, rng_dropout, self._mode, self._dropout_shared_axes)
-        y = jnp.dot(h, weights["w2"].astype(cdt)) + weights["b2"].astype(cdt)
+        y = jnp.dot(h, weights["w2"].astype(cdt))
+        y = y + lax.broadcast_to_rank(weights["b2"].astype(cdt), y.ndim)
         return y.astype(x.dtype)
 
     def _train_mask(self, logits, rng_gumbel, rng_quant):
@@ -265,9 +267,9 @@ class SparseFF(Layer):
         return jnp.where(use_hard, hard, soft)
 
     def _forward_gather(self, x, weights):
-        ids = self.choices(x, weights) + self._n_elements_in_block * jnp.arange(
-            self._n_blocks, dtype=jnp.int32
-        )  # (..., n_blocks) global unit ids
+        choices = self.choices(x, weights)  # (..., n_blocks) unit within each block
+        first_unit = self._n_elements_in_block * jnp.arange(self._n_blocks, dtype=jnp.int32)
+        ids = choices + lax.broadcast_to_rank(first_unit, choices.ndim)  # global unit ids
         cdt = self._compute_dtype(x)
         w1, w2 = (w.astype(cdt) for w in _chosen_rows(weights, ids, x.shape[-1]))
         b1 = _take_rows(weights["b1"], ids).astype(cdt)  # (..., n_blocks)
@@ -277,7 +279,8 @@ class SparseFF(Layer):
             h = jax.nn.relu(jnp.dot(w1.reshape(rows), x.reshape(-1).astype(cdt)) + b1.reshape(-1))
             return (jnp.dot(h, w2.reshape(rows)) + b2).reshape(x.shape).astype(x.dtype)
         h = jax.nn.relu(jnp.einsum("...d,...bd->...b", x.astype(cdt), w1) + b1)
-        y = jnp.einsum("...b,...bd->...d", h, w2) + b2
+        y = jnp.einsum("...b,...bd->...d", h, w2)
+        y = y + lax.broadcast_to_rank(b2, y.ndim)
         return y.astype(x.dtype)
 
 
@@ -404,7 +407,8 @@ class MultiplicativeModularSparseDense(Layer):
         dtype = x.dtype
         if isinstance(weights, _RowModules):
             check_feature_dim(x, weights.d_rows.shape[1], self.name)
-            scaled = x[..., None, :] * weights.d_rows.astype(dtype)  # (..., S, d_input)
+            d_rows = lax.broadcast_to_rank(weights.d_rows.astype(dtype), x.ndim + 1)
+            scaled = x[..., None, :] * d_rows  # (..., S, d_input)
             y = jnp.einsum("...si,im->...sm", scaled, weights.e.astype(dtype))
             bias = weights.b
         else:
@@ -415,7 +419,7 @@ class MultiplicativeModularSparseDense(Layer):
             bias = weights.get("b")
         y = y.reshape(x.shape[:-1] + (self._d_feature,))
         if bias is not None:
-            y = y + bias.astype(dtype)
+            y = y + lax.broadcast_to_rank(bias.astype(dtype), y.ndim)
         return y, state
 
 
@@ -532,7 +536,7 @@ class LocallyConvDense(Layer):
         w = weights["w"].astype(x.dtype).reshape(lk * k * d_in, self._n_units)
         y = self.convolve(padded, w, length)  # (batch, length, n_modules, n_units)
         if "b" in weights:
-            y = y + weights["b"].astype(x.dtype)
+            y = y + lax.broadcast_to_rank(weights["b"].astype(x.dtype), y.ndim)
         return y.reshape(batch, length, self._n_modules * self._n_units), state
 
     def time_padded(self, x, state):
@@ -626,7 +630,8 @@ class _QKVConvolutions(Branch):
         batch, length = x.shape[:2]
         padded, state = q_conv.time_padded(x, state)
         y = q_conv.convolve(padded, kernel.astype(x.dtype), length)
-        y = (y + bias.astype(x.dtype)).reshape(batch, length, q_conv.n_modules, 3, -1)
+        y = y + lax.broadcast_to_rank(bias.astype(x.dtype), y.ndim)
+        y = y.reshape(batch, length, q_conv.n_modules, 3, -1)
         return tuple(y[..., i, :].reshape(batch, length, -1) for i in range(3)), state
 
 
