@@ -239,12 +239,7 @@ def _conv(layer, template, leaves, where):
             value, label = _take_one(leaves, f"{where}.b")
             out["b"] = _check(value, template["b"].shape, f"{where}.b", label)
         return out
-    out = {}
-    for key in ("w", "b"):
-        if key in template:
-            value, label = _take_one(leaves, f"{where}.{key}")
-            out[key] = _check(value, template[key].shape, f"{where}.{key}", label)
-    return out
+    return _dense(layer, template, leaves, where)  # the same leaves, in the same order
 
 
 CONVERTERS = [
