@@ -177,6 +177,7 @@ def test_train_commands_build(source, command, tmp_path, capsys, monkeypatch):
     assert code == 0, err
 
 
+@pytest.mark.slow  # test_readme_commands_run_in_order (slow) runs these too, in full
 def test_readme_first_commands_run(tmp_path):
     """The README's first training command (cut to a few steps) and its decode, as written:
     the decode prints the number of tokens it asks for."""

@@ -75,6 +75,7 @@ def test_import_then_eval_gives_trax_outputs(name, path, ckpt_dir, tmp_path):
     np.testing.assert_allclose(np.asarray(y), jax.nn.log_softmax(ref["logits"]), atol=ATOL)
 
 
+@pytest.mark.slow  # the import-trax + decode command line test checks the same tokens
 def test_imported_weights_decode_trax_greedy_tokens(ckpt_dir):
     ref = outputs(ckpt_dir, "reformer_saved")
     model_fn = model_from_gin([ckpt_dir / "reformer_lm.gin"])

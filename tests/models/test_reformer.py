@@ -79,6 +79,7 @@ def test_never_looks_ahead(np_rng, name):
     np.testing.assert_allclose(y1[:, : t + 2], y2[:, : t + 2], atol=1e-5)
 
 
+@pytest.mark.slow  # an end-to-end training run
 def test_terraformer_uses_sparse_feed_forward_and_trains(np_rng):
     model = _models("train")["terraformer"]
     assert "SparseFF" in repr(model) or any(
