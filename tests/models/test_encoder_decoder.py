@@ -195,7 +195,7 @@ def test_more_trailing_padding_changes_nothing(np_rng, built, name):
 
 
 @pytest.mark.parametrize("name, dropout", [
-    ("terraformer", 0.0),
+    pytest.param("terraformer", 0.0, marks=pytest.mark.slow),
     pytest.param("reformer-lsh", 0.1, marks=pytest.mark.slow),
 ])
 def test_gradients_reach_every_weight(np_rng, built, name, dropout):

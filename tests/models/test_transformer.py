@@ -56,6 +56,7 @@ def test_predict_one_token_at_a_time_reproduces_eval(np_rng):
     assert float(jnp.max(jnp.abs(got - want))) < 1e-5
 
 
+@pytest.mark.slow  # compiles a training-mode gradient of the whole model
 def test_train_mode_dropout_needs_rng_and_gradients_flow(np_rng):
     model = TransformerLM(dropout=0.1, mode="train", **CONFIG)
     x = _tokens(np_rng, 8)
