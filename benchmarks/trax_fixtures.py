@@ -322,6 +322,24 @@ def model_cases(out: Path) -> None:
 
 
 # -- checkpoint files ----------------------------------------------------------------------------
+def _run_bindings(model: str) -> str:
+    """The inputs and training bindings both fixture checkpoints' configs share."""
+    return f"""
+copy_task.batch_size = 2
+copy_task.seq_len = 16
+copy_task.vocab_size = 16
+copy_task.seed = 0
+eval/copy_task.seed = 1
+tokenizer.name_or_path = 'ids'
+tokenizer.vocab_size = 16
+
+train.model = @{model}
+train.inputs = @copy_task
+train.eval_inputs = @eval/copy_task
+train.steps = 2
+"""
+
+
 REFORMER_GIN = """\
 # A tiny ReformerLM with chunked local attention and axial positions, as the trax fixture
 # checkpoint was built (trax's ReformerLM arguments).
@@ -342,20 +360,7 @@ ReformerLM.attention_type = @SelfAttention
 SelfAttention.chunk_len = 4
 SelfAttention.n_chunks_before = 1
 SelfAttention.predict_mem_len = 16
-
-copy_task.batch_size = 2
-copy_task.seq_len = 16
-copy_task.vocab_size = 16
-copy_task.seed = 0
-eval/copy_task.seed = 1
-tokenizer.name_or_path = 'ids'
-tokenizer.vocab_size = 16
-
-train.model = @ReformerLM
-train.inputs = @copy_task
-train.eval_inputs = @eval/copy_task
-train.steps = 2
-"""
+""" + _run_bindings("ReformerLM")
 
 TRANSFORMER_GIN = """\
 # A tiny TransformerLM, as the trax fixture checkpoint was built.
@@ -366,20 +371,7 @@ TransformerLM.n_layers = 2
 TransformerLM.n_heads = 2
 TransformerLM.max_len = 32
 TransformerLM.dropout = 0.0
-
-copy_task.batch_size = 2
-copy_task.seq_len = 16
-copy_task.vocab_size = 16
-copy_task.seed = 0
-eval/copy_task.seed = 1
-tokenizer.name_or_path = 'ids'
-tokenizer.vocab_size = 16
-
-train.model = @TransformerLM
-train.inputs = @copy_task
-train.eval_inputs = @eval/copy_task
-train.steps = 2
-"""
+""" + _run_bindings("TransformerLM")
 
 
 def checkpoint_cases(out: Path) -> None:
