@@ -57,6 +57,7 @@ from terraformer.layers.reversible import (
     ReversibleSerial,
     ReversibleSwap,
 )
+from terraformer.layers.attention_types import attention_constructor
 from terraformer.models.stack import (
     build_attention,
     feed_forward_builder,
@@ -76,6 +77,7 @@ def build_encoder_attention(attention_type, *, n_heads, d_qk, d_v, dropout, mode
     `(x, mask) -> (y, mask)`), else no mask (the layer then attends to padding too).
     Transformer-style constructors (taking `d_feature`) are causal only and rejected.
     """
+    attention_type = attention_constructor(attention_type)
     params = inspect.signature(attention_type).parameters
     if "d_feature" in params:
         raise ValueError(

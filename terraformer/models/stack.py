@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from terraformer import layers as tl
 from terraformer.checks import check_choice, check_int
+from terraformer.layers.attention_types import attention_constructor
 from terraformer.layers.feedforward import FeedForward
 from terraformer.layers.positional import AxialPositionalEncoding
 from terraformer.layers.reversible import ReversibleRepeat, ReversibleSerial
@@ -26,12 +27,16 @@ MERGES = ("concatenate", "average")
 
 
 def attention_per_layer(attention_type, n_layers: int) -> list:
-    """One attention constructor per layer from a constructor or a list cycled over layers."""
+    """One attention constructor per layer from a constructor or a list cycled over layers.
+
+    A name (`'lsh'`, `'performer'`, ...) stands for its constructor in `ATTENTION_TYPES`.
+    """
     if isinstance(attention_type, (list, tuple)):
         if not attention_type:
             raise ValueError("attention_type: an empty list; give at least one layer type")
-        return [attention_type[i % len(attention_type)] for i in range(n_layers)]
-    return [attention_type] * n_layers
+        constructors = [attention_constructor(t) for t in attention_type]
+        return [constructors[i % len(constructors)] for i in range(n_layers)]
+    return [attention_constructor(attention_type)] * n_layers
 
 
 def build_attention(attention_type, *, d_model, n_heads, d_qk, d_v, causal, dropout, max_len,
@@ -42,6 +47,7 @@ def build_attention(attention_type, *, d_model, n_heads, d_qk, d_v, causal, drop
     `(n_heads=, d_qk=, d_v=, causal=, output_dropout=, mode=)`; Transformer-style layers take
     `(d_feature=, n_heads=, dropout=, max_inference_length=, mode=)` and are always causal.
     """
+    attention_type = attention_constructor(attention_type)
     params = inspect.signature(attention_type).parameters
     if "d_feature" in params:
         if not causal:

@@ -1,0 +1,36 @@
+"""Attention mechanisms by name: what a string `attention_type` means.
+
+Every entry is a constructor of the Reformer convention, called as
+`constructor(n_heads=, d_qk=, d_v=, causal=, output_dropout=, mode=)` and building a layer
+(batch, length, d_model) -> same. Models accept these names wherever they take a constructor
+(`ReformerLM.attention_type = 'performer'` in gin), and `terraformer bench train --attention` and
+`terraformer bench attention --mechanisms` take the same names.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+from terraformer.layers.attention import SelfAttention
+from terraformer.layers.lsh import LSHSelfAttention
+
+ATTENTION_TYPES: dict[str, Callable] = {
+    "full": SelfAttention,
+    "local": functools.partial(SelfAttention, chunk_len=128, n_chunks_before=1),
+    "lsh": LSHSelfAttention,
+}
+
+
+def attention_constructor(attention_type) -> Callable:
+    """The constructor for `attention_type`: a name of `ATTENTION_TYPES` or a constructor."""
+    if not isinstance(attention_type, str):
+        return attention_type
+    try:
+        return ATTENTION_TYPES[attention_type]
+    except KeyError:
+        raise ValueError(f"attention_type must be one of {', '.join(ATTENTION_TYPES)} or a layer "
+                         f"constructor, got {attention_type!r}") from None
+
+
+__all__ = ["ATTENTION_TYPES", "attention_constructor"]
