@@ -14,7 +14,9 @@ The pieces, each usable on its own:
 Conventions (those of Trax's LSHSelfAttention, re-derived from the Reformer paper):
 
 - Shared QK: queries are the projections `qk`; keys are `qk` normalised to unit length
-  (`length_normalized`); scores are scaled by `1/sqrt(d_qk)`.
+  (`length_normalized`); a score is `qk_scale * q . k`, and `qk_scale = 1` is Trax's (its keys
+  have RMS 1 and are then divided by sqrt(d_qk), which makes them unit vectors too). A smaller
+  `qk_scale` (e.g. `1/sqrt(d_qk)`) starts training with softer attention: see the argument.
 - A query never attends to itself unless nothing else is allowed: its self-score is replaced by
   `SELF_ATTENTION_VALUE` (-1e5), while masked scores become `MASK_VALUE` (-1e9).
 - Buckets do not mask: a query sees every key of its chunk window (its chunk plus
@@ -290,6 +292,15 @@ def window_offsets(n_chunks: int, n_chunks_before: int, n_chunks_after: int) -> 
     return offsets
 
 
+def check_qk_scale(qk_scale, who: str) -> float:
+    """`qk_scale` as a positive finite float, or a one-line error naming it."""
+    if isinstance(qk_scale, bool) or not isinstance(qk_scale, (int, float)) or not (
+            0 < qk_scale < math.inf):
+        raise ArgumentError(f"{who}: qk_scale must be a positive number (1.0 is Trax's scores, "
+                            f"1/sqrt(d_qk) softer ones), got {qk_scale!r}")
+    return float(qk_scale)
+
+
 def _check_lsh_args(chunk_len, n_chunks_before, n_chunks_after, n_hashes, who):
     check_int("chunk_len", chunk_len, 1, who)
     check_int("n_chunks_before", n_chunks_before, 0, who)
@@ -314,6 +325,7 @@ def lsh_attention(
     dropout_rng=None,
     max_length_for_buckets: int | None = None,
     chunks_per_block: int | None = None,
+    qk_scale: float = 1.0,
 ):
     """LSH attention with shared QK on per-head arrays.
 
@@ -338,6 +350,7 @@ def lsh_attention(
       chunks_per_block: chunks attended to per block (a divisor of the chunk count; default:
         about `attention_core.BLOCK_SCORES` scores a block). Blocks are recomputed in the
         backward pass, so memory is linear in the length.
+      qk_scale: the factor of every score `q . k` (keys are unit vectors); 1 is Trax's.
 
     Returns:
       `(out, lse)`: `(batch, heads, length, d_v)` in v's dtype and `(batch, heads, length)`
@@ -360,6 +373,7 @@ def lsh_attention(
         )
     if chunks_per_block is not None:
         chunks_per_block = check_int("chunks_per_block", chunks_per_block, 1, "lsh_attention")
+    qk_scale = check_qk_scale(qk_scale, "lsh_attention")
     n_buckets = resolve_n_buckets(n_buckets, length, chunk_len, max_length_for_buckets)
     if rotations is None and rng is None:
         raise ValueError("lsh_attention: pass rng (to draw the hash rotations) or rotations")
@@ -382,6 +396,7 @@ def lsh_attention(
         causal=bool(causal),
         dropout_rate=float(dropout_rate),
         chunks_per_block=chunks_per_block,
+        qk_scale=qk_scale,
     )
 
 
@@ -396,6 +411,7 @@ def lsh_attention(
         "causal",
         "dropout_rate",
         "chunks_per_block",
+        "qk_scale",
     ),
 )
 def _lsh_attention(
@@ -414,6 +430,7 @@ def _lsh_attention(
     causal,
     dropout_rate,
     chunks_per_block,
+    qk_scale,
 ):
     """`lsh_attention` after validation, compiled once per configuration and shape.
 
@@ -426,7 +443,7 @@ def _lsh_attention(
         rotations = random_rotations(rng, d_qk, n_buckets, n_hashes, n_heads)
     config = dict(n_buckets=n_buckets, chunk_len=chunk_len, n_chunks_before=n_chunks_before,
                   n_chunks_after=n_chunks_after, causal=causal, dropout_rate=dropout_rate,
-                  chunks_per_block=chunks_per_block)
+                  chunks_per_block=chunks_per_block, qk_scale=qk_scale)
     n_rounds = rotations[0].shape[-3]
     if n_heads == 1 or batch * n_heads * n_rounds * length <= _HEAD_LOOP_ROWS:
         return _lsh_attention_heads(qk, v, mask, rotations, dropout_rng, **config)
@@ -463,7 +480,7 @@ def _lsh_attention(
 
 def _lsh_attention_heads(qk, v, mask, rotations, dropout_rng, *, n_buckets, chunk_len,
                          n_chunks_before, n_chunks_after, causal, dropout_rate,
-                         chunks_per_block, merge=True):
+                         chunks_per_block, qk_scale, merge=True):
     """The LSH attention of all heads of `qk`, `v` at once, given per-head rotations.
 
     Returns the rounds merged, `(B, H, L, d_v), (B, H, L)`, or with `merge=False` each round's
@@ -502,7 +519,7 @@ def _lsh_attention_heads(qk, v, mask, rotations, dropout_rng, *, n_buckets, chun
     out, lse = blocked_attention(
         sq, length_normalized(sq), sv, spos, skpos,
         offsets=window_offsets(n_chunks, n_chunks_before, n_chunks_after),
-        scale=1.0 / math.sqrt(d_qk), causal=causal, self_value=SELF_ATTENTION_VALUE,
+        scale=qk_scale, causal=causal, self_value=SELF_ATTENTION_VALUE,
         dropout_rate=dropout_rate, dropout_rng=dropout_rng, chunks_per_block=chunks_per_block)
 
     # Undo the sort, cut the padding, merge the rounds.
@@ -577,6 +594,11 @@ class LSHSelfAttention(Layer):
       use_mask: take `(x, mask)` instead of `x`.
       use_bias: add an output bias `b_o` (Trax's LSH layer has none by default).
       chunks_per_block: chunks per block of the attention (default: automatic).
+      qk_scale: the factor of every score `q . k` (keys are unit vectors). 1.0 (the default)
+        is Trax's function, which learns text quickly; a short task that needs its attention
+        found by search early, such as the copy task, learns sooner with softer scores
+        (`gin/reformer_copy.gin` sets `1/sqrt(d_qk)`). `benchmarks/learning_parity.py` and
+        `benchmarks/RESULTS.md` hold the runs behind this choice.
 
     `predict` mode (causal only; a non-causal layer in predict mode runs the full eval forward on
     each input and keeps no cache): the state also holds preallocated buffers in the layout of
@@ -617,6 +639,7 @@ class LSHSelfAttention(Layer):
         max_length_for_buckets: int | None = None,
         use_bias: bool = False,
         chunks_per_block: int | None = None,
+        qk_scale: float = 1.0,
     ):
         who = "LSHSelfAttention"
         for name, value in (
@@ -645,6 +668,7 @@ class LSHSelfAttention(Layer):
         self.max_length_for_buckets = max_length_for_buckets
         self.use_bias = bool(use_bias)
         self.chunks_per_block = chunks_per_block
+        self.qk_scale = check_qk_scale(qk_scale, who)
 
     # -- projections (override to use other layers) ------------------------------------------
     def init_projections(self, d_model: int, rng) -> dict:
@@ -765,6 +789,7 @@ class LSHSelfAttention(Layer):
             dropout_rate=attn_rate,
             dropout_rng=r_attn,
             chunks_per_block=self.chunks_per_block,
+            qk_scale=self.qk_scale,
         )
         y = self.project_output(o, weights)
         return dropout_fn(y, self.output_dropout, r_out, self.mode), state
@@ -823,7 +848,8 @@ class LSHSelfAttention(Layer):
                for name in mem}
 
         o = _predict_attention(qk, q_buckets, fill + jnp.arange(n_new, dtype=jnp.int32),
-                               mem["k_mem"], mem["v_mem"], mem["buckets"], mem["valid"])
+                               mem["k_mem"], mem["v_mem"], mem["buckets"], mem["valid"],
+                               self.qk_scale)
         y = self.project_output(o.astype(x.dtype), weights)
         y = jnp.where(overflow, jnp.nan, y)
         new_state = dict(state, **mem, fill=fill + n_new, pos=pos + n_new)
@@ -834,20 +860,20 @@ class LSHSelfAttention(Layer):
 _MEMORY_POSITION_AXIS = {"k_mem": 2, "v_mem": 2, "buckets": 3, "valid": 1}
 
 
-def _predict_attention(q, q_buckets, q_slots, k_mem, v_mem, k_buckets, valid, block=None):
+def _predict_attention(q, q_buckets, q_slots, k_mem, v_mem, k_buckets, valid, qk_scale,
+                       block=None):
     """Bucket-masked causal attention of new queries on the memory.
 
     q: (B, H, T, d); q_buckets: (B, H, R, T); q_slots: (T,) memory slots of the queries;
     k_mem: (B, H, M, d) unit-length keys; v_mem: (B, H, M, dv); k_buckets: (B, H, R, M);
-    valid: (B, M). Returns (B, H, T, dv) float32.
+    valid: (B, M); qk_scale: the factor of every score. Returns (B, H, T, dv) float32.
     """
     batch, n_heads, n_new, d = q.shape
     n_rounds, mem_len = k_buckets.shape[2], k_mem.shape[2]
-    scale = 1.0 / math.sqrt(d)
     slots = jnp.arange(mem_len, dtype=jnp.int32)
 
     def attend(qb, qbk, qs):
-        s = jnp.einsum("bhtd,bhmd->bhtm", qb, k_mem, preferred_element_type=jnp.float32) * scale
+        s = jnp.einsum("bhtd,bhmd->bhtm", qb, k_mem, preferred_element_type=jnp.float32) * qk_scale
         s = jnp.where(slots[None, :] == qs[:, None], SELF_ATTENTION_VALUE, s)
         ok = (slots[None, :] <= qs[:, None])[None, None, None] & valid[:, None, None, None, :]
         ok = ok & (qbk[..., :, None] == k_buckets[..., None, :])  # (B, H, R, t, M)
