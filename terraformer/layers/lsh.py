@@ -58,8 +58,12 @@ from terraformer.layers.core import dropout as dropout_fn
 
 SELF_ATTENTION_VALUE = -1e5
 NORM_EPSILON = 1e-6
-# Above this many buckets, `n_buckets=None` factors the hash into a pair (a, b).
+# Above this many buckets, `n_buckets='chunks'` factors the hash into a pair (a, b).
 MAX_UNFACTORED_BUCKETS = 512
+# Above this many, `n_buckets=None` factors it (Trax's threshold).
+TRAX_UNFACTORED_BUCKETS = 128
+# `n_buckets` for one bucket per chunk (see `resolve_n_buckets`).
+PER_CHUNK = "chunks"
 # Elements of one block of rotated vectors (hashing) or of chunk scores (attention).
 _HASH_BLOCK_ELEMENTS = 1 << 18
 # Scores per block of new queries in predict mode (`_predict_attention`).
@@ -78,9 +82,10 @@ def _check_factor(n, who: str) -> int:
 
 
 def check_n_buckets(n_buckets, who: str = "LSH"):
-    """Validates `n_buckets`: None, an int (1 or even), or a pair of them (factored hashing)."""
-    if n_buckets is None:
-        return None
+    """Validates `n_buckets`: None or 'chunks' (see `resolve_n_buckets`), an int (1 or even),
+    or a pair of them (factored hashing)."""
+    if n_buckets is None or n_buckets == PER_CHUNK:
+        return n_buckets
     if isinstance(n_buckets, (tuple, list)):
         if len(n_buckets) != 2:
             raise ValueError(f"{who}: factored n_buckets must be a pair (a, b), got {n_buckets!r}")
@@ -98,15 +103,27 @@ def total_buckets(n_buckets) -> int:
 def resolve_n_buckets(n_buckets, length: int, chunk_len: int, max_length_for_buckets=None):
     """The bucket count to use for sequences of `length`.
 
-    An explicit `n_buckets` is returned as is (validated). `None` means: the number of chunks,
-    `ceil(L / chunk_len)` with `L = max_length_for_buckets or length`, rounded up to a power of two
-    `2^k`; above `MAX_UNFACTORED_BUCKETS` it is factored as `(2^(k//2), 2^(k - k//2))` so that
-    hashing costs O(sqrt(n_buckets)) per token.
+    An explicit `n_buckets` is returned as is (validated). With `L = max_length_for_buckets or
+    length`, the two rules that choose it from the length are:
+
+    - None (Trax's): about two buckets a chunk, `n = 2 * max(1, L // chunk_len)`; above
+      `TRAX_UNFACTORED_BUCKETS` factored as Trax does, `(a, 2 * (n // (2 * a)))` with `a` the
+      power of two at or above `sqrt(n)`.
+    - 'chunks': one bucket a chunk, `ceil(L / chunk_len)` rounded up to a power of two `2^k`;
+      above `MAX_UNFACTORED_BUCKETS` factored as `(2^(k//2), 2^(k - k//2))`.
+
+    Factoring makes hashing cost O(sqrt(n_buckets)) per token.
     """
     n_buckets = check_n_buckets(n_buckets)
-    if n_buckets is not None:
+    if n_buckets is not None and n_buckets != PER_CHUNK:
         return n_buckets
     target = max_length_for_buckets or length
+    if n_buckets is None:
+        n = 2 * max(1, int(target) // int(chunk_len))
+        if n <= TRAX_UNFACTORED_BUCKETS:
+            return n
+        a = 2 ** math.ceil(math.log2(math.sqrt(n)))
+        return (a, 2 * (n // (2 * a)))
     n_chunks = max(1, -(-int(target) // int(chunk_len)))
     k = (n_chunks - 1).bit_length()
     if 2**k <= MAX_UNFACTORED_BUCKETS:
@@ -583,8 +600,9 @@ class LSHSelfAttention(Layer):
       n_heads, d_qk, d_v: heads and their query-key and value sizes.
       causal: mask keys at later positions (needed for `predict` decoding).
       chunk_len, n_chunks_before, n_chunks_after, n_hashes, n_buckets: as in `lsh_attention`.
-        `n_buckets` is an int (1 or even), a pair (a, b) for factored hashing, or None: chosen
-        from the length (`resolve_n_buckets`), from `max_length_for_buckets` when given, and in
+        `n_buckets` is an int (1 or even), a pair (a, b) for factored hashing, or chosen from
+        the length (`resolve_n_buckets`): None (the default, Trax's rule: about two buckets a
+        chunk) or 'chunks' (one a chunk); from `max_length_for_buckets` when given, and in
         causal `predict` mode from `predict_mem_len` unless `max_length_for_buckets` is given
         (set it so that eval and predict hash alike).
       attention_dropout: dropout on attention probabilities, `train` mode only.
@@ -629,7 +647,7 @@ class LSHSelfAttention(Layer):
         n_chunks_before: int = 1,
         n_chunks_after: int = 0,
         n_hashes: int = 1,
-        n_buckets=256,
+        n_buckets=None,
         attention_dropout: float = 0.0,
         output_dropout: float = 0.0,
         mode: str = "train",

@@ -179,11 +179,19 @@ def test_hash_scale_invariant_and_rng_determines_buckets(rng):
 def test_resolve_n_buckets():
     assert resolve_n_buckets(6, 4096, 128) == 6
     assert resolve_n_buckets([4, 8], 4096, 128) == (4, 8)
-    assert resolve_n_buckets(None, 100, 128) == 1
-    assert resolve_n_buckets(None, 300, 128) == 4  # 3 chunks -> 4
-    assert resolve_n_buckets(None, 4096, 128) == 32
-    assert resolve_n_buckets(None, 10, 128, max_length_for_buckets=65536) == 512
-    assert resolve_n_buckets(None, 2**20, 128) == (64, 128)  # 8192 buckets, factored
+    # 'chunks': one bucket a chunk, rounded up to a power of two.
+    assert resolve_n_buckets("chunks", 100, 128) == 1
+    assert resolve_n_buckets("chunks", 300, 128) == 4  # 3 chunks -> 4
+    assert resolve_n_buckets("chunks", 4096, 128) == 32
+    assert resolve_n_buckets("chunks", 10, 128, max_length_for_buckets=65536) == 512
+    assert resolve_n_buckets("chunks", 2**20, 128) == (64, 128)  # 8192 buckets, factored
+    # None: Trax's 2 * (L // chunk_len), factored above 128 buckets.
+    assert resolve_n_buckets(None, 100, 128) == 2
+    assert resolve_n_buckets(None, 300, 128) == 4
+    assert resolve_n_buckets(None, 4096, 128) == 64
+    assert resolve_n_buckets(None, 10, 128, max_length_for_buckets=8192) == 128
+    assert resolve_n_buckets(None, 8192 + 128, 128) == (16, 8)  # 130 buckets: 16 x 2*(130//32)
+    assert resolve_n_buckets(None, 2**20, 128) == (128, 128)  # 16384 buckets
     for bad in (3, 0, (2, 3), (2, 2, 2)):
         with pytest.raises(ValueError, match="n_buckets"):
             resolve_n_buckets(bad, 64, 8)
@@ -412,8 +420,8 @@ def test_rng_in_train_and_eval(rng):
 
 
 def test_jit_and_shapes(rng):
-    # n_buckets=None: 50 tokens are 7 chunks of 8, so 8 buckets.
-    layer = _layer(chunk_len=8, n_buckets=None, n_hashes=2, n_chunks_after=1,
+    # n_buckets='chunks': 50 tokens are 7 chunks of 8, so 8 buckets.
+    layer = _layer(chunk_len=8, n_buckets="chunks", n_hashes=2, n_chunks_after=1,
                    n_heads=3, d_qk=8)
     weights, state = _init(layer, rng, length=50)
     assert weights["w_qk"].shape == (D_MODEL, 24) and weights["w_o"].shape == (12, D_MODEL)
