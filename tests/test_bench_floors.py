@@ -2,6 +2,7 @@
 its cache, the new record fields, and (slow) linear memory of a training step up to 64K."""
 
 import functools
+import importlib.util
 import json
 import os
 import subprocess
@@ -186,3 +187,27 @@ def test_training_step_memory_grows_linearly_to_64k(tmp_path):
     at_32k = peak_rss_of_a_step(32768, path)
     at_64k = peak_rss_of_a_step(65536, path)
     assert at_64k / at_32k < 2.1, (at_32k, at_64k)
+
+
+def load_run_script():
+    spec = importlib.util.spec_from_file_location("benchmarks_run", ROOT / "benchmarks" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_run_table_gives_trax_the_floor_of_the_same_model():
+    run = load_run_script()
+    model = dict(workload="T-len", seq_len=4096, n_layers=2, params=1000)
+    ours = dict(model, impl="terraformer", step_s=2.0, model_flops=8e9, flops_per_s=4e9,
+                peak_flops_per_s=1e10, floor_fraction=0.4)
+    trax = dict(model, impl="trax-1.4.1", step_s=4.0)
+    other = dict(model, impl="trax-1.4.1", step_s=4.0, seq_len=8192)  # no record of ours
+    got = run.with_floors([ours, trax, other])
+    assert got[0] == ours
+    assert got[1]["floor_fraction"] == pytest.approx(8e9 / 4.0 / 1e10)
+    assert got[1]["flops_per_s"] == pytest.approx(2e9)
+    assert "floor_fraction" not in got[2]
+    lines = run.table([ours, trax, other]).splitlines()
+    column = lines[0].split().index("floor_fraction")
+    assert [line.split()[column] for line in lines[1:]] == ["0.400", "0.200", "-"]
