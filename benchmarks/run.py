@@ -2,6 +2,7 @@
 
     python benchmarks/run.py T-len T-full T-depth [--peer /tmp/trax-venv/bin/python]
     python benchmarks/run.py T-len --lengths 4096,16384 --out benchmarks/results/t.jsonl
+    python benchmarks/run.py D-prompt-dense D-prompt-lsh D-prompt-sparse --lengths 128,1024
     python benchmarks/run.py --table benchmarks/results/t.jsonl     # the table of past records
 
 Each workload is `terraformer bench ...` in a fresh process (so peak RSS is its own); the last
@@ -36,6 +37,12 @@ SERIES = {
     "T-full": [("train", {"seq_len": n, "attention": "full"}) for n in (4096, 16384, 65536)],
     "T-depth": [("train", {"seq_len": 16384, "attention": "lsh", "n_layers": k})
                 for k in (2, 4, 8, 16)],
+    # Long documents (issue 22): time to first token, prefill against its FLOP floor and the
+    # per-token latency after prompts of growing length; a series per model, so that a
+    # length one model cannot reach ends only its own series.
+    **{f"D-prompt-{model}": [("decode", {"model": model, "prompt_len": n, "new_tokens": 32})
+                             for n in (128, 1024, 16384, 65536)]
+       for model in ("dense", "lsh", "sparse")},
 }
 
 
@@ -67,10 +74,13 @@ def run_one(cmd: list[str], timeout: float) -> dict | None:
 SAME_MODEL = ("workload", "seq_len", "n_layers", "params")
 COLUMNS = (  # (heading, field, format)
     ("workload", "workload", "{}"), ("impl", "impl", "{}"), ("L", "seq_len", "{}"),
-    ("prompt", "prompt_len", "{}"), ("layers", "n_layers", "{}"), ("step_s", "step_s", "{:.3g}"),
+    ("prompt", "prompt_len", "{}"), ("layers", "n_layers", "{}"),
+    ("compile_s", "compile_s", "{:.3g}"), ("step_s", "step_s", "{:.3g}"),
     ("tokens/s", "tokens_per_s", "{:.4g}"), ("GFLOP", "model_flops", "{:.4g}"),
     ("GFLOP/s", "flops_per_s", "{:.4g}"), ("floor_fraction", "floor_fraction", "{:.3f}"),
     ("prefill_s", "prefill_s", "{:.3g}"), ("prefill_floor_s", "prefill_floor_s", "{:.3g}"),
+    ("prefill_tok/s", "prefill_tokens_per_s", "{:.4g}"),
+    ("floor_tok/s", "prefill_floor_tokens_per_s", "{:.4g}"),
     ("first_token_s", "first_token_s", "{:.3g}"), ("s/token", "s_per_token", "{:.3g}"),
     ("floor_s/token", "floor_s_per_token", "{:.3g}"), ("peak_GiB", "peak_rss_gib", "{:.3g}"),
 )
@@ -115,7 +125,7 @@ def main(argv=None) -> int:
     parser.add_argument("series", nargs="*", help=f"one or more of {', '.join(sorted(SERIES))}")
     parser.add_argument("--table", help="print the table of the records in this JSONL file "
                                         "and run nothing")
-    parser.add_argument("--lengths", help="comma-separated seq_len filter")
+    parser.add_argument("--lengths", help="comma-separated seq_len (decode: prompt_len) filter")
     parser.add_argument("--peer", help="python of a venv with trax 1.4.1 to run the reference")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per workload")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "results.jsonl"))
@@ -133,7 +143,7 @@ def main(argv=None) -> int:
     done = []
     for name in args.series:
         for what, params in SERIES[name]:
-            if keep and params.get("seq_len") not in keep:
+            if keep and params.get("seq_len", params.get("prompt_len")) not in keep:
                 continue
             ours = [sys.executable, "-m", "terraformer.cli", "bench", what, *_flags(params)]
             impls = [("terraformer", ours)]

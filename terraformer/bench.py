@@ -249,10 +249,13 @@ def prefill_flops(kind: str, n_layers: int, max_len: int, prompt_len: int) -> in
 
 
 def bench_decode(args) -> dict:
-    """A D record. `first_token_s`: time to the first new token, the prefill plus one
-    decoding step (the per-token time of the first timed block). `prefill_floor_s`:
-    `prefill_flops` at the peak matmul rate; `floor_s_per_token`: the weight bytes a token
-    reads at the peak read bandwidth (both from `bench peak`'s record)."""
+    """A D record. `compile_s`: the first calls (prefill of the first chunk and a short
+    generation: compiling included), apart from the timed ones. `first_token_s`: time to the
+    first new token, the prefill plus one decoding step (the per-token time of the first
+    timed block). `prefill_floor_s`: `prefill_flops` at the peak matmul rate, with
+    `prefill_tokens_per_s` against `prefill_floor_tokens_per_s`; `s_per_token`: the latency
+    of a token after the prompt, against `floor_s_per_token`, the weight bytes a token reads
+    at the peak read bandwidth (both floors from `bench peak`'s record)."""
     max_len = args.prompt_len + args.new_tokens + 8
     decoder, params = d_workload_decoder(args.model, args.n_layers, max_len, args.prefill_chunk,
                                          args.dtype, args.output_dtype)
@@ -283,6 +286,8 @@ def bench_decode(args) -> dict:
                 over_floor=timing["s_per_token"] / floor_s, peak_rss_gib=peak_rss_gib,
                 params=params, prefill_flops=prefill, prefill_floor_s=prefill_floor_s,
                 prefill_over_floor=timing["prefill_s"] / prefill_floor_s,
+                prefill_tokens_per_s=args.prompt_len / timing["prefill_s"],
+                prefill_floor_tokens_per_s=args.prompt_len / prefill_floor_s,
                 first_token_s=timing["prefill_s"] + timing["first_token_s"],
                 peak_flops_per_s=floor["flops_per_s"])
 

@@ -166,6 +166,8 @@ def test_decode_record_carries_the_floors(tmp_path, capsys):
     assert record["prefill_flops"] == hand == prefill_flops("dense", 1, 32, 20)
     assert record["prefill_floor_s"] == pytest.approx(hand / 1e11)
     assert record["first_token_s"] > record["prefill_s"] > 0
+    assert record["prefill_tokens_per_s"] == pytest.approx(20 / record["prefill_s"])
+    assert record["prefill_floor_tokens_per_s"] == pytest.approx(20 / (hand / 1e11))
     assert record["bandwidth_gib_s"] == pytest.approx(1e10 / 2**30)
     assert record["floor_s_per_token"] == pytest.approx(record["weight_bytes_per_token"] / 1e10)
 
@@ -211,3 +213,27 @@ def test_run_table_gives_trax_the_floor_of_the_same_model():
     lines = run.table([ours, trax, other]).splitlines()
     column = lines[0].split().index("floor_fraction")
     assert [line.split()[column] for line in lines[1:]] == ["0.400", "0.200", "-"]
+
+
+def test_run_prompt_series_runs_bench_decode_per_prompt_length(tmp_path, monkeypatch, capsys):
+    run = load_run_script()
+    commands = []
+
+    def fake_run_one(cmd, timeout):
+        commands.append(cmd)
+        prompt = int(cmd[cmd.index("--prompt_len") + 1])
+        if prompt > 1024:
+            return None  # as a prompt over the time limit: ends this model's series
+        return dict(workload="D-lsh", impl="terraformer", prompt_len=prompt, compile_s=1.0,
+                    prefill_s=2.0, prefill_floor_s=1.0, first_token_s=2.5, s_per_token=0.1)
+
+    monkeypatch.setattr(run, "run_one", fake_run_one)
+    out = tmp_path / "d.jsonl"
+    assert run.main(["D-prompt-lsh", "D-prompt-dense", "--lengths", "1024,16384,65536",
+                     "--out", str(out)]) == 0
+    prompts = [(c[c.index("--model") + 1], c[c.index("--prompt_len") + 1]) for c in commands]
+    assert prompts == [("lsh", "1024"), ("lsh", "16384"), ("dense", "1024"), ("dense", "16384")]
+    assert all(c[c.index("--new_tokens") + 1] == "32" for c in commands)
+    assert len(out.read_text().splitlines()) == 2
+    heading = capsys.readouterr().err.splitlines()[-3].split()
+    assert {"compile_s", "prefill_floor_s", "first_token_s", "s/token"} <= set(heading)
