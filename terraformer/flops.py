@@ -30,7 +30,7 @@ stack's backward pass recomputes each block's forward, and rematerialised region
 attention, chunked feed-forward, chunked loss) recompute theirs, but model FLOPs exclude it
 (what the hardware spends on it is a cost of the implementation, which the floor fraction is
 meant to show). The LSH hashing has no gradient yet is counted 3x as well, for one simple
-rule; it is about a percent of the count at the T workloads' shapes.
+rule; it is about two percent of the count at the T workloads' shapes.
 """
 
 from __future__ import annotations
