@@ -237,3 +237,13 @@ def test_run_prompt_series_runs_bench_decode_per_prompt_length(tmp_path, monkeyp
     assert len(out.read_text().splitlines()) == 2
     heading = capsys.readouterr().err.splitlines()[-3].split()
     assert {"compile_s", "prefill_floor_s", "first_token_s", "s/token"} <= set(heading)
+
+
+@pytest.mark.parametrize("argv", [["peak", "--repeats", "0"], ["train", "--peak_file"]])
+def test_bench_peak_arguments_are_checked(argv, capsys):
+    from terraformer.bench import build_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(argv)
+    assert exit_info.value.code == 2
+    assert argv[1] in capsys.readouterr().err
