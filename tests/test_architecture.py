@@ -14,7 +14,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "terraformer"
 LEVEL = {
-    "checks": 0, "shapes": 0, "runtime": 0,
+    "checks": 0, "shapes": 0, "runtime": 0, "flops": 0, "peak": 0,
     "layers": 1, "memory": 1,
     "models": 2, "data": 2,
     "training": 3, "decoding": 3,
