@@ -22,10 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from terraformer import bench_attention
 from terraformer.arguments import ArgumentParser, integer
 from terraformer.checks import check_int
 from terraformer.decoding import STREAM_BLOCK, Decoder, time_per_token
 from terraformer.layers.attention import SelfAttention
+from terraformer.layers.attention_types import ATTENTION_TYPES, attention_constructor
 from terraformer.layers.lsh import LSHSelfAttention
 from terraformer.models.reformer import ReformerLM
 from terraformer.models.terraformer import TerraformerLM
@@ -82,7 +84,7 @@ def t_workload_model(seq_len: int, n_layers: int, attention: str, mode: str = "t
     elif attention == "local":
         attn = functools.partial(SelfAttention, chunk_len=LSH_CHUNK_LEN, n_chunks_before=1)
     else:
-        raise ValueError(f"--attention must be lsh, full or local, got {attention!r}")
+        attn = attention_constructor(attention)
     return ReformerLM(d_attention_key=64, d_attention_value=64, attention_type=attn,
                       max_len=seq_len, pos_type="axial", pos_axial_shape=axial_shape(seq_len),
                       pos_d_axial_embs=(128, 128), ff_chunk_size=ff_chunk_size, **common)
@@ -252,7 +254,7 @@ def build_parser() -> ArgumentParser:
     train = sub.add_parser("train", help="T workloads: a training step on one sequence")
     train.add_argument("--seq_len", type=integer(1), default=16384)
     train.add_argument("--n_layers", type=integer(1), default=2)
-    train.add_argument("--attention", default="lsh", choices=["lsh", "full", "local"])
+    train.add_argument("--attention", default="lsh", choices=list(ATTENTION_TYPES))
     train.add_argument("--repeats", type=integer(1), default=3)
     train.add_argument("--ff_chunk_size", type=integer(0), default=None,
                        help="feed-forward positions per chunk (0: whole length); default: "
@@ -280,12 +282,15 @@ def build_parser() -> ArgumentParser:
                              "(int8: a quarter of the bytes of the largest matrix a step reads)")
     decode.add_check(lambda args: check_int("argument --block_size (at most --new_tokens)",
                                             args.block_size, 1, maximum=args.new_tokens))
+    bench_attention.add_parser(sub)
     return parser
 
 
 def main(argv=None) -> int:
     tune_cpu_runtime()  # before JAX's first computation
     args = build_parser().parse_args(argv)
+    if args.workload == "attention":
+        return bench_attention.main(args)
     if args.workload == "train":
         record = bench_train(args)
     elif args.workload == "decode":
