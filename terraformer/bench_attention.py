@@ -316,10 +316,13 @@ def plot_attention(path, out=None) -> Path:
         lengths = [r["seq_len"] for r in mine]
         ax_speed.plot(lengths, [r["sequences_per_s"] for r in mine], "o-", label=mechanism)
         ax_memory.plot(lengths, [r["peak_memory_gib"] for r in mine], "o-", label=mechanism)
+    lengths = sorted({r["seq_len"] for r in records})
     for ax, title in ((ax_speed, "training speed (sequences / s)"),
                       (ax_memory, "peak memory (GiB)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ax.set_xticks(lengths, [_length_label(n) for n in lengths])
+        ax.minorticks_off()
         ax.set_xlabel("sequence length (tokens)")
         ax.set_title(title)
         ax.grid(alpha=0.3, which="both")
