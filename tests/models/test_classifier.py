@@ -98,6 +98,7 @@ def test_every_registered_mechanism_builds(name):
         assert out.shape == out_shape
 
 
+@pytest.mark.slow  # one more compile; the default run keeps the shapes-only check above
 def test_transformer_lm_attention_type_never_looks_ahead(np_rng):
     model = TransformerLM(16, d_model=16, d_ff=32, n_layers=1, n_heads=2, max_len=32,
                           attention_type="full", dropout=0.0, mode="eval")
