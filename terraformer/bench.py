@@ -31,11 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from terraformer import flops, peak
+from terraformer import bench_attention, flops, peak
 from terraformer.arguments import ArgumentParser, integer
 from terraformer.checks import check_int
 from terraformer.decoding import STREAM_BLOCK, Decoder, time_per_token
 from terraformer.layers.attention import SelfAttention
+from terraformer.layers.attention_types import ATTENTION_TYPES, attention_constructor
 from terraformer.layers.core import Dense
 from terraformer.layers.lsh import LSHSelfAttention
 from terraformer.models.reformer import ReformerLM
@@ -93,7 +94,7 @@ def t_workload_model(seq_len: int, n_layers: int, attention: str, mode: str = "t
     elif attention == "local":
         attn = functools.partial(SelfAttention, chunk_len=LSH_CHUNK_LEN, n_chunks_before=1)
     else:
-        raise ValueError(f"--attention must be lsh, full or local, got {attention!r}")
+        attn = attention_constructor(attention)
     return ReformerLM(d_attention_key=64, d_attention_value=64, attention_type=attn,
                       max_len=seq_len, pos_type="axial", pos_axial_shape=axial_shape(seq_len),
                       pos_d_axial_embs=(128, 128), ff_chunk_size=ff_chunk_size, **common)
@@ -309,7 +310,7 @@ def build_parser() -> ArgumentParser:
     train = sub.add_parser("train", help="T workloads: a training step on one sequence")
     train.add_argument("--seq_len", type=integer(1), default=16384)
     train.add_argument("--n_layers", type=integer(1), default=2)
-    train.add_argument("--attention", default="lsh", choices=["lsh", "full", "local"])
+    train.add_argument("--attention", default="lsh", choices=list(ATTENTION_TYPES))
     train.add_argument("--repeats", type=integer(1), default=3)
     train.add_argument("--ff_chunk_size", type=integer(0), default=None,
                        help="feed-forward positions per chunk (0: whole length); default: "
@@ -339,12 +340,15 @@ def build_parser() -> ArgumentParser:
     decode.add_argument("--peak_file", default=None, help=peak_help)
     decode.add_check(lambda args: check_int("argument --block_size (at most --new_tokens)",
                                             args.block_size, 1, maximum=args.new_tokens))
+    bench_attention.add_parser(sub)
     return parser
 
 
 def main(argv=None) -> int:
     tune_cpu_runtime()  # before JAX's first computation
     args = build_parser().parse_args(argv)
+    if args.workload == "attention":
+        return bench_attention.main(args)
     if args.workload == "peak":  # always measures: the way to refresh the cached record
         record = peak.measure(repeats=args.repeats)
         record["path"] = str(peak.save(record, args.peak_file))

@@ -10,7 +10,8 @@ Registered names (short form; the long form is ``module.name``):
   module), ``warmup``, ``rsqrt_decay``, ``cosine``, ``multifactor``;
 - data (``terraformer.data``): ``copy_task``, ``text_files``, ``pack_documents``,
   ``whole_document``, ``jsonl_pairs``, ``tfds_text``, ``summarization_pairs`` (``data.streams``),
-  ``text_lm_inputs``, ``summarization_inputs`` (``data.inputs``), ``get_tokenizer``,
+  ``text_lm_inputs``, ``summarization_inputs`` (``data.inputs``), ``listops_inputs``
+  (``data.listops``), ``get_tokenizer``,
   ``ByteTokenizer``, ``SentencePieceTokenizer`` (``data.tokenizers``);
 - the run's tokenizer for ``decode`` and the input pipelines (``terraformer``): ``tokenizer``
   (``data.tokenizers``);
@@ -31,7 +32,7 @@ import gin
 import gin.config
 
 # Imported for the names their modules register with gin (see the module docstring).
-from terraformer.data import inputs, streams, tokenizers  # noqa: F401
+from terraformer.data import inputs, listops, streams, tokenizers  # noqa: F401
 from terraformer.training import loop, optimizers  # noqa: F401
 
 __all__ = ["LAYERS", "MODELS", "register", "register_models"]
@@ -44,6 +45,7 @@ MODELS: list[tuple[str, str]] = [
     ("terraformer.models.terraformer", "TerraformerLM"),
     ("terraformer.models.encoder_decoder", "Reformer"),
     ("terraformer.models.encoder_decoder", "Terraformer"),
+    ("terraformer.models.classifier", "Classifier"),
 ]
 
 # (module, attribute) of layers gin files may configure and pass as ``attention_type`` etc.,

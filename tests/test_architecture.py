@@ -20,9 +20,9 @@ LEVEL = {
     "training": 3, "decoding": 3,
     "interop": 4,
     "configs": 5, "arguments": 5,
-    "cli": 6, "bench": 6,
+    "cli": 6, "bench": 6, "bench_attention": 6,
 }
-PROGRAMS = {"cli", "bench"}
+PROGRAMS = {"cli", "bench", "bench_attention"}
 MODULES = sorted(p for p in PACKAGE.rglob("*.py"))
 
 
