@@ -53,6 +53,8 @@ LAYERS: list[tuple[str, str]] = [
     ("terraformer.layers.attention", "SelfAttention"),
     ("terraformer.layers.attention", "CausalAttention"),
     ("terraformer.layers.lsh", "LSHSelfAttention"),
+    ("terraformer.layers.efficient.sparse_transformer", "SparseTransformerAttention"),
+    ("terraformer.layers.efficient.longformer", "LongformerAttention"),
     ("terraformer.layers.sparsity", "MultiplicativeConvCausalAttention"),
     ("terraformer.layers.sparsity", "SparseFF"),
     ("terraformer.layers.encdec", "EncDecAttention"),

@@ -13,12 +13,16 @@ import functools
 from collections.abc import Callable
 
 from terraformer.layers.attention import SelfAttention
+from terraformer.layers.efficient.longformer import LongformerAttention
+from terraformer.layers.efficient.sparse_transformer import SparseTransformerAttention
 from terraformer.layers.lsh import LSHSelfAttention
 
 ATTENTION_TYPES: dict[str, Callable] = {
     "full": SelfAttention,
     "local": functools.partial(SelfAttention, chunk_len=128, n_chunks_before=1),
     "lsh": LSHSelfAttention,
+    "sparse_transformer": SparseTransformerAttention,
+    "longformer": LongformerAttention,
 }
 
 

@@ -37,30 +37,36 @@ def build(np_rng, shape, **kw):
     return layer, w, s
 
 
-@pytest.mark.parametrize("name,causal", [("strided", True), ("strided", False),
-                                         ("fixed", True), ("fixed", False)])
+@pytest.mark.parametrize("name,causal", [
+    ("strided", False),
+    pytest.param("strided", True, marks=pytest.mark.slow),
+    pytest.param("fixed", True, marks=pytest.mark.slow),
+    pytest.param("fixed", False, marks=pytest.mark.slow),
+])
 def test_equals_dense_attention_on_the_pattern(np_rng, name, causal):
     # 26 positions: blocks of 4 with the last one padded; a padding mask when not causal.
     x = jnp.asarray(np_rng.normal(size=(2, 26, 8)), jnp.float32)
     mask = None if causal else jnp.asarray(np_rng.random((2, 26)) < 0.8).at[:, 0].set(True)
     layer, w, s = build(np_rng, x.shape, pattern=name, block_len=4, n_summary=2,
                         causal=causal, mode="eval", masked=mask is not None)
-    y, _ = layer.apply(x if mask is None else (x, mask), w, s, None)
+    y, _ = jax.jit(layer.apply)(x if mask is None else (x, mask), w, s, None)
     y = y if mask is None else y[0]
     expected = dense(x, w, 2, pattern(26, name, 4, 2, causal), mask)
     np.testing.assert_allclose(y, expected, atol=2e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["strided", "fixed"])
 def test_causal_never_looks_ahead_and_decodes_like_eval(np_rng, name):
     x = np_rng.normal(size=(1, 14, 8)).astype(np.float32)
     layer, w, s = build(np_rng, x.shape, pattern=name, block_len=3, n_summary=1,
                         causal=True, mode="eval")
-    y, _ = layer.apply(jnp.asarray(x), w, s, None)
+    apply = jax.jit(layer.apply)
+    y, _ = apply(jnp.asarray(x), w, s, None)
     t = int(np_rng.integers(0, 13))
     x2 = x.copy()
     x2[:, t + 1:] += np_rng.normal(size=x2[:, t + 1:].shape).astype(np.float32)
-    y2, _ = layer.apply(jnp.asarray(x2), w, s, None)
+    y2, _ = apply(jnp.asarray(x2), w, s, None)
     np.testing.assert_allclose(y2[:, :t + 1], y[:, :t + 1], atol=1e-5)
 
     decoder = SparseTransformerAttention(n_heads=2, d_qk=4, d_v=3, pattern=name, block_len=3,
@@ -77,6 +83,7 @@ def test_causal_never_looks_ahead_and_decodes_like_eval(np_rng, name):
         np.testing.assert_allclose(jnp.concatenate(outs, 1), y, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_jit_grad_vmap(np_rng):
     x = jnp.asarray(np_rng.normal(size=(2, 12, 8)), jnp.float32)
     layer, w, s = build(np_rng, x.shape, pattern="fixed", block_len=4, n_summary=1,
