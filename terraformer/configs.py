@@ -55,6 +55,7 @@ LAYERS: list[tuple[str, str]] = [
     ("terraformer.layers.lsh", "LSHSelfAttention"),
     ("terraformer.layers.efficient.sparse_transformer", "SparseTransformerAttention"),
     ("terraformer.layers.efficient.longformer", "LongformerAttention"),
+    ("terraformer.layers.efficient.bigbird", "BigBirdAttention"),
     ("terraformer.layers.sparsity", "MultiplicativeConvCausalAttention"),
     ("terraformer.layers.sparsity", "SparseFF"),
     ("terraformer.layers.encdec", "EncDecAttention"),

@@ -13,6 +13,7 @@ import functools
 from collections.abc import Callable
 
 from terraformer.layers.attention import SelfAttention
+from terraformer.layers.efficient.bigbird import BigBirdAttention
 from terraformer.layers.efficient.longformer import LongformerAttention
 from terraformer.layers.efficient.sparse_transformer import SparseTransformerAttention
 from terraformer.layers.lsh import LSHSelfAttention
@@ -23,6 +24,7 @@ ATTENTION_TYPES: dict[str, Callable] = {
     "lsh": LSHSelfAttention,
     "sparse_transformer": SparseTransformerAttention,
     "longformer": LongformerAttention,
+    "bigbird": BigBirdAttention,
 }
 
 
