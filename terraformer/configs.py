@@ -56,6 +56,7 @@ LAYERS: list[tuple[str, str]] = [
     ("terraformer.layers.efficient.sparse_transformer", "SparseTransformerAttention"),
     ("terraformer.layers.efficient.longformer", "LongformerAttention"),
     ("terraformer.layers.efficient.bigbird", "BigBirdAttention"),
+    ("terraformer.layers.efficient.routing", "RoutingAttention"),
     ("terraformer.layers.sparsity", "MultiplicativeConvCausalAttention"),
     ("terraformer.layers.sparsity", "SparseFF"),
     ("terraformer.layers.encdec", "EncDecAttention"),

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from terraformer.layers.attention import SelfAttention
 from terraformer.layers.efficient.bigbird import BigBirdAttention
 from terraformer.layers.efficient.longformer import LongformerAttention
+from terraformer.layers.efficient.routing import RoutingAttention
 from terraformer.layers.efficient.sparse_transformer import SparseTransformerAttention
 from terraformer.layers.lsh import LSHSelfAttention
 
@@ -25,6 +26,7 @@ ATTENTION_TYPES: dict[str, Callable] = {
     "sparse_transformer": SparseTransformerAttention,
     "longformer": LongformerAttention,
     "bigbird": BigBirdAttention,
+    "routing": RoutingAttention,
 }
 
 
