@@ -57,6 +57,7 @@ LAYERS: list[tuple[str, str]] = [
     ("terraformer.layers.efficient.longformer", "LongformerAttention"),
     ("terraformer.layers.efficient.bigbird", "BigBirdAttention"),
     ("terraformer.layers.efficient.routing", "RoutingAttention"),
+    ("terraformer.layers.efficient.sinkhorn", "SinkhornAttention"),
     ("terraformer.layers.sparsity", "MultiplicativeConvCausalAttention"),
     ("terraformer.layers.sparsity", "SparseFF"),
     ("terraformer.layers.encdec", "EncDecAttention"),

@@ -16,6 +16,7 @@ from terraformer.layers.attention import SelfAttention
 from terraformer.layers.efficient.bigbird import BigBirdAttention
 from terraformer.layers.efficient.longformer import LongformerAttention
 from terraformer.layers.efficient.routing import RoutingAttention
+from terraformer.layers.efficient.sinkhorn import SinkhornAttention
 from terraformer.layers.efficient.sparse_transformer import SparseTransformerAttention
 from terraformer.layers.lsh import LSHSelfAttention
 
@@ -27,6 +28,7 @@ ATTENTION_TYPES: dict[str, Callable] = {
     "longformer": LongformerAttention,
     "bigbird": BigBirdAttention,
     "routing": RoutingAttention,
+    "sinkhorn": SinkhornAttention,
 }
 
 
