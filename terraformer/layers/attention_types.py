@@ -13,12 +13,20 @@ import functools
 from collections.abc import Callable
 
 from terraformer.layers.attention import SelfAttention
+from terraformer.layers.efficient.linear import LinearAttention
+from terraformer.layers.efficient.linformer import LinformerAttention
+from terraformer.layers.efficient.performer import PerformerAttention
+from terraformer.layers.efficient.synthesizer import SynthesizerAttention
 from terraformer.layers.lsh import LSHSelfAttention
 
 ATTENTION_TYPES: dict[str, Callable] = {
     "full": SelfAttention,
     "local": functools.partial(SelfAttention, chunk_len=128, n_chunks_before=1),
     "lsh": LSHSelfAttention,
+    "linear": LinearAttention,
+    "performer": PerformerAttention,
+    "linformer": LinformerAttention,
+    "synthesizer": SynthesizerAttention,
 }
 
 

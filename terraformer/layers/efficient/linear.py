@@ -117,7 +117,7 @@ def causal_linear_attention(phi_q, phi_k, v, state=None, key_mask=None, chunk_le
     def chunks(a):  # [b, h, n_chunks * c, d] -> [n_chunks, b, h, c, d]
         return jnp.moveaxis(a.reshape(b, h, n_chunks, c, a.shape[-1]), 2, 0)
 
-    lower = jnp.tril(jnp.ones((c, c), jnp.float32))
+    lower = jnp.tril(jnp.ones((1, 1, c, c), jnp.float32))
 
     def step(carry, chunk):
         s, z = carry

@@ -24,6 +24,7 @@ unlike the usual maximum over the sequence's keys, depends on no key, future or 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -38,13 +39,14 @@ from terraformer.layers.efficient.linear import LinearAttention
 KEY_LOG_BOUND = 60.0
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def random_features(rng, n_features: int, d: int, orthogonal: bool = True):
     """The FAVOR+ projection: `[n_features, d]` float32, each row marginally N(0, I_d).
 
     `orthogonal`: rows in blocks of `d` mutually orthogonal directions (Haar-distributed, from
     the QR decomposition of a Gaussian matrix), each scaled by the norm of an independent
     Gaussian vector so its length is chi-distributed as a Gaussian row's; else i.i.d. Gaussian
-    rows.
+    rows. Compiled as one program (drawn eagerly at init, it would be a dozen).
     """
     if not orthogonal:
         return jax.random.normal(rng, (n_features, d), jnp.float32)

@@ -74,6 +74,29 @@ def test_causal_equals_quadratic_form_never_looks_ahead_and_decodes(np_rng):
             ys.append(out)
             t += n
         np.testing.assert_allclose(jnp.concatenate(ys, 1), y, atol=1e-5, rtol=1e-5)
+
+
+def test_noncausal_equals_quadratic_form(np_rng):
+    x = np_rng.normal(size=(2, 7, 8)).astype(np.float32)
+    mask = np.ones((2, 7), bool)
+    mask[0, int(np_rng.integers(2, 7)):] = False
+    layer = LinearAttention(n_heads=2, d_qk=4, d_v=4, masked=True, mode="eval")
+    w, s = _init(layer, x.shape, np_rng, masked=True)
+    (y, _), _ = jax.jit(layer.apply)((x, mask), w, s, None)
+    np.testing.assert_allclose(y, _quadratic_reference(x, w, 2, False, mask), atol=2e-5,
+                               rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_causal_linear_attention_under_jit_grad_vmap(np_rng):
+    x = np_rng.normal(size=(2, 11, 8)).astype(np.float32)
+    mask = np.ones((2, 11), bool)
+    mask[1, int(np_rng.integers(3, 11)):] = False
+    layer = LinearAttention(n_heads=2, d_qk=4, d_v=4, causal=True, masked=True, chunk_len=4,
+                            mode="eval")
+    w, s = _init(layer, x.shape, np_rng, masked=True)
+    forward = jax.jit(lambda x, m: layer.apply((x, m), w, s, None)[0][0])
+    y = forward(x, mask)
     # jit(grad(vmap)): the gradient of <y, r> along a random direction equals the central
     # finite difference of the forward pass.
     r = np_rng.normal(size=y.shape).astype(np.float32)
@@ -88,16 +111,6 @@ def test_causal_equals_quadratic_form_never_looks_ahead_and_decodes(np_rng):
     fd = np.sum((forward(x + eps * d, mask) - forward(x - eps * d, mask)) * r) / (2 * eps)
     np.testing.assert_allclose(np.sum(g * d), fd, rtol=1e-2, atol=1e-3)
 
-
-def test_noncausal_equals_quadratic_form(np_rng):
-    x = np_rng.normal(size=(2, 7, 8)).astype(np.float32)
-    mask = np.ones((2, 7), bool)
-    mask[0, int(np_rng.integers(2, 7)):] = False
-    layer = LinearAttention(n_heads=2, d_qk=4, d_v=4, masked=True, mode="eval")
-    w, s = _init(layer, x.shape, np_rng, masked=True)
-    (y, _), _ = jax.jit(layer.apply)((x, mask), w, s, None)
-    np.testing.assert_allclose(y, _quadratic_reference(x, w, 2, False, mask), atol=2e-5,
-                               rtol=1e-5)
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -12,6 +12,8 @@ from terraformer.layers.efficient.performer import (
     favor_features,
     random_features,
 )
+from terraformer.models import ReformerLM
+from terraformer.models.stack import build_attention
 from terraformer.shapes import ShapeDtype
 
 
@@ -42,9 +44,9 @@ def _quadratic_reference(x, w, projection, n_heads, causal, mask=None):
     return out @ np.asarray(w["wo"], np.float64)
 
 
-def test_causal_equals_quadratic_form_never_looks_ahead_and_decodes(np_rng):
+def test_causal_equals_quadratic_form(np_rng):
     # 11 positions in chunks of 4 (the last one padded); one sequence has padded keys.
-    length, prefill = 11, 6
+    length = 11
     x = np_rng.normal(size=(2, length, 8)).astype(np.float32)
     mask = np.ones((2, length), bool)
     mask[1, int(np_rng.integers(3, length)):] = False
@@ -57,6 +59,25 @@ def test_causal_equals_quadratic_form_never_looks_ahead_and_decodes(np_rng):
     y = forward(x, mask)
     np.testing.assert_allclose(y, _quadratic_reference(x, w, s["projection"], 2, True, mask),
                                atol=2e-5, rtol=1e-4)
+    # A predict layer initialised with the same rng holds the same fixed projection.
+    pr = PerformerAttention(mode="predict", **kw)
+    _, state = pr.init((ShapeDtype((2, 1, 8)), ShapeDtype((2, 1), jnp.bool_)), rng)
+    np.testing.assert_array_equal(state["projection"], s["projection"])
+
+
+@pytest.mark.slow
+def test_causal_never_looks_ahead_and_decodes(np_rng):
+    # 11 positions in chunks of 4 (the last one padded); one sequence has padded keys.
+    length, prefill = 11, 6
+    x = np_rng.normal(size=(2, length, 8)).astype(np.float32)
+    mask = np.ones((2, length), bool)
+    mask[1, int(np_rng.integers(3, length)):] = False
+    kw = dict(n_heads=2, d_qk=4, d_v=4, causal=True, masked=True, chunk_len=4, n_features=8)
+    layer = PerformerAttention(mode="eval", **kw)
+    rng = jax.random.PRNGKey(int(np_rng.integers(1 << 30)))
+    w, s = layer.init((ShapeDtype(x.shape), ShapeDtype(mask.shape, jnp.bool_)), rng)
+    forward = jax.jit(lambda x, m: layer.apply((x, m), w, s, None)[0][0])
+    y = forward(x, mask)
     # Perturbing positions after t leaves the outputs up to t unchanged.
     t = int(np_rng.integers(0, length - 1))
     x2 = x.copy()
@@ -81,6 +102,7 @@ def test_causal_equals_quadratic_form_never_looks_ahead_and_decodes(np_rng):
         np.testing.assert_allclose(jnp.concatenate(ys, 1), y, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_train_mode_redraws_features_from_the_rng(np_rng):
     x = np_rng.normal(size=(2, 7, 8)).astype(np.float32)
     kw = dict(n_heads=2, d_qk=4, d_v=4, n_features=8)
@@ -162,3 +184,36 @@ def test_bad_knobs_are_one_line_errors(kwargs, match):
     with pytest.raises(ValueError, match=match) as info:
         PerformerAttention(**kwargs)
     assert "\n" not in str(info.value)
+
+
+
+def test_performer_by_name_builds_with_the_reformer_convention():
+    layer = build_attention("performer", d_model=8, n_heads=2, d_qk=4, d_v=4, causal=True,
+                            dropout=0.0, max_len=16, mode="predict")
+    assert isinstance(layer, PerformerAttention) and layer.n_features() == 256
+
+
+@pytest.mark.slow
+def test_reformer_lm_with_performer_by_name_decodes_like_eval(np_rng):
+    """`attention_type='performer'` in ReformerLM: the model builds, runs, and its predict mode
+    (a prompt of 5 in one call, then a token at a time) reproduces the eval forward pass."""
+    vocab, length, prompt = 23, 9, 5
+    small = dict(d_model=16, d_ff=32, n_layers=2, n_heads=2, d_attention_key=4,
+                 d_attention_value=4, dropout=0.0, max_len=16, attention_type="performer")
+    x = jnp.asarray(np_rng.integers(1, vocab, size=(2, length)), jnp.int32)
+    key = jax.random.PRNGKey(int(np_rng.integers(1 << 30)))
+    model = ReformerLM(vocab, mode="eval", **small)
+    weights, state = model.init(ShapeDtype(x.shape, jnp.int32), key)
+    want, _ = jax.jit(model.apply)(x, weights, state, None)
+    assert want.shape == (2, length, vocab) and np.all(np.isfinite(want))
+    decoder = ReformerLM(vocab, mode="predict", **small)
+    _, pstate = decoder.init(ShapeDtype((2, 1), jnp.int32), key)
+    step = jax.jit(decoder.apply)
+    inputs = jnp.concatenate([jnp.zeros((2, 1), jnp.int32), x[:, :-1]], axis=1)
+    outs = []
+    y, pstate = step(inputs[:, :prompt], weights, pstate, None)
+    outs.append(y)
+    for t in range(prompt, length):
+        y, pstate = step(inputs[:, t:t + 1], weights, pstate, None)
+        outs.append(y)
+    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), want, atol=1e-4)

@@ -36,7 +36,8 @@ def _reference(x, w, s, n_heads, synthesizer_type, causal, mask):
     return out @ np.asarray(w["wo"], np.float64)
 
 
-@pytest.mark.parametrize("synthesizer_type,fixed_random", [("dense", False), ("random", True)])
+@pytest.mark.parametrize("synthesizer_type,fixed_random", [
+    ("dense", False), pytest.param("random", True, marks=pytest.mark.slow)])
 def test_causal_equals_reference_never_looks_ahead_and_decodes(np_rng, synthesizer_type,
                                                                fixed_random):
     length, prefill, max_len = 11, 6, 13
@@ -75,6 +76,19 @@ def test_causal_equals_reference_never_looks_ahead_and_decodes(np_rng, synthesiz
             ys.append(out)
             t += n
         np.testing.assert_allclose(jnp.concatenate(ys, 1), y, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_dense_synthesizer_under_jit_grad_vmap(np_rng):
+    x = np_rng.normal(size=(2, 11, 8)).astype(np.float32)
+    mask = np.ones((2, 11), bool)
+    mask[1, int(np_rng.integers(3, 11)):] = False
+    layer = SynthesizerAttention(n_heads=2, d_qk=4, d_v=4, causal=True, masked=True,
+                                 max_len=13, mode="eval")
+    w, s = layer.init((ShapeDtype(x.shape), ShapeDtype(mask.shape, jnp.bool_)),
+                      jax.random.PRNGKey(int(np_rng.integers(1 << 30))))
+    forward = jax.jit(lambda x: layer.apply((x, mask), w, s, None)[0][0])
+    y = forward(x)
     # jit(grad(vmap)): the gradient of <y, r> along a random direction equals the central
     # finite difference of the forward pass.
     r = np_rng.normal(size=y.shape).astype(np.float32)
@@ -90,6 +104,8 @@ def test_causal_equals_reference_never_looks_ahead_and_decodes(np_rng, synthesiz
     np.testing.assert_allclose(np.sum(g * d), fd, rtol=1e-2, atol=1e-3)
 
 
+
+@pytest.mark.slow
 def test_learned_random_scores_non_causal_equal_reference_and_train(np_rng):
     x = np_rng.normal(size=(2, 7, 8)).astype(np.float32)
     mask = np.ones((2, 7), bool)
