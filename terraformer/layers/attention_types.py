@@ -14,10 +14,14 @@ from collections.abc import Callable
 
 from terraformer.layers.attention import SelfAttention
 from terraformer.layers.efficient.bigbird import BigBirdAttention
+from terraformer.layers.efficient.linear import LinearAttention
+from terraformer.layers.efficient.linformer import LinformerAttention
 from terraformer.layers.efficient.longformer import LongformerAttention
+from terraformer.layers.efficient.performer import PerformerAttention
 from terraformer.layers.efficient.routing import RoutingAttention
 from terraformer.layers.efficient.sinkhorn import SinkhornAttention
 from terraformer.layers.efficient.sparse_transformer import SparseTransformerAttention
+from terraformer.layers.efficient.synthesizer import SynthesizerAttention
 from terraformer.layers.lsh import LSHSelfAttention
 
 ATTENTION_TYPES: dict[str, Callable] = {
@@ -29,6 +33,10 @@ ATTENTION_TYPES: dict[str, Callable] = {
     "bigbird": BigBirdAttention,
     "routing": RoutingAttention,
     "sinkhorn": SinkhornAttention,
+    "linear": LinearAttention,
+    "performer": PerformerAttention,
+    "linformer": LinformerAttention,
+    "synthesizer": SynthesizerAttention,
 }
 
 
