@@ -26,6 +26,7 @@ from terraformer.arguments import ArgumentParser, integer
 from terraformer.checks import check_int
 from terraformer.decoding import STREAM_BLOCK, Decoder, time_per_token
 from terraformer.layers.attention import SelfAttention
+from terraformer.layers.blockwise import BlockwiseAttention
 from terraformer.layers.lsh import LSHSelfAttention
 from terraformer.models.reformer import ReformerLM
 from terraformer.models.terraformer import TerraformerLM
@@ -81,8 +82,10 @@ def t_workload_model(seq_len: int, n_layers: int, attention: str, mode: str = "t
             attention_dropout=0.0)
     elif attention == "local":
         attn = functools.partial(SelfAttention, chunk_len=LSH_CHUNK_LEN, n_chunks_before=1)
+    elif attention == "blockwise":
+        attn = BlockwiseAttention
     else:
-        raise ValueError(f"--attention must be lsh, full or local, got {attention!r}")
+        raise ValueError(f"--attention must be lsh, full, local or blockwise, got {attention!r}")
     return ReformerLM(d_attention_key=64, d_attention_value=64, attention_type=attn,
                       max_len=seq_len, pos_type="axial", pos_axial_shape=axial_shape(seq_len),
                       pos_d_axial_embs=(128, 128), ff_chunk_size=ff_chunk_size, **common)
@@ -252,7 +255,7 @@ def build_parser() -> ArgumentParser:
     train = sub.add_parser("train", help="T workloads: a training step on one sequence")
     train.add_argument("--seq_len", type=integer(1), default=16384)
     train.add_argument("--n_layers", type=integer(1), default=2)
-    train.add_argument("--attention", default="lsh", choices=["lsh", "full", "local"])
+    train.add_argument("--attention", default="lsh", choices=["lsh", "full", "local", "blockwise"])
     train.add_argument("--repeats", type=integer(1), default=3)
     train.add_argument("--ff_chunk_size", type=integer(0), default=None,
                        help="feed-forward positions per chunk (0: whole length); default: "

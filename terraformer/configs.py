@@ -52,6 +52,7 @@ MODELS: list[tuple[str, str]] = [
 LAYERS: list[tuple[str, str]] = [
     ("terraformer.layers.attention", "SelfAttention"),
     ("terraformer.layers.attention", "CausalAttention"),
+    ("terraformer.layers.blockwise", "BlockwiseAttention"),
     ("terraformer.layers.lsh", "LSHSelfAttention"),
     ("terraformer.layers.sparsity", "MultiplicativeConvCausalAttention"),
     ("terraformer.layers.sparsity", "SparseFF"),

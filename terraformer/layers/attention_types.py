@@ -13,10 +13,12 @@ import functools
 from collections.abc import Callable
 
 from terraformer.layers.attention import SelfAttention
+from terraformer.layers.blockwise import BlockwiseAttention
 from terraformer.layers.lsh import LSHSelfAttention
 
 ATTENTION_TYPES: dict[str, Callable] = {
     "full": SelfAttention,
+    "blockwise": BlockwiseAttention,
     "local": functools.partial(SelfAttention, chunk_len=128, n_chunks_before=1),
     "lsh": LSHSelfAttention,
 }
