@@ -12,6 +12,11 @@ Every attention layer builds on these pieces:
 - `blocked_attention(q, k, v, q_pos, k_pos, offsets=...)`: each chunk of queries on a window
   of chunks of keys, computed a cache-sized block of chunks at a time with its own gradient
   (local attention, LSH attention over the hash-sorted sequence).
+- `blockwise_attention(q, k, v, key_mask, causal=..., block_len=...)`: exact full attention,
+  each block of queries over the blocks of keys with a running max and normaliser and a
+  recompute-in-backward gradient (the FlashAttention algorithm): `dot_product_attention`'s
+  result without its length x length scores (`BlockwiseAttention`, and `SelfAttention` from
+  `attention.BLOCKWISE_MIN_LEN` positions on).
 
 Shapes of `blocked_attention`:
 
