@@ -37,6 +37,7 @@ from terraformer.checks import check_int
 from terraformer.decoding import STREAM_BLOCK, Decoder, time_per_token
 from terraformer.layers.attention import SelfAttention
 from terraformer.layers.attention_types import ATTENTION_TYPES, attention_constructor
+from terraformer.layers.blockwise import BlockwiseAttention
 from terraformer.layers.core import Dense
 from terraformer.layers.lsh import LSHSelfAttention
 from terraformer.models.reformer import ReformerLM
@@ -93,6 +94,8 @@ def t_workload_model(seq_len: int, n_layers: int, attention: str, mode: str = "t
             attention_dropout=0.0)
     elif attention == "local":
         attn = functools.partial(SelfAttention, chunk_len=LSH_CHUNK_LEN, n_chunks_before=1)
+    elif attention == "blockwise":
+        attn = BlockwiseAttention
     else:
         attn = attention_constructor(attention)
     return ReformerLM(d_attention_key=64, d_attention_value=64, attention_type=attn,

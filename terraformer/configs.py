@@ -54,6 +54,7 @@ MODELS: list[tuple[str, str]] = [
 LAYERS: list[tuple[str, str]] = [
     ("terraformer.layers.attention", "SelfAttention"),
     ("terraformer.layers.attention", "CausalAttention"),
+    ("terraformer.layers.blockwise", "BlockwiseAttention"),
     ("terraformer.layers.lsh", "LSHSelfAttention"),
     ("terraformer.layers.efficient.sparse_transformer", "SparseTransformerAttention"),
     ("terraformer.layers.efficient.longformer", "LongformerAttention"),

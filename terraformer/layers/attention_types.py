@@ -13,6 +13,7 @@ import functools
 from collections.abc import Callable
 
 from terraformer.layers.attention import SelfAttention
+from terraformer.layers.blockwise import BlockwiseAttention
 from terraformer.layers.efficient.bigbird import BigBirdAttention
 from terraformer.layers.efficient.linear import LinearAttention
 from terraformer.layers.efficient.linformer import LinformerAttention
@@ -26,6 +27,7 @@ from terraformer.layers.lsh import LSHSelfAttention
 
 ATTENTION_TYPES: dict[str, Callable] = {
     "full": SelfAttention,
+    "blockwise": BlockwiseAttention,
     "local": functools.partial(SelfAttention, chunk_len=128, n_chunks_before=1),
     "lsh": LSHSelfAttention,
     "sparse_transformer": SparseTransformerAttention,
