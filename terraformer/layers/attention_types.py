@@ -41,6 +41,9 @@ ATTENTION_TYPES: dict[str, Callable] = {
     "synthesizer": SynthesizerAttention,
 }
 
+# Mechanisms that cannot be causal (they refuse `causal=True`): encoders and classifiers only.
+NON_CAUSAL_ONLY = frozenset({"linformer", "sinkhorn"})
+
 
 def attention_constructor(attention_type) -> Callable:
     """The constructor for `attention_type`: a name of `ATTENTION_TYPES` or a constructor."""
@@ -53,4 +56,4 @@ def attention_constructor(attention_type) -> Callable:
                          f"constructor, got {attention_type!r}") from None
 
 
-__all__ = ["ATTENTION_TYPES", "attention_constructor"]
+__all__ = ["ATTENTION_TYPES", "NON_CAUSAL_ONLY", "attention_constructor"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from terraformer.layers.attention import CausalAttention
-from terraformer.layers.attention_types import ATTENTION_TYPES
+from terraformer.layers.attention_types import ATTENTION_TYPES, NON_CAUSAL_ONLY
 from terraformer.models.classifier import Classifier, masked_mean
 from terraformer.models.transformer import TransformerLM
 from terraformer.shapes import ShapeDtype
@@ -86,11 +86,18 @@ def test_every_registered_mechanism_builds(name):
     sig = ShapeDtype((2, 256), jnp.int32)
     structs = jax.ShapeDtypeStruct(sig.shape, sig.dtype)
     key = jax.ShapeDtypeStruct((2,), jnp.uint32)
-    for model, out_shape in (
-        (Classifier(attention_type=name, mode="eval", **dict(TINY, max_len=256)), (2, 10)),
-        (TransformerLM(16, d_model=16, d_ff=32, n_layers=2, n_heads=2, max_len=256,
-                       attention_type=[name, "full"], mode="eval"), (2, 256, 16)),
-    ):
+
+    def language_model():
+        return TransformerLM(16, d_model=16, d_ff=32, n_layers=2, n_heads=2, max_len=256,
+                             attention_type=[name, "full"], mode="eval")
+
+    models = [(Classifier(attention_type=name, mode="eval", **dict(TINY, max_len=256)), (2, 10))]
+    if name in NON_CAUSAL_ONLY:
+        with pytest.raises(ValueError, match="causal"):
+            language_model()
+    else:
+        models.append((language_model(), (2, 256, 16)))
+    for model, out_shape in models:
         weights, state = jax.eval_shape(
             lambda rng, m=model: m.init_weights_and_state(sig, rng), key)
         out = jax.eval_shape(lambda x, w, s, m=model: m.apply(x, w, s, None)[0], structs,
