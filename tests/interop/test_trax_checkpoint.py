@@ -214,7 +214,7 @@ def test_transformer_checkpoints_import_with_their_positional_table(ckpt_dir, tm
     run = import_trax_checkpoint(ckpt_dir / "transformer_trained_positions.pkl.gz",
                                  [ckpt_dir / "transformer_lm.gin"], tmp_path / "trained")
     trained, _, _, _ = restore_run(run, model)
-    table = read_trax_checkpoint(ckpt_dir / "transformer_trained_positions.pkl.gz").weights[3]
+    table = read_trax_checkpoint(ckpt_dir / "transformer_trained_positions.pkl.gz").weights[1]
     np.testing.assert_array_equal(np.asarray(trained[3]), table.reshape(trained[3].shape))
 
 

@@ -210,9 +210,9 @@ def test_reformer_fixed_base_weights_are_trax_digit_vectors(trax_case):
     assert sum(n.startswith("w/3/") for n in case.names) == 33
     w, _ = loaded(reformer_pos("fixed-base"), case)
     digits = np.asarray(w[3]["digits"])
-    np.testing.assert_array_equal(digits[2, 5], case.weights[case.names.index("w/3/0/2/5")][0])
+    np.testing.assert_array_equal(digits[2, 5], case.weights[case.names.index("w/3/1/0/2/5")][0])
     np.testing.assert_array_equal(np.asarray(w[3]["start"]),
-                                  case.weights[case.names.index("w/3/1")].reshape(-1))
+                                  case.weights[case.names.index("w/3/1/1")].reshape(-1))
 
 
 @pytest.mark.parametrize("pos_type", list(POS_CASES), ids=str)
