@@ -28,6 +28,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 __all__ = ["COMMIT_FILE", "CheckpointError", "Checkpointer", "NoCheckpointError"]
 
@@ -158,7 +159,10 @@ class Checkpointer:
             RuntimeWarning,
             stacklevel=3,
         )
-        path.rename(target)
+        if jax.process_index() == 0:  # one process moves it; the others wait for the move
+            path.rename(target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"set aside {path}")
         self._manager.close()  # its background machinery, before a new one lists the steps
         self._manager = self._open()
 
@@ -190,8 +194,8 @@ class Checkpointer:
 
         ``shardings`` (name -> a pytree of Shardings like the template's) reads those trees
         as global arrays laid out so, whatever mesh wrote them; the others come back as
-        numpy arrays. Returns ``(trees, meta, step)``. A step that fails to load is set aside with a warning
-        and the next older one tried. Raises CheckpointError when none is usable.
+        numpy arrays. Returns ``(trees, meta, step)``. A step that fails to load is set aside
+        with a warning and the next older one tried. Raises CheckpointError when none is usable.
         """
         self.wait()
         if not self.read_only:
@@ -218,7 +222,8 @@ class Checkpointer:
             warnings.simplefilter("ignore")
             target = None
             if shardings:
-                stored = self._manager.item_metadata(step)["state"].tree
+                stored = ocp.StandardCheckpointer().metadata(
+                    self.directory / str(step) / "state").item_metadata.tree
                 target = {name: _targets(templates[name], shardings[name], flat)
                           for name, flat in stored.items()
                           if name in shardings and name in templates}

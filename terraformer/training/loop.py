@@ -278,11 +278,15 @@ class TrainingRun:
         if not directory.is_dir():
             return
         reader = Checkpointer(directory, max_to_keep=None, async_save=False, read_only=True)
-        shardings = None
-        if self.train_step.mesh is not None:  # read each array straight into its layout
-            w, o, _, s = self.train_step.shardings
+        # Each array is read straight into its layout (whatever mesh wrote it).
+        if self.train_step.mesh is not None:
+            w, o, _, s = self.train_step.layout(self.weights, self.state, self.opt_state)
             shardings = {"weights": w, "model_state": s, "opt_state": o,
                          "rng": replicated(self.train_step.mesh)}
+        else:
+            one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            shardings = {name: jax.tree.map(lambda _: one, tree)
+                         for name, tree in self._trees().items()}
         try:
             trees, meta, step = reader.restore(self._trees(), shardings=shardings)
         except NoCheckpointError:

@@ -140,11 +140,16 @@ class TrainStep:
         its own)."""
         if self.mesh is None:
             return weights, state, opt_state
-        if self.shardings is None:
+        w, o, _, s = self.layout(weights, state, opt_state)
+        return put(weights, w), put(state, s), put(opt_state, o)
+
+    def layout(self, weights, state, opt_state):
+        """On a mesh, the `shardings` ``(weights, opt_state, batch, state)`` of these trees
+        (arrays or abstract); None without a mesh."""
+        if self.mesh is not None and self.shardings is None:
             self.shardings = train_shardings(self.mesh, weights, opt_state,
                                              self._batch_like(), state)
-        w, o, _, s = self.shardings
-        return put(weights, w), put(state, s), put(opt_state, o)
+        return self.shardings
 
     def __call__(self, weights, state, opt_state, batch, rng):
         if self.mesh is not None:
