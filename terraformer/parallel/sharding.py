@@ -7,8 +7,10 @@ MaxText map parameters by name) to the dimension that goes over ``model``:
   biases: the heads dimension (the last) over ``model``;
 - projections out of heads (``wo``, ``w_o``): the heads dimension (second to last);
 - Dense kernels (``w``): the wider of their two dimensions (d_ff in a feed-forward, the
-  vocabulary in the output layer);
-- layer norms and other biases: no ``model`` dimension.
+  vocabulary in the output layer), and their biases (``b``);
+- a table without a name (the embedding): its wider dimension (the vocabulary);
+- layer norms and the output projection's bias: no ``model`` dimension;
+- kernels packed for decoding (rows ``[d_out, d_in]``): the same dimensions, transposed.
 
 Then the largest remaining dimension (of the rule's trailing ones: a leading axis of stacked
 layers is never split) that ``fsdp`` divides goes over ``fsdp``. A dimension that its axis does
@@ -59,12 +61,22 @@ class Rule:
     model_dim: int | str | None
 
 
+_INTO_HEADS = r"(wq|wk|wv|w_q|w_k|w_qk|w_v|w_qkv)"
 WEIGHT_RULES: tuple[Rule, ...] = (
-    Rule(r"(^|/)(wq|wk|wv|w_q|w_k|w_qk|w_v|w_qkv)$", 2, -1),
+    # kernels packed for decoding (`layers.core.PackedKernel`): rows [d_out, d_in], then a
+    # scale [d_out]
+    Rule(rf"(^|/){_INTO_HEADS}/0$", 2, -2),
+    Rule(rf"(^|/){_INTO_HEADS}/1$", 1, -1),
+    Rule(r"(^|/)(wo|w_o)/0$", 2, -1),
+    Rule(r"(^|/)w/0$", 2, "wider"),
+    Rule(r"(^|/)(wo|w_o|w)/1$", 1, None),
+    Rule(rf"(^|/){_INTO_HEADS}$", 2, -1),
     Rule(r"(^|/)(wo|w_o)$", 2, -2),
-    Rule(r"(^|/)(bq|bk|bv|b_q|b_k|b_v)$", 1, -1),
+    Rule(r"(^|/)(bq|bk|bv|b_q|b_k|b_v|b)$", 1, -1),
     Rule(r"(^|/)w$", 2, "wider"),
-    Rule(r"(^|/)(b|bo|b_o|scale|bias)$", 1, None),
+    Rule(r"(^|/)(bo|b_o|scale|bias)$", 1, None),
+    # a table with no name (the embedding [vocab, d_model]): the wider side over model
+    Rule(r"(^|/)\d+$", 2, "wider"),
 )
 
 
