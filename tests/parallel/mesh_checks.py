@@ -28,8 +28,8 @@ from terraformer.training.step import make_train_step  # noqa: E402
 VOCAB, LENGTH, BATCH = 32, 16, 4
 
 
-def tiny_model(kind: str, mode: str):
-    common = dict(vocab_size=VOCAB, d_model=16, d_ff=32, n_layers=2, n_heads=2,
+def tiny_model(kind: str, mode: str, n_layers: int = 2):
+    common = dict(vocab_size=VOCAB, d_model=16, d_ff=32, n_layers=n_layers, n_heads=2,
                   max_len=LENGTH, dropout=0.0, mode=mode)
     return TransformerLM(**common) if kind == "transformer" else ReformerLM(**common)
 
@@ -47,12 +47,12 @@ def _spec_text(tree):
     return [str(leaf.sharding.spec) for leaf in jax.tree.leaves(tree)]
 
 
-def train(seed: int, kind: str, meshes: str):
-    """Three steps on one device, then on each mesh of ``meshes`` ('data=4;fsdp=4'): the
+def train(seed: int, kind: str, meshes: str, n_steps: int = 3, n_layers: int = 2):
+    """``n_steps`` on one device, then on each mesh of ``meshes`` ('data=4;fsdp=4'): the
     losses, the weights' and slots' layouts and bytes per device."""
-    model = tiny_model(kind, "train")
+    model = tiny_model(kind, "train", n_layers)
     w0, s0 = model.init(ShapeDtype((BATCH, LENGTH), jnp.int32), jax.random.PRNGKey(seed))
-    data = batches(seed, 3)
+    data = batches(seed, n_steps)
 
     def run(mesh):
         step = make_train_step(model, Adam(learning_rate=0.01), mesh=mesh)
