@@ -160,8 +160,10 @@ def _stream_continuation(model_fn, weights, ids, tok, args) -> None:
     import numpy as np
 
     from terraformer.decoding import STREAM_BLOCK, Decoder
+    from terraformer.parallel.mesh import mesh
 
-    decoder = Decoder(model_fn(mode="predict"), weights, batch_size=1)
+    # on the run's mesh when its config names one (mesh.model = 2: weights over model)
+    decoder = Decoder(model_fn(mode="predict"), weights, batch_size=1, mesh=mesh())
     stops = (tok.eos_id,) if tok.eos_id >= 0 else ()
     start = time.perf_counter()
     new = []

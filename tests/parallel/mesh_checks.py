@@ -6,6 +6,7 @@ Each prints one JSON record as its last line. The device count is fixed when JAX
 each check runs in its own process (see test_sharded_training.py).
 """
 
+import functools
 import json
 import sys
 
@@ -108,8 +109,35 @@ def decode(seed: int, kind: str, mesh: str):
     return {"one": one.tolist(), "mesh": many.tolist(), "weight_specs": _spec_text(sharded.weights)}
 
 
+def ring(seed: int, mesh: str, causal: int):
+    """Ring attention over ``mesh``'s sequence axis against full softmax attention on one
+    device: the largest differences in value and in the gradients of q, k and v."""
+    from terraformer.layers.attention_core import dot_product_attention, position_mask
+    from terraformer.parallel.ring import ring_attention
+
+    rng = np.random.default_rng(seed)
+    b, h, length, d = 2, 2, 64, 8
+    q, k, v = (jnp.asarray(rng.normal(size=(b, h, length, d)), jnp.float32) for _ in range(3))
+    ct = jnp.asarray(rng.normal(size=(b, h, length, d)), jnp.float32)
+    pos = jnp.arange(length)
+    mask = position_mask(pos, pos, causal=bool(causal))
+    m = make_mesh(**parse_mesh_spec(mesh))
+
+    def loss(fn, q, k, v):
+        return jnp.sum(fn(q, k, v) * ct)
+
+    full = lambda q, k, v: dot_product_attention(q, k, v, mask)  # noqa: E731
+    ringed = lambda q, k, v: ring_attention(q, k, v, m, causal=bool(causal))  # noqa: E731
+    ref, ref_g = full(q, k, v), jax.grad(functools.partial(loss, full), (0, 1, 2))(q, k, v)
+    got = jax.jit(ringed)(q, k, v)
+    got_g = jax.jit(jax.grad(functools.partial(loss, ringed), (0, 1, 2)))(q, k, v)
+    return {"value": float(jnp.max(jnp.abs(got - ref))),
+            "grads": [float(jnp.max(jnp.abs(a - b))) for a, b in zip(got_g, ref_g)],
+            "scale": float(jnp.max(jnp.abs(ref)))}
+
+
 if __name__ == "__main__":
     check, seed, *rest = sys.argv[1:]
-    fn = {"train": train, "run_dir": run_dir, "decode": decode}[check]
+    fn = {"train": train, "run_dir": run_dir, "decode": decode, "ring": ring}[check]
     args = [int(a) if a.isdigit() else a for a in rest]
     print(json.dumps(fn(int(seed), *args)), flush=True)

@@ -156,3 +156,11 @@ def test_two_processes_train_together(seed, tmp_path):
     assert losses[0] == losses[1]
     assert _rel([losses[0]], [reference]) < TOL
     assert (tmp_path / "together" / "checkpoints" / "2" / "commit_success.txt").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh, causal", [("sequence=4", 1), ("data=2,sequence=2", 0)])
+def test_ring_attention_equals_full_attention_in_value_and_gradient(seed, mesh, causal):
+    r = _check(4, "ring", seed, mesh, causal)
+    assert r["value"] < 1e-5 * max(1.0, r["scale"])
+    assert max(r["grads"]) < 1e-4
