@@ -106,3 +106,21 @@ def test_distributed_settings_from_arguments_or_environment():
         distributed_settings("h:1", environ={})
     with pytest.raises(ArgumentError, match="process_id must be an int <= 1"):
         distributed_settings("h:1", 2, 2, environ={})
+
+
+def test_gin_binds_the_mesh():
+    import gin
+
+    from terraformer import configs  # noqa: F401 (registers every gin name)
+    from terraformer.parallel.mesh import mesh
+
+    gin.clear_config()
+    try:
+        gin.parse_config("mesh.fsdp = -1\nmesh.model = 1")
+        m = mesh()
+        assert m.shape["fsdp"] == len(m.devices.flat) and m.axis_names == AXES
+        gin.parse_config("mesh.fsdp = 1000")
+        with pytest.raises(ArgumentError, match="need 1000 devices"):
+            mesh()
+    finally:
+        gin.clear_config()
