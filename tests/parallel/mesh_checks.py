@@ -45,7 +45,7 @@ def batches(seed: int, n: int):
 
 
 def _spec_text(tree):
-    return [str(leaf.sharding.spec) for leaf in jax.tree.leaves(tree)]
+    return [str(getattr(leaf.sharding, "spec", "one device")) for leaf in jax.tree.leaves(tree)]
 
 
 def train(seed: int, kind: str, meshes: str, n_steps: int = 3, n_layers: int = 2):
