@@ -39,6 +39,7 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from terraformer.checks import check_choice, check_int
@@ -275,7 +276,10 @@ class TrainingRun:
         """Resumes from the newest readable checkpoint of the folder, if any, read-only: a
         checkpoint of another model raises CheckpointError with the folder untouched."""
         directory = self.output_dir / CHECKPOINT_DIR
-        if not directory.is_dir():
+        exists = directory.is_dir()
+        if jax.process_count() > 1:  # every process looks before any of them makes it
+            multihost_utils.sync_global_devices(f"looked for {directory}")
+        if not exists:
             return
         reader = Checkpointer(directory, max_to_keep=None, async_save=False, read_only=True)
         # Each array is read straight into its layout (whatever mesh wrote it).
