@@ -7,7 +7,7 @@
     terraformer eval   --output_dir DIR [--gin_param ...] [--checkpoint latest|best]
     terraformer decode --output_dir DIR (--prompt TEXT | --prompt_file F) [--max_new_tokens N]
                        [--temperature T] [--top_k K] [--top_p P] [--seed S]
-    terraformer plot   DIR
+    terraformer plot   DIR | FILE                (FILE: a saved `bench attention` output)
     terraformer import-trax --checkpoint model.pkl.gz --config X.gin --output_dir DIR
     terraformer bench  ...                      (terraformer.bench)
 
@@ -184,6 +184,11 @@ def _stream_continuation(model_fn, weights, ids, tok, args) -> None:
 def _cmd_plot(args) -> int:
     from terraformer.training.metrics import METRICS_FILE, plot_metrics
 
+    if Path(args.dir).is_file():  # a saved `terraformer bench attention` output
+        from terraformer.bench_attention import plot_attention
+
+        print(plot_attention(args.dir))
+        return 0
     if not (Path(args.dir) / METRICS_FILE).is_file():
         raise UsageError(f"no {METRICS_FILE} in '{args.dir}' (train a model there first)")
     print(plot_metrics(args.dir))
@@ -255,7 +260,8 @@ def _parser() -> ArgumentParser:
     p.add_argument("--checkpoint", choices=("latest", "best"), default="latest")
     p.set_defaults(func=_cmd_decode)
 
-    p = sub.add_parser("plot", help="draw DIR/metrics.jsonl as DIR/metrics.png")
+    p = sub.add_parser("plot", help="draw DIR/metrics.jsonl as DIR/metrics.png (or a saved "
+                       "`bench attention` output FILE as FILE.png)")
     p.add_argument("dir")
     p.set_defaults(func=_cmd_plot)
 

@@ -7,7 +7,8 @@
     opt_state = step.init_opt_state(weights)
     weights, state, opt_state, metrics = step(weights, state, opt_state, batch, rng)
 
-``batch`` is ``(inputs, targets, weights)`` with arrays ``[batch, length]``; ``metrics`` holds
+``batch`` is ``(inputs, targets, weights)`` with arrays ``[batch, length]`` (a classifier's
+targets and weights: ``[batch]``, one label per sequence); ``metrics`` holds
 the scalars ``loss`` (mean cross-entropy in nats per weighted token), ``accuracy``,
 ``grad_norm`` and ``lr``. The plain step differentiates the whole model in one compiled
 function; ``memory_efficient=True`` runs the same update as `MemoryEfficientTrainer`'s
