@@ -1,10 +1,19 @@
 """`terraformer bench`: one benchmark workload in this process, one JSON record.
 
+    terraformer bench peak  [--peak_file PATH]
     terraformer bench train --seq_len 16384 [--attention lsh|full|local] [--n_layers 2]
+    terraformer bench decode --model dense|sparse|lsh [--prompt_len 128] [--new_tokens 128]
 
 The record is printed as the last line of output. Timings: compile (first call) on its own,
 then the median of `--repeats` timed calls, each ending in `block_until_ready`. Peak memory is
 the process's maximum resident set size (CPU) or the device's peak bytes in use (GPU).
+
+Floors: `bench peak` measures the machine's float32 matmul rate and memory-read bandwidth
+(terraformer/peak.py) and caches the record; `train` and `decode` read it from the cache (or
+measure it once if absent). A train record adds `model_flops` (the step's model FLOPs,
+terraformer/flops.py: 3 x the forward pass, attention included, recomputation not),
+`flops_per_s` and `floor_fraction` (achieved over the peak); a decode record adds
+`prefill_flops`, `prefill_floor_s` and `first_token_s` beside its bytes-per-token floor.
 """
 
 from __future__ import annotations
@@ -22,14 +31,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from terraformer import bench_attention, flops, peak
 from terraformer.arguments import ArgumentParser, integer
 from terraformer.checks import check_int
 from terraformer.decoding import STREAM_BLOCK, Decoder, time_per_token
 from terraformer.layers.attention import SelfAttention
+from terraformer.layers.attention_types import ATTENTION_TYPES, attention_constructor
+from terraformer.layers.blockwise import BlockwiseAttention
+from terraformer.layers.core import Dense
 from terraformer.layers.lsh import LSHSelfAttention
 from terraformer.models.reformer import ReformerLM
 from terraformer.models.terraformer import TerraformerLM
 from terraformer.models.transformer import TransformerLM
+from terraformer.parallel.measure import batch_rows, mesh_memory
+from terraformer.parallel.mesh import make_mesh, parse_mesh_spec
 from terraformer.runtime import tune_cpu_runtime
 from terraformer.shapes import ShapeDtype
 from terraformer.training.step import make_train_step
@@ -81,8 +96,10 @@ def t_workload_model(seq_len: int, n_layers: int, attention: str, mode: str = "t
             attention_dropout=0.0)
     elif attention == "local":
         attn = functools.partial(SelfAttention, chunk_len=LSH_CHUNK_LEN, n_chunks_before=1)
+    elif attention == "blockwise":
+        attn = BlockwiseAttention
     else:
-        raise ValueError(f"--attention must be lsh, full or local, got {attention!r}")
+        attn = attention_constructor(attention)
     return ReformerLM(d_attention_key=64, d_attention_value=64, attention_type=attn,
                       max_len=seq_len, pos_type="axial", pos_axial_shape=axial_shape(seq_len),
                       pos_d_axial_embs=(128, 128), ff_chunk_size=ff_chunk_size, **common)
@@ -107,16 +124,23 @@ def bench_train(args) -> dict:
                      else args.ff_chunk_size)
     model = t_workload_model(length, args.n_layers, args.attention,
                              ff_chunk_size=ff_chunk_size)
-    tokens = np.random.default_rng(0).integers(1, 256, size=(1, length)).astype(np.int32)
-    batch = (jnp.asarray(tokens), jnp.asarray(tokens), jnp.ones((1, length), jnp.float32))
-    weights, state = model.init(ShapeDtype((1, length), jnp.int32), jax.random.PRNGKey(0))
+    # --mesh: one sequence per device of data x fsdp (make_mesh; parallel/measure.py)
+    mesh = make_mesh(**parse_mesh_spec(args.mesh)) if args.mesh else None
+    rows = batch_rows(mesh)
+    tokens = np.random.default_rng(0).integers(1, 256, size=(rows, length)).astype(np.int32)
+    batch = (jnp.asarray(tokens), jnp.asarray(tokens), jnp.ones((rows, length), jnp.float32))
+    weights, state = model.init(ShapeDtype((rows, length), jnp.int32), jax.random.PRNGKey(0))
     params = count_params(weights)
     # The weights and slots are donated (updated in place) on every backend, CPU included:
     # the peak memory measured is that of a step that needs no second copy of them.
     step = make_train_step(model, optax.adam(1e-3), memory_efficient=args.memory_efficient,
-                           donate=True)
+                           donate=True, mesh=mesh)
     opt_state = step.init_opt_state(weights)
+    weights, state, opt_state = step.place(weights, state, opt_state)
+    per_device = ({} if args.memory_efficient or not args.mesh else mesh_memory(
+        step.lower(weights, state, opt_state, batch, jax.random.PRNGKey(1)).compile(), mesh))
     rng = jax.random.PRNGKey(1)
+    model_flops = flops.train_flops(model, batch[0], weights, state, rng)  # traced, not run
     carry = {"w": weights, "s": state, "o": opt_state}
 
     def run():
@@ -130,12 +154,18 @@ def bench_train(args) -> dict:
     compile_s = time.perf_counter() - start
     step_s = timed(run, args.repeats)
     workload = {"lsh": "T-len", "full": "T-full"}.get(args.attention, f"T-{args.attention}")
+    peak_rss_gib = peak_memory_gib()
+    # After the peak RSS is read: measuring the machine's peak allocates a 1 GiB stream.
+    peak_flops = peak.load_or_measure(args.peak_file)["flops_per_s"]
     return dict(workload=workload, impl="terraformer", device=jax.devices()[0].platform,
                 seq_len=length, n_layers=args.n_layers, attention=args.attention,
                 ff_chunk_size=ff_chunk_size, memory_efficient=args.memory_efficient,
                 compile_s=compile_s, step_s=step_s,
-                tokens_per_s=length / step_s,
-                peak_rss_gib=peak_memory_gib(), params=params, loss=carry["loss"])
+                tokens_per_s=rows * length / step_s,
+                peak_rss_gib=peak_rss_gib, params=params, loss=carry["loss"],
+                model_flops=model_flops, flops_per_s=model_flops / step_s,
+                peak_flops_per_s=peak_flops, floor_fraction=model_flops / step_s / peak_flops,
+                **per_device)
 
 
 D_SHAPE = dict(vocab_size=32000, d_model=1024, d_ff=4096, n_heads=16)
@@ -216,7 +246,29 @@ def d_workload_decoder(kind: str, n_layers: int, max_len: int, prefill_chunk: in
     return decoder, count_params(weights)
 
 
+def prefill_flops(kind: str, n_layers: int, max_len: int, prompt_len: int) -> int:
+    """FLOPs of reading a prompt of `prompt_len` tokens (the start token added): the D model's
+    eval-mode forward pass over them, counted as the model computes it (terraformer/flops.py),
+    with the output layer on the last position only (a prefill needs the next token's
+    distribution, nothing else, from it). Traced, not run."""
+    model = d_workload_model(kind, n_layers, max_len, mode="eval")
+    tokens = jax.ShapeDtypeStruct((1, prompt_len + 1), jnp.int32)
+    weights, state = jax.eval_shape(
+        lambda: model.init(ShapeDtype(tokens.shape, jnp.int32), jax.random.PRNGKey(0)))
+    total = flops.model_forward_flops(model, tokens, weights, state)
+    out = [i for i, layer in enumerate(model.sublayers) if isinstance(layer, Dense)][-1]
+    d_in, d_out = weights[out]["w"].shape
+    return total - 2 * prompt_len * d_in * d_out
+
+
 def bench_decode(args) -> dict:
+    """A D record. `compile_s`: the first calls (prefill of the first chunk and a short
+    generation: compiling included), apart from the timed ones. `first_token_s`: time to the
+    first new token, the prefill plus one decoding step (the per-token time of the first
+    timed block). `prefill_floor_s`: `prefill_flops` at the peak matmul rate, with
+    `prefill_tokens_per_s` against `prefill_floor_tokens_per_s`; `s_per_token`: the latency
+    of a token after the prompt, against `floor_s_per_token`, the weight bytes a token reads
+    at the peak read bandwidth (both floors from `bench peak`'s record)."""
     max_len = args.prompt_len + args.new_tokens + 8
     decoder, params = d_workload_decoder(args.model, args.n_layers, max_len, args.prefill_chunk,
                                          args.dtype, args.output_dtype)
@@ -227,10 +279,15 @@ def bench_decode(args) -> dict:
                    2 * args.block_size, args.block_size)
     compile_s = time.perf_counter() - start
     timing = time_per_token(decoder, prompt, args.new_tokens, args.block_size)
-    bandwidth = measure_bandwidth_gib_s()
+    peak_rss_gib = peak_memory_gib()
+    # After the peak RSS is read: measuring the machine's peak allocates a 1 GiB stream.
+    floor = peak.load_or_measure(args.peak_file)
+    bandwidth = floor["read_bytes_per_s"] / 2**30
     read = bytes_read_per_token(decoder.weights, D_SHAPE["vocab_size"],
                                 D_FF_SPARSITY if args.model == "sparse" else 1)
     floor_s = read / (bandwidth * 2**30)
+    prefill = prefill_flops(args.model, args.n_layers, max_len, args.prompt_len)
+    prefill_floor_s = prefill / floor["flops_per_s"]
     return dict(workload=f"D-{args.model}", impl="terraformer",
                 device=jax.devices()[0].platform, n_layers=args.n_layers,
                 prompt_len=args.prompt_len, new_tokens=args.new_tokens,
@@ -239,8 +296,13 @@ def bench_decode(args) -> dict:
                 s_per_token=timing["s_per_token"], tokens_per_s=1 / timing["s_per_token"],
                 prefill_s=timing["prefill_s"], bandwidth_gib_s=bandwidth,
                 weight_bytes_per_token=read, floor_s_per_token=floor_s,
-                over_floor=timing["s_per_token"] / floor_s, peak_rss_gib=peak_memory_gib(),
-                params=params)
+                over_floor=timing["s_per_token"] / floor_s, peak_rss_gib=peak_rss_gib,
+                params=params, prefill_flops=prefill, prefill_floor_s=prefill_floor_s,
+                prefill_over_floor=timing["prefill_s"] / prefill_floor_s,
+                prefill_tokens_per_s=args.prompt_len / timing["prefill_s"],
+                prefill_floor_tokens_per_s=args.prompt_len / prefill_floor_s,
+                first_token_s=timing["prefill_s"] + timing["first_token_s"],
+                peak_flops_per_s=floor["flops_per_s"])
 
 
 def build_parser() -> ArgumentParser:
@@ -249,10 +311,18 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="terraformer bench", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="workload", required=True)
+    peak_help = ("the machine's peak record (default: $XDG_CACHE_HOME/terraformer/peak.json); "
+                 "measured and written there when absent or measured on another machine")
+    measure = sub.add_parser("peak", help="measure the machine's float32 matmul rate and "
+                                          "memory-read bandwidth, and cache the record")
+    measure.add_argument("--peak_file", "--output", dest="peak_file", default=None,
+                         help="where to write the record (default: "
+                              "$XDG_CACHE_HOME/terraformer/peak.json)")
+    measure.add_argument("--repeats", type=integer(1), default=5)
     train = sub.add_parser("train", help="T workloads: a training step on one sequence")
     train.add_argument("--seq_len", type=integer(1), default=16384)
     train.add_argument("--n_layers", type=integer(1), default=2)
-    train.add_argument("--attention", default="lsh", choices=["lsh", "full", "local"])
+    train.add_argument("--attention", default="lsh", choices=list(ATTENTION_TYPES))
     train.add_argument("--repeats", type=integer(1), default=3)
     train.add_argument("--ff_chunk_size", type=integer(0), default=None,
                        help="feed-forward positions per chunk (0: whole length); default: "
@@ -261,6 +331,11 @@ def build_parser() -> ArgumentParser:
                        help="the memory-efficient step (host-resident reversible stack, "
                             "per-block updates, chunked loss): "
                             "terraformer/training/memory_efficient.py")
+    train.add_argument("--mesh", default="", metavar="AXIS=SIZE,...",
+                       help="train on a mesh, e.g. data=2,model=2 or fsdp=4 (axes data, fsdp, "
+                            "model, sequence; -1: the rest): one sequence per data x fsdp "
+                            "device; adds the per-device peak memory")
+    train.add_argument("--peak_file", default=None, help=peak_help)
     decode = sub.add_parser("decode", help="D workloads: batch-1 greedy decoding latency")
     decode.add_argument("--model", default="dense", choices=["dense", "sparse", "lsh"])
     decode.add_argument("--n_layers", type=integer(1), default=12)
@@ -278,15 +353,22 @@ def build_parser() -> ArgumentParser:
     decode.add_argument("--output_dtype", default=None, choices=["float32", "bf16", "int8"],
                         help="the output layer's storage when it should differ from --dtype "
                              "(int8: a quarter of the bytes of the largest matrix a step reads)")
+    decode.add_argument("--peak_file", default=None, help=peak_help)
     decode.add_check(lambda args: check_int("argument --block_size (at most --new_tokens)",
                                             args.block_size, 1, maximum=args.new_tokens))
+    bench_attention.add_parser(sub)
     return parser
 
 
 def main(argv=None) -> int:
     tune_cpu_runtime()  # before JAX's first computation
     args = build_parser().parse_args(argv)
-    if args.workload == "train":
+    if args.workload == "attention":
+        return bench_attention.main(args)
+    if args.workload == "peak":  # always measures: the way to refresh the cached record
+        record = peak.measure(repeats=args.repeats)
+        record["path"] = str(peak.save(record, args.peak_file))
+    elif args.workload == "train":
         record = bench_train(args)
     elif args.workload == "decode":
         record = bench_decode(args)

@@ -7,7 +7,7 @@
     terraformer eval   --output_dir DIR [--gin_param ...] [--checkpoint latest|best]
     terraformer decode --output_dir DIR (--prompt TEXT | --prompt_file F) [--max_new_tokens N]
                        [--temperature T] [--top_k K] [--top_p P] [--seed S]
-    terraformer plot   DIR
+    terraformer plot   DIR | FILE                (FILE: a saved `bench attention` output)
     terraformer import-trax --checkpoint model.pkl.gz --config X.gin --output_dir DIR
     terraformer bench  ...                      (terraformer.bench)
 
@@ -99,6 +99,9 @@ def _parse_run_config(output_dir: str, params: list[str]) -> None:
 
 
 def _cmd_train(args) -> int:
+    from terraformer.parallel.distributed import initialize
+
+    initialize(args.coordinator, args.num_processes, args.process_id)  # before any device use
     _parse_gin(args.config, args.gin_param)
     from terraformer.training import loop
 
@@ -157,8 +160,10 @@ def _stream_continuation(model_fn, weights, ids, tok, args) -> None:
     import numpy as np
 
     from terraformer.decoding import STREAM_BLOCK, Decoder
+    from terraformer.parallel.mesh import mesh
 
-    decoder = Decoder(model_fn(mode="predict"), weights, batch_size=1)
+    # on the run's mesh when its config names one (mesh.model = 2: weights over model)
+    decoder = Decoder(model_fn(mode="predict"), weights, batch_size=1, mesh=mesh())
     stops = (tok.eos_id,) if tok.eos_id >= 0 else ()
     start = time.perf_counter()
     new = []
@@ -179,6 +184,11 @@ def _stream_continuation(model_fn, weights, ids, tok, args) -> None:
 def _cmd_plot(args) -> int:
     from terraformer.training.metrics import METRICS_FILE, plot_metrics
 
+    if Path(args.dir).is_file():  # a saved `terraformer bench attention` output
+        from terraformer.bench_attention import plot_attention
+
+        print(plot_attention(args.dir))
+        return 0
     if not (Path(args.dir) / METRICS_FILE).is_file():
         raise UsageError(f"no {METRICS_FILE} in '{args.dir}' (train a model there first)")
     print(plot_metrics(args.dir))
@@ -219,6 +229,11 @@ def _parser() -> ArgumentParser:
     p.add_argument("--output_dir", required=True, help="run directory (resumed if it exists)")
     p.add_argument("--dry_run", action="store_true",
                    help="build the model and print parameter counts and memory estimates")
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="several processes: the coordinator's address (default: "
+                        "$JAX_COORDINATOR_ADDRESS; none: one process)")
+    p.add_argument("--num_processes", type=integer(1), default=None)
+    p.add_argument("--process_id", type=integer(0), default=None)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a run's checkpoint on its held-out stream")
@@ -245,7 +260,8 @@ def _parser() -> ArgumentParser:
     p.add_argument("--checkpoint", choices=("latest", "best"), default="latest")
     p.set_defaults(func=_cmd_decode)
 
-    p = sub.add_parser("plot", help="draw DIR/metrics.jsonl as DIR/metrics.png")
+    p = sub.add_parser("plot", help="draw DIR/metrics.jsonl as DIR/metrics.png (or a saved "
+                       "`bench attention` output FILE as FILE.png)")
     p.add_argument("dir")
     p.set_defaults(func=_cmd_plot)
 

@@ -4,13 +4,15 @@ them all (the CLI does it before parsing a config); it defines nothing else.
 Registered names (short form; the long form is ``module.name``):
 
 - models (``terraformer.models``): see ``MODELS`` below, e.g. ``@TransformerLM``;
-- training (``terraformer``): ``train``;
+- training (``terraformer``): ``train``; the device mesh: ``mesh`` (``parallel.mesh``:
+  ``mesh.data = 2``, ``mesh.fsdp = -1``, ...);
 - optimizers (``terraformer.optimizers``): ``Adam``, ``Adafactor``, ``SGD``, ``Momentum``;
 - schedules (``terraformer.lr``): ``lr.constant`` (gin has its own ``constant``, so write the
   module), ``warmup``, ``rsqrt_decay``, ``cosine``, ``multifactor``;
 - data (``terraformer.data``): ``copy_task``, ``text_files``, ``pack_documents``,
   ``whole_document``, ``jsonl_pairs``, ``tfds_text``, ``summarization_pairs`` (``data.streams``),
-  ``text_lm_inputs``, ``summarization_inputs`` (``data.inputs``), ``get_tokenizer``,
+  ``text_lm_inputs``, ``summarization_inputs`` (``data.inputs``), ``listops_inputs``
+  (``data.listops``), ``get_tokenizer``,
   ``ByteTokenizer``, ``SentencePieceTokenizer`` (``data.tokenizers``);
 - the run's tokenizer for ``decode`` and the input pipelines (``terraformer``): ``tokenizer``
   (``data.tokenizers``);
@@ -31,7 +33,7 @@ import gin
 import gin.config
 
 # Imported for the names their modules register with gin (see the module docstring).
-from terraformer.data import inputs, streams, tokenizers  # noqa: F401
+from terraformer.data import inputs, listops, streams, tokenizers  # noqa: F401
 from terraformer.training import loop, optimizers  # noqa: F401
 
 __all__ = ["LAYERS", "MODELS", "register", "register_models"]
@@ -44,6 +46,7 @@ MODELS: list[tuple[str, str]] = [
     ("terraformer.models.terraformer", "TerraformerLM"),
     ("terraformer.models.encoder_decoder", "Reformer"),
     ("terraformer.models.encoder_decoder", "Terraformer"),
+    ("terraformer.models.classifier", "Classifier"),
 ]
 
 # (module, attribute) of layers gin files may configure and pass as ``attention_type`` etc.,
@@ -52,7 +55,17 @@ MODELS: list[tuple[str, str]] = [
 LAYERS: list[tuple[str, str]] = [
     ("terraformer.layers.attention", "SelfAttention"),
     ("terraformer.layers.attention", "CausalAttention"),
+    ("terraformer.layers.blockwise", "BlockwiseAttention"),
     ("terraformer.layers.lsh", "LSHSelfAttention"),
+    ("terraformer.layers.efficient.sparse_transformer", "SparseTransformerAttention"),
+    ("terraformer.layers.efficient.longformer", "LongformerAttention"),
+    ("terraformer.layers.efficient.bigbird", "BigBirdAttention"),
+    ("terraformer.layers.efficient.routing", "RoutingAttention"),
+    ("terraformer.layers.efficient.sinkhorn", "SinkhornAttention"),
+    ("terraformer.layers.efficient.linear", "LinearAttention"),
+    ("terraformer.layers.efficient.performer", "PerformerAttention"),
+    ("terraformer.layers.efficient.linformer", "LinformerAttention"),
+    ("terraformer.layers.efficient.synthesizer", "SynthesizerAttention"),
     ("terraformer.layers.sparsity", "MultiplicativeConvCausalAttention"),
     ("terraformer.layers.sparsity", "SparseFF"),
     ("terraformer.layers.encdec", "EncDecAttention"),

@@ -18,12 +18,18 @@ from jax import lax
 from terraformer.layers import initializers as init_lib
 from terraformer.layers import kv_cache
 from terraformer.layers.attention_core import (
+    BLOCKWISE_BLOCK_LEN,
     blocked_attention,
+    blockwise_attention,
     dot_product_attention,
     position_mask,
 )
 from terraformer.layers.base import EMPTY, Layer, as_items, check_mode
 from terraformer.layers.core import check_feature_dim, dropout, matmul, pack_kernel
+
+# Full attention over at least this many positions runs `blockwise_attention`: the same result
+# without the length x length scores (4 GiB a layer at 16K positions and 4 heads).
+BLOCKWISE_MIN_LEN = 4096
 
 
 def local_attention(
@@ -88,9 +94,11 @@ class SelfAttention(Layer):
       causal: mask future positions.
       masked: if True the layer takes (x, mask) with mask [batch, length] (True = real token)
         and returns (y, mask).
-      chunk_len: None for full attention; else queries in chunk c see chunks
-        c - n_chunks_before ... c + n_chunks_after. Lengths that are not a multiple of
-        `chunk_len` are padded internally (padding never attended to) and cut off again.
+      chunk_len: None for full attention (from BLOCKWISE_MIN_LEN positions on computed by
+        `blockwise_attention`: the same result in memory linear in the length); else queries
+        in chunk c see chunks c - n_chunks_before ... c + n_chunks_after. Lengths that are
+        not a multiple of `chunk_len` are padded internally (padding never attended to) and
+        cut off again.
       attention_dropout, output_dropout: dropout rates on attention weights / the output.
       use_bias: biases in the Q/K/V/output projections.
       predict_mem_len: size of the predict-mode key/value ring buffer.
@@ -114,7 +122,7 @@ class SelfAttention(Layer):
         predict_mem_len: int = 2048,
     ):
         n = 2 if masked else 1
-        super().__init__(n_in=n, n_out=n, name="SelfAttention")
+        super().__init__(n_in=n, n_out=n)
         if n_heads < 1 or d_qk < 1 or d_v < 1:
             raise ValueError(
                 f"SelfAttention: n_heads, d_qk, d_v must be >= 1, got {n_heads}, {d_qk}, {d_v}"
@@ -131,6 +139,7 @@ class SelfAttention(Layer):
         self._use_bias = use_bias
         self._mode = check_mode(mode)
         self._mem_len = predict_mem_len
+        self._blockwise_min_len, self._block_len = BLOCKWISE_MIN_LEN, BLOCKWISE_BLOCK_LEN
         if mode == "predict":
             if not causal:
                 raise ValueError("SelfAttention: predict mode needs causal=True")
@@ -209,6 +218,12 @@ class SelfAttention(Layer):
         length = q.shape[2]
         common = dict(dropout_rate=self._attention_dropout, rng=rng, mode=self._mode)
         if self._chunk_len is None or self._chunk_len >= length:
+            if length >= self._blockwise_min_len:
+                return blockwise_attention(
+                    q, k, v, None if mask is None else mask.astype(bool)[:, None, :],
+                    causal=self._causal, block_len=self._block_len,
+                    dropout_rate=self._attention_dropout if self._mode == "train" else 0.0,
+                    dropout_rng=rng)
             pos = jnp.arange(length)
             allowed = position_mask(pos, pos, self._causal)
             if mask is not None:

@@ -12,6 +12,11 @@ Every attention layer builds on these pieces:
 - `blocked_attention(q, k, v, q_pos, k_pos, offsets=...)`: each chunk of queries on a window
   of chunks of keys, computed a cache-sized block of chunks at a time with its own gradient
   (local attention, LSH attention over the hash-sorted sequence).
+- `blockwise_attention(q, k, v, key_mask, causal=..., block_len=...)`: exact full attention,
+  each block of queries over the blocks of keys with a running max and normaliser and a
+  recompute-in-backward gradient (the FlashAttention algorithm): `dot_product_attention`'s
+  result without its length x length scores (`BlockwiseAttention`, and `SelfAttention` from
+  `attention.BLOCKWISE_MIN_LEN` positions on).
 
 Shapes of `blocked_attention`:
 
@@ -38,12 +43,14 @@ exponentiated once per pass.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from terraformer.checks import check_int, check_rate
 from terraformer.layers.core import dropout, fold_last_axis
 
 MASK_VALUE = -1e9
@@ -297,3 +304,217 @@ def _fold_wrapped(buffer, before, n_chunks):
 
 
 _blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
+
+
+# -- exact attention over key/value blocks (the FlashAttention algorithm) -------------------------
+
+BLOCKWISE_BLOCK_LEN = 512  # default query and key positions per block of `blockwise_attention`
+_FUSED_DTYPES = ("bfloat16", "float16")  # what the cuDNN fused kernel takes
+
+
+def blockwise_attention(q, k, v, key_mask=None, *, causal=False,
+                        block_len: int = BLOCKWISE_BLOCK_LEN, dropout_rate=0.0, dropout_rng=None):
+    """Exact softmax attention, `dot_product_attention`'s result, a block of keys at a time.
+
+    Args:
+      q: [..., n_q, d_qk]; k: [..., n_k, d_qk]; v: [..., n_k, d_v] (same leading axes).
+      key_mask: bool broadcastable to [..., n_k] (True = may be attended to), or None.
+      causal: query i sees keys j <= i (needs n_q == n_k).
+      block_len: query and key positions per block (at most the length); lengths that are not
+        a multiple are padded inside and the padding never attended to.
+      dropout_rate, dropout_rng: dropout on the attention weights whenever the rate is > 0
+        (the caller decides the mode); each pair of blocks draws its own mask.
+    Returns:
+      [..., n_q, d_v] in v's dtype.
+
+    Each block of queries runs over the blocks of keys with a running max and normaliser
+    (causal: only the blocks up to its own); the backward pass recomputes each block's
+    probabilities from the saved log-sum-exp. Memory is the inputs and outputs plus one block
+    of scores: O(length * d + block_len²) per sequence, never n_q x n_k. A query that may see
+    no key gets the mean of all values, as in `dot_product_attention` (without dropout). On a
+    GPU, half-precision inputs without dropout go to the fused cuDNN kernel instead.
+    """
+    who = "blockwise_attention"
+    block_len = check_int("block_len", block_len, 1, who)
+    dropout_rate = check_rate("dropout_rate", dropout_rate, who)
+    if q.ndim < 2 or k.ndim != q.ndim or v.ndim != q.ndim:
+        raise ValueError(f"{who}: q, k, v must have the same rank >= 2, got shapes "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    lead, n_q, n_k = q.shape[:-2], q.shape[-2], k.shape[-2]
+    if k.shape[:-2] != lead or v.shape[:-1] != k.shape[:-1] or k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"{who}: expected q [..., n_q, d_qk], k [..., n_k, d_qk], "
+                         f"v [..., n_k, d_v], got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if causal and n_q != n_k:
+        raise ValueError(f"{who}: causal attention needs as many queries as keys, got "
+                         f"n_q={n_q}, n_k={n_k}")
+    if dropout_rate > 0.0 and dropout_rng is None:
+        raise ValueError(f"{who}: dropout_rate > 0 needs a dropout_rng")
+    if key_mask is not None:
+        key_mask = jnp.broadcast_to(jnp.asarray(key_mask, bool), lead + (n_k,))
+    if _fused_kernel_applies(q, k, v, dropout_rate):
+        return _fused_attention(q, k, v, key_mask, causal)
+    n = math.prod(lead)
+    bq, bk = min(block_len, n_q), min(block_len, n_k)
+    k_pos = jnp.arange(n_k, dtype=jnp.int32)
+    k_pos = (jnp.broadcast_to(k_pos, (n, n_k)) if key_mask is None
+             else jnp.where(key_mask.reshape(n, n_k), k_pos, -1))
+    q4 = _in_blocks(q.reshape(n, n_q, -1), bq, 0)
+    k4 = _in_blocks(k.reshape(n, n_k, -1), bk, 0)
+    v4 = _in_blocks(v.reshape(n, n_k, -1), bk, 0)
+    kp4 = _in_blocks(k_pos, bk, -1)
+    config = _BlockwiseConfig(1.0 / math.sqrt(q.shape[-1]), bool(causal), None,
+                              float(dropout_rate))
+    rng = jax.random.PRNGKey(0) if dropout_rng is None else dropout_rng
+    out, lse = _blockwise(config, q4, k4, v4, kp4, rng)
+    out = out.reshape(n, -1, v.shape[-1])[:, :n_q]
+    # A query that sees no key: every score it met was MASK_VALUE, and it met only the blocks
+    # it visited; the dense form averages all n_k values.
+    empty = lse.reshape(n, -1)[:, :n_q, None] < MASK_VALUE / 2
+    mean_v = jnp.mean(v.reshape(n, n_k, -1).astype(jnp.float32), axis=1, keepdims=True)
+    out = jnp.where(empty, mean_v, out)
+    return out.reshape(*lead, n_q, v.shape[-1]).astype(v.dtype)
+
+
+class _BlockwiseConfig(NamedTuple):
+    """Static settings of one blockwise attention (the fields `_mask` and `_keep` read)."""
+
+    scale: float
+    causal: bool
+    self_value: float | None
+    dropout_rate: float
+
+
+def _in_blocks(a, block: int, fill):
+    """`a (n, length, ...)` padded with `fill` to a multiple of `block` ->
+    `(n, n_blocks, block, ...)`."""
+    pad = -a.shape[1] % block
+    if pad:
+        a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2), constant_values=fill)
+    return a.reshape(a.shape[0], a.shape[1] // block, block, *a.shape[2:])
+
+
+def _fused_kernel_applies(q, k, v, dropout_rate) -> bool:
+    """Whether the backend's fused attention takes these inputs: cuDNN on a GPU, [batch,
+    heads, length, d] in half precision, equal query/value widths (a multiple of 8, at most
+    128), no dropout."""
+    return (jax.default_backend() == "gpu" and q.ndim == 4 and dropout_rate == 0.0
+            and q.dtype.name in _FUSED_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
+            and q.shape[-1] == v.shape[-1] and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128)
+
+
+def _fused_attention(q, k, v, key_mask, causal):
+    """The fused cuDNN kernel on [batch, heads, length, d] (it takes [batch, length, heads, d])."""
+    mask = None if key_mask is None else key_mask[:, :, None, :]
+    out = jax.nn.dot_product_attention(
+        *(jnp.swapaxes(a, 1, 2) for a in (q, k, v)), mask=mask, is_causal=causal,
+        implementation="cudnn")
+    return jnp.swapaxes(out, 1, 2)
+
+
+def _causal_key_blocks(i, bq: int, bk: int, n_kb: int):
+    """How many key blocks the queries of block `i` may see: those starting at or before its
+    last query."""
+    return jnp.minimum(((i + 1) * bq - 1) // bk + 1, n_kb)
+
+
+def _blockwise_scores(config, qb, kb, q_pos, k_pos):
+    """Masked scores (n, bq, bk) of a query block on a key block, and where they were masked."""
+    s = jnp.einsum("nqd,nkd->nqk", qb, kb, preferred_element_type=jnp.float32)
+    return _mask(config, s * config.scale, q_pos[None, :, None], k_pos[:, None, :])
+
+
+def _blockwise_forward(config, q, k, v, k_pos, rng):
+    n, n_qb, bq, _ = q.shape
+    n_kb, bk, d_v = k.shape[1], k.shape[2], v.shape[-1]
+
+    def query_block(i, carry):
+        out, lse = carry
+        qb = lax.dynamic_index_in_dim(q, i, 1, keepdims=False)
+        q_pos = i * bq + jnp.arange(bq)
+
+        def key_block(j, acc):
+            top, total, o = acc
+            kb, vb, kp = (lax.dynamic_index_in_dim(a, j, 1, keepdims=False) for a in (k, v, k_pos))
+            s, _ = _blockwise_scores(config, qb, kb, q_pos, kp)
+            new_top = jnp.maximum(top, fold_last_axis(s, jnp.maximum, jnp.max))
+            e = jnp.exp(s - new_top[..., None])
+            correction = jnp.exp(top - new_top)
+            total = total * correction + fold_last_axis(e, jnp.add, jnp.sum)
+            if config.dropout_rate > 0.0:
+                e = e * _keep(config, rng, i * n_kb + j, e.shape)
+            o = o * correction[..., None] + jnp.einsum("nqk,nkd->nqd", e, vb.astype(jnp.float32))
+            return new_top, total, o
+
+        count = _causal_key_blocks(i, bq, bk, n_kb) if config.causal else n_kb
+        init = (jnp.full((n, bq), -jnp.inf, jnp.float32), jnp.zeros((n, bq), jnp.float32),
+                jnp.zeros((n, bq, d_v), jnp.float32))
+        top, total, o = lax.fori_loop(0, count, key_block, init)
+        out = lax.dynamic_update_index_in_dim(out, o / total[..., None], i, 1)
+        lse = lax.dynamic_update_index_in_dim(lse, top + jnp.log(total), i, 1)
+        return out, lse
+
+    out = jnp.zeros((n, n_qb, bq, d_v), jnp.float32)
+    lse = jnp.zeros((n, n_qb, bq), jnp.float32)
+    return lax.fori_loop(0, n_qb, query_block, (out, lse))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _blockwise(config, q, k, v, k_pos, rng):
+    return _blockwise_forward(config, q, k, v, k_pos, rng)
+
+
+def _blockwise_fwd(config, q, k, v, k_pos, rng):
+    out, lse = _blockwise_forward(config, q, k, v, k_pos, rng)
+    return (out, lse), (q, k, v, k_pos, rng, out, lse)
+
+
+def _blockwise_bwd(config, residuals, cotangents):
+    q, k, v, k_pos, rng, out, lse = residuals
+    d_out, d_lse = cotangents
+    n, n_qb, bq, _ = q.shape
+    n_kb, bk = k.shape[1], k.shape[2]
+    # With or without dropout, sum_k p_qk * dp_qk (dp: the gradient of the kept weights) is
+    # d_out . out for each query: the softmax backward needs no second pass over the keys.
+    delta = jnp.sum(d_out * out, axis=-1)
+
+    def key_block(j, carry):
+        dq, dk, dv = carry
+        kb, vb, kp = (lax.dynamic_index_in_dim(a, j, 1, keepdims=False) for a in (k, v, k_pos))
+        kb32, vb32 = kb.astype(jnp.float32), vb.astype(jnp.float32)
+
+        def query_block(i, acc):
+            dq, dkb, dvb = acc
+            qb, do, lse_b, delta_b, dl_b = (lax.dynamic_index_in_dim(a, i, 1, keepdims=False)
+                                            for a in (q, d_out, lse, delta, d_lse))
+            q_pos = i * bq + jnp.arange(bq)
+            s, replaced = _blockwise_scores(config, qb, kb, q_pos, kp)
+            p = jnp.exp(s - lse_b[..., None])
+            dp = jnp.einsum("nqd,nkd->nqk", do, vb32)
+            if config.dropout_rate > 0.0:
+                keep = _keep(config, rng, i * n_kb + j, p.shape)
+                dvb = dvb + jnp.einsum("nqk,nqd->nkd", p * keep, do)
+                dp = dp * keep
+            else:
+                dvb = dvb + jnp.einsum("nqk,nqd->nkd", p, do)
+            ds = p * (dp - delta_b[..., None] + dl_b[..., None])
+            ds = jnp.where(replaced, 0.0, ds) * config.scale
+            dkb = dkb + jnp.einsum("nqk,nqd->nkd", ds, qb.astype(jnp.float32))
+            dqb = jnp.einsum("nqk,nkd->nqd", ds, kb32)
+            dq = _add_slice(dq, dqb[:, None], i)
+            return dq, dkb, dvb
+
+        first = (j * bk) // bq if config.causal else 0
+        init = (dq, jnp.zeros(kb.shape, jnp.float32), jnp.zeros(vb.shape, jnp.float32))
+        dq, dkb, dvb = lax.fori_loop(first, n_qb, query_block, init)
+        dk = lax.dynamic_update_index_in_dim(dk, dkb, j, 1)
+        dv = lax.dynamic_update_index_in_dim(dv, dvb, j, 1)
+        return dq, dk, dv
+
+    init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32),
+            jnp.zeros(v.shape, jnp.float32))
+    dq, dk, dv = lax.fori_loop(0, n_kb, key_block, init)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+
+_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)

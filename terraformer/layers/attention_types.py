@@ -13,12 +13,32 @@ import functools
 from collections.abc import Callable
 
 from terraformer.layers.attention import SelfAttention
+from terraformer.layers.blockwise import BlockwiseAttention
+from terraformer.layers.efficient.bigbird import BigBirdAttention
+from terraformer.layers.efficient.linear import LinearAttention
+from terraformer.layers.efficient.linformer import LinformerAttention
+from terraformer.layers.efficient.longformer import LongformerAttention
+from terraformer.layers.efficient.performer import PerformerAttention
+from terraformer.layers.efficient.routing import RoutingAttention
+from terraformer.layers.efficient.sinkhorn import SinkhornAttention
+from terraformer.layers.efficient.sparse_transformer import SparseTransformerAttention
+from terraformer.layers.efficient.synthesizer import SynthesizerAttention
 from terraformer.layers.lsh import LSHSelfAttention
 
 ATTENTION_TYPES: dict[str, Callable] = {
     "full": SelfAttention,
+    "blockwise": BlockwiseAttention,
     "local": functools.partial(SelfAttention, chunk_len=128, n_chunks_before=1),
     "lsh": LSHSelfAttention,
+    "sparse_transformer": SparseTransformerAttention,
+    "longformer": LongformerAttention,
+    "bigbird": BigBirdAttention,
+    "routing": RoutingAttention,
+    "sinkhorn": SinkhornAttention,
+    "linear": LinearAttention,
+    "performer": PerformerAttention,
+    "linformer": LinformerAttention,
+    "synthesizer": SynthesizerAttention,
 }
 
 

@@ -2,7 +2,8 @@
 
 `model_output` holds log-probabilities [batch, length, vocab]; `targets` int ids
 [batch, length]; `weights` [batch, length] (0 masks a position out). Each returns the
-weighted mean over positions, a scalar.
+weighted mean over positions, a scalar. A classifier's are [batch, n_classes], [batch] and
+[batch]: one position per sequence.
 """
 
 from __future__ import annotations
@@ -42,9 +43,11 @@ def accuracy(log_probs, targets, weights):
 
 
 def sequence_accuracy(log_probs, targets, weights):
-    """Fraction of sequences whose every weighted position is right."""
+    """Fraction of sequences whose every weighted position is right (targets [batch] are one
+    position per sequence: then the accuracy over the batch, unweighted)."""
     _check(log_probs, targets, weights, "sequence_accuracy")
     wrong = (jnp.argmax(log_probs, axis=-1) != targets) & (weights > 0)
+    wrong = wrong.reshape(wrong.shape[0], -1)
     return jnp.mean(1.0 - jnp.any(wrong, axis=-1).astype(jnp.float32))
 
 

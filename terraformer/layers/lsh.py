@@ -14,7 +14,9 @@ The pieces, each usable on its own:
 Conventions (those of Trax's LSHSelfAttention, re-derived from the Reformer paper):
 
 - Shared QK: queries are the projections `qk`; keys are `qk` normalised to unit length
-  (`length_normalized`); scores are scaled by `1/sqrt(d_qk)`.
+  (`length_normalized`); a score is `qk_scale * q . k`, and `qk_scale = 1` is Trax's (its keys
+  have RMS 1 and are then divided by sqrt(d_qk), which makes them unit vectors too). A smaller
+  `qk_scale` (e.g. `1/sqrt(d_qk)`) starts training with softer attention: see the argument.
 - A query never attends to itself unless nothing else is allowed: its self-score is replaced by
   `SELF_ATTENTION_VALUE` (-1e5), while masked scores become `MASK_VALUE` (-1e9).
 - Buckets do not mask: a query sees every key of its chunk window (its chunk plus
@@ -56,8 +58,12 @@ from terraformer.layers.core import dropout as dropout_fn
 
 SELF_ATTENTION_VALUE = -1e5
 NORM_EPSILON = 1e-6
-# Above this many buckets, `n_buckets=None` factors the hash into a pair (a, b).
+# Above this many buckets, `n_buckets='chunks'` factors the hash into a pair (a, b).
 MAX_UNFACTORED_BUCKETS = 512
+# Above this many, `n_buckets=None` factors it (Trax's threshold).
+TRAX_UNFACTORED_BUCKETS = 128
+# `n_buckets` for one bucket per chunk (see `resolve_n_buckets`).
+PER_CHUNK = "chunks"
 # Elements of one block of rotated vectors (hashing) or of chunk scores (attention).
 _HASH_BLOCK_ELEMENTS = 1 << 18
 # Scores per block of new queries in predict mode (`_predict_attention`).
@@ -76,9 +82,10 @@ def _check_factor(n, who: str) -> int:
 
 
 def check_n_buckets(n_buckets, who: str = "LSH"):
-    """Validates `n_buckets`: None, an int (1 or even), or a pair of them (factored hashing)."""
-    if n_buckets is None:
-        return None
+    """Validates `n_buckets`: None or 'chunks' (see `resolve_n_buckets`), an int (1 or even),
+    or a pair of them (factored hashing)."""
+    if n_buckets is None or n_buckets == PER_CHUNK:
+        return n_buckets
     if isinstance(n_buckets, (tuple, list)):
         if len(n_buckets) != 2:
             raise ValueError(f"{who}: factored n_buckets must be a pair (a, b), got {n_buckets!r}")
@@ -96,15 +103,27 @@ def total_buckets(n_buckets) -> int:
 def resolve_n_buckets(n_buckets, length: int, chunk_len: int, max_length_for_buckets=None):
     """The bucket count to use for sequences of `length`.
 
-    An explicit `n_buckets` is returned as is (validated). `None` means: the number of chunks,
-    `ceil(L / chunk_len)` with `L = max_length_for_buckets or length`, rounded up to a power of two
-    `2^k`; above `MAX_UNFACTORED_BUCKETS` it is factored as `(2^(k//2), 2^(k - k//2))` so that
-    hashing costs O(sqrt(n_buckets)) per token.
+    An explicit `n_buckets` is returned as is (validated). With `L = max_length_for_buckets or
+    length`, the two rules that choose it from the length are:
+
+    - None (Trax's): about two buckets a chunk, `n = 2 * max(1, L // chunk_len)`; above
+      `TRAX_UNFACTORED_BUCKETS` factored as Trax does, `(a, 2 * (n // (2 * a)))` with `a` the
+      power of two at or above `sqrt(n)`.
+    - 'chunks': one bucket a chunk, `ceil(L / chunk_len)` rounded up to a power of two `2^k`;
+      above `MAX_UNFACTORED_BUCKETS` factored as `(2^(k//2), 2^(k - k//2))`.
+
+    Factoring makes hashing cost O(sqrt(n_buckets)) per token.
     """
     n_buckets = check_n_buckets(n_buckets)
-    if n_buckets is not None:
+    if n_buckets is not None and n_buckets != PER_CHUNK:
         return n_buckets
     target = max_length_for_buckets or length
+    if n_buckets is None:
+        n = 2 * max(1, int(target) // int(chunk_len))
+        if n <= TRAX_UNFACTORED_BUCKETS:
+            return n
+        a = 2 ** math.ceil(math.log2(math.sqrt(n)))
+        return (a, 2 * (n // (2 * a)))
     n_chunks = max(1, -(-int(target) // int(chunk_len)))
     k = (n_chunks - 1).bit_length()
     if 2**k <= MAX_UNFACTORED_BUCKETS:
@@ -290,6 +309,15 @@ def window_offsets(n_chunks: int, n_chunks_before: int, n_chunks_after: int) -> 
     return offsets
 
 
+def check_qk_scale(qk_scale, who: str) -> float:
+    """`qk_scale` as a positive finite float, or a one-line error naming it."""
+    if isinstance(qk_scale, bool) or not isinstance(qk_scale, (int, float)) or not (
+            0 < qk_scale < math.inf):
+        raise ArgumentError(f"{who}: qk_scale must be a positive number (1.0 is Trax's scores, "
+                            f"1/sqrt(d_qk) softer ones), got {qk_scale!r}")
+    return float(qk_scale)
+
+
 def _check_lsh_args(chunk_len, n_chunks_before, n_chunks_after, n_hashes, who):
     check_int("chunk_len", chunk_len, 1, who)
     check_int("n_chunks_before", n_chunks_before, 0, who)
@@ -314,6 +342,7 @@ def lsh_attention(
     dropout_rng=None,
     max_length_for_buckets: int | None = None,
     chunks_per_block: int | None = None,
+    qk_scale: float = 1.0,
 ):
     """LSH attention with shared QK on per-head arrays.
 
@@ -338,6 +367,7 @@ def lsh_attention(
       chunks_per_block: chunks attended to per block (a divisor of the chunk count; default:
         about `attention_core.BLOCK_SCORES` scores a block). Blocks are recomputed in the
         backward pass, so memory is linear in the length.
+      qk_scale: the factor of every score `q . k` (keys are unit vectors); 1 is Trax's.
 
     Returns:
       `(out, lse)`: `(batch, heads, length, d_v)` in v's dtype and `(batch, heads, length)`
@@ -360,6 +390,7 @@ def lsh_attention(
         )
     if chunks_per_block is not None:
         chunks_per_block = check_int("chunks_per_block", chunks_per_block, 1, "lsh_attention")
+    qk_scale = check_qk_scale(qk_scale, "lsh_attention")
     n_buckets = resolve_n_buckets(n_buckets, length, chunk_len, max_length_for_buckets)
     if rotations is None and rng is None:
         raise ValueError("lsh_attention: pass rng (to draw the hash rotations) or rotations")
@@ -382,6 +413,7 @@ def lsh_attention(
         causal=bool(causal),
         dropout_rate=float(dropout_rate),
         chunks_per_block=chunks_per_block,
+        qk_scale=qk_scale,
     )
 
 
@@ -396,6 +428,7 @@ def lsh_attention(
         "causal",
         "dropout_rate",
         "chunks_per_block",
+        "qk_scale",
     ),
 )
 def _lsh_attention(
@@ -414,6 +447,7 @@ def _lsh_attention(
     causal,
     dropout_rate,
     chunks_per_block,
+    qk_scale,
 ):
     """`lsh_attention` after validation, compiled once per configuration and shape.
 
@@ -426,7 +460,7 @@ def _lsh_attention(
         rotations = random_rotations(rng, d_qk, n_buckets, n_hashes, n_heads)
     config = dict(n_buckets=n_buckets, chunk_len=chunk_len, n_chunks_before=n_chunks_before,
                   n_chunks_after=n_chunks_after, causal=causal, dropout_rate=dropout_rate,
-                  chunks_per_block=chunks_per_block)
+                  chunks_per_block=chunks_per_block, qk_scale=qk_scale)
     n_rounds = rotations[0].shape[-3]
     if n_heads == 1 or batch * n_heads * n_rounds * length <= _HEAD_LOOP_ROWS:
         return _lsh_attention_heads(qk, v, mask, rotations, dropout_rng, **config)
@@ -463,7 +497,7 @@ def _lsh_attention(
 
 def _lsh_attention_heads(qk, v, mask, rotations, dropout_rng, *, n_buckets, chunk_len,
                          n_chunks_before, n_chunks_after, causal, dropout_rate,
-                         chunks_per_block, merge=True):
+                         chunks_per_block, qk_scale, merge=True):
     """The LSH attention of all heads of `qk`, `v` at once, given per-head rotations.
 
     Returns the rounds merged, `(B, H, L, d_v), (B, H, L)`, or with `merge=False` each round's
@@ -502,7 +536,7 @@ def _lsh_attention_heads(qk, v, mask, rotations, dropout_rng, *, n_buckets, chun
     out, lse = blocked_attention(
         sq, length_normalized(sq), sv, spos, skpos,
         offsets=window_offsets(n_chunks, n_chunks_before, n_chunks_after),
-        scale=1.0 / math.sqrt(d_qk), causal=causal, self_value=SELF_ATTENTION_VALUE,
+        scale=qk_scale, causal=causal, self_value=SELF_ATTENTION_VALUE,
         dropout_rate=dropout_rate, dropout_rng=dropout_rng, chunks_per_block=chunks_per_block)
 
     # Undo the sort, cut the padding, merge the rounds.
@@ -566,8 +600,9 @@ class LSHSelfAttention(Layer):
       n_heads, d_qk, d_v: heads and their query-key and value sizes.
       causal: mask keys at later positions (needed for `predict` decoding).
       chunk_len, n_chunks_before, n_chunks_after, n_hashes, n_buckets: as in `lsh_attention`.
-        `n_buckets` is an int (1 or even), a pair (a, b) for factored hashing, or None: chosen
-        from the length (`resolve_n_buckets`), from `max_length_for_buckets` when given, and in
+        `n_buckets` is an int (1 or even), a pair (a, b) for factored hashing, or chosen from
+        the length (`resolve_n_buckets`): None (the default, Trax's rule: about two buckets a
+        chunk) or 'chunks' (one a chunk); from `max_length_for_buckets` when given, and in
         causal `predict` mode from `predict_mem_len` unless `max_length_for_buckets` is given
         (set it so that eval and predict hash alike).
       attention_dropout: dropout on attention probabilities, `train` mode only.
@@ -577,6 +612,11 @@ class LSHSelfAttention(Layer):
       use_mask: take `(x, mask)` instead of `x`.
       use_bias: add an output bias `b_o` (Trax's LSH layer has none by default).
       chunks_per_block: chunks per block of the attention (default: automatic).
+      qk_scale: the factor of every score `q . k` (keys are unit vectors). 1.0 (the default)
+        is Trax's function, which learns text quickly; a short task that needs its attention
+        found by search early, such as the copy task, learns sooner with softer scores
+        (`gin/reformer_copy.gin` sets `1/sqrt(d_qk)`). `benchmarks/learning_parity.py` and
+        `benchmarks/RESULTS.md` hold the runs behind this choice.
 
     `predict` mode (causal only; a non-causal layer in predict mode runs the full eval forward on
     each input and keeps no cache): the state also holds preallocated buffers in the layout of
@@ -607,7 +647,7 @@ class LSHSelfAttention(Layer):
         n_chunks_before: int = 1,
         n_chunks_after: int = 0,
         n_hashes: int = 1,
-        n_buckets=256,
+        n_buckets=None,
         attention_dropout: float = 0.0,
         output_dropout: float = 0.0,
         mode: str = "train",
@@ -617,6 +657,7 @@ class LSHSelfAttention(Layer):
         max_length_for_buckets: int | None = None,
         use_bias: bool = False,
         chunks_per_block: int | None = None,
+        qk_scale: float = 1.0,
     ):
         who = "LSHSelfAttention"
         for name, value in (
@@ -645,6 +686,7 @@ class LSHSelfAttention(Layer):
         self.max_length_for_buckets = max_length_for_buckets
         self.use_bias = bool(use_bias)
         self.chunks_per_block = chunks_per_block
+        self.qk_scale = check_qk_scale(qk_scale, who)
 
     # -- projections (override to use other layers) ------------------------------------------
     def init_projections(self, d_model: int, rng) -> dict:
@@ -765,6 +807,7 @@ class LSHSelfAttention(Layer):
             dropout_rate=attn_rate,
             dropout_rng=r_attn,
             chunks_per_block=self.chunks_per_block,
+            qk_scale=self.qk_scale,
         )
         y = self.project_output(o, weights)
         return dropout_fn(y, self.output_dropout, r_out, self.mode), state
@@ -823,7 +866,8 @@ class LSHSelfAttention(Layer):
                for name in mem}
 
         o = _predict_attention(qk, q_buckets, fill + jnp.arange(n_new, dtype=jnp.int32),
-                               mem["k_mem"], mem["v_mem"], mem["buckets"], mem["valid"])
+                               mem["k_mem"], mem["v_mem"], mem["buckets"], mem["valid"],
+                               self.qk_scale)
         y = self.project_output(o.astype(x.dtype), weights)
         y = jnp.where(overflow, jnp.nan, y)
         new_state = dict(state, **mem, fill=fill + n_new, pos=pos + n_new)
@@ -834,20 +878,20 @@ class LSHSelfAttention(Layer):
 _MEMORY_POSITION_AXIS = {"k_mem": 2, "v_mem": 2, "buckets": 3, "valid": 1}
 
 
-def _predict_attention(q, q_buckets, q_slots, k_mem, v_mem, k_buckets, valid, block=None):
+def _predict_attention(q, q_buckets, q_slots, k_mem, v_mem, k_buckets, valid, qk_scale,
+                       block=None):
     """Bucket-masked causal attention of new queries on the memory.
 
     q: (B, H, T, d); q_buckets: (B, H, R, T); q_slots: (T,) memory slots of the queries;
     k_mem: (B, H, M, d) unit-length keys; v_mem: (B, H, M, dv); k_buckets: (B, H, R, M);
-    valid: (B, M). Returns (B, H, T, dv) float32.
+    valid: (B, M); qk_scale: the factor of every score. Returns (B, H, T, dv) float32.
     """
     batch, n_heads, n_new, d = q.shape
     n_rounds, mem_len = k_buckets.shape[2], k_mem.shape[2]
-    scale = 1.0 / math.sqrt(d)
     slots = jnp.arange(mem_len, dtype=jnp.int32)
 
     def attend(qb, qbk, qs):
-        s = jnp.einsum("bhtd,bhmd->bhtm", qb, k_mem, preferred_element_type=jnp.float32) * scale
+        s = jnp.einsum("bhtd,bhmd->bhtm", qb, k_mem, preferred_element_type=jnp.float32) * qk_scale
         s = jnp.where(slots[None, :] == qs[:, None], SELF_ATTENTION_VALUE, s)
         ok = (slots[None, :] <= qs[:, None])[None, None, None] & valid[:, None, None, None, :]
         ok = ok & (qbk[..., :, None] == k_buckets[..., None, :])  # (B, H, R, t, M)

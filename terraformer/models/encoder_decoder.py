@@ -49,6 +49,7 @@ import inspect
 
 from terraformer import layers as tl
 from terraformer.layers.attention import SelfAttention
+from terraformer.layers.attention_types import attention_constructor
 from terraformer.layers.base import check_mode
 from terraformer.layers.encdec import Cache, EncDecAttention, PaddingMask
 from terraformer.layers.lsh import LSHSelfAttention
@@ -57,7 +58,6 @@ from terraformer.layers.reversible import (
     ReversibleSerial,
     ReversibleSwap,
 )
-from terraformer.layers.attention_types import attention_constructor
 from terraformer.models.stack import (
     build_attention,
     feed_forward_builder,

@@ -98,8 +98,12 @@ def init_signature(model, batch_sig):
 
 
 def check_ids(batch, vocab_size: int, who: str) -> None:
-    """Raises ValueError when ``batch`` holds token ids outside [0, vocab_size)."""
-    for name, arr in (("inputs", batch[0]), ("targets", batch[1])):
+    """Raises ValueError when ``batch`` holds token ids outside [0, vocab_size).
+
+    Targets with fewer axes than the inputs are one label per sequence (a classifier): then
+    ``vocab_size`` counts the classes, and only the targets are checked against it."""
+    pairs = (("inputs", batch[0]), ("targets", batch[1]))
+    for name, arr in pairs[1:] if np.ndim(batch[1]) < np.ndim(batch[0]) else pairs:
         if np.issubdtype(arr.dtype, np.integer) and arr.size:
             hi, lo = int(arr.max()), int(arr.min())
             if hi >= vocab_size or lo < 0:

@@ -132,9 +132,8 @@ def test_reformer_lsh_loads_trax_weights(trax_case):
     np.testing.assert_allclose(np.exp(y).sum(-1), 1.0, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="LSH eval randomness and scaling: trax draws new "
-                   "rotations per call from per-(example, head) state keys and scores q . k_hat; "
-                   "ours keeps one key per layer and divides by sqrt(d_qk)")
+@pytest.mark.xfail(strict=True, reason="LSH eval randomness: trax draws new rotations per "
+                   "call from per-(example, head) state keys; ours keeps one key per layer")
 def test_reformer_lsh_eval_matches_trax(trax_case):
     case = trax_case("reformer_lm_lsh")
     y, _ = eval_log_probs(reformer("eval", "lsh"), case)

@@ -86,16 +86,17 @@ def window_masks(buckets, valid, n_total, chunk_len, before, after):
     return out
 
 
-@functools.partial(jax.jit, static_argnames="causal")
-def dense_reference(qk, v, window, valid, causal):
+@functools.partial(jax.jit, static_argnames=("causal", "qk_scale"))
+def dense_reference(qk, v, window, valid, causal, qk_scale=1.0):
     """Masked dense attention: qk (B,H,L,d), v (B,H,L,dv), window (B,H,R,L,L), valid (B,L).
 
-    Shared QK with unit-length keys; self-scores -1e5, masked scores -1e9; rounds merged by
-    their log-sum-exp. Returns (out (B,H,L,dv), lse (B,H,L)).
+    Shared QK with unit-length keys, scores `qk_scale * q . k` (1: Trax's); self-scores -1e5,
+    masked scores -1e9; rounds merged by their log-sum-exp. Returns (out (B,H,L,dv),
+    lse (B,H,L)).
     """
     length = qk.shape[2]
     k = qk / jnp.sqrt(jnp.sum(qk * qk, axis=-1, keepdims=True) + lsh.NORM_EPSILON)
-    s = jnp.einsum("bhid,bhjd->bhij", qk, k) / np.sqrt(qk.shape[-1])
+    s = jnp.einsum("bhid,bhjd->bhij", qk, k) * qk_scale
     s = jnp.where(jnp.eye(length, dtype=bool), lsh.SELF_ATTENTION_VALUE, s)[:, :, None]
     ok = window & valid[:, None, None, None, :]
     if causal:
@@ -107,17 +108,17 @@ def dense_reference(qk, v, window, valid, causal):
     return jnp.sum(weights[..., None] * o, axis=2), jax.nn.logsumexp(lse, axis=2)
 
 
-def full_reference(qk, v, causal, valid=None):
+def full_reference(qk, v, causal, valid=None, qk_scale=1.0):
     """Plain full attention with the same shared-QK and self-score rules."""
     b, h, length, _ = qk.shape
     window = np.ones((b, h, 1, length, length), bool)
     valid = np.ones((b, length), bool) if valid is None else np.asarray(valid, bool)
-    return dense_reference(qk, v, window, valid, causal)
+    return dense_reference(qk, v, window, valid, causal, qk_scale)
 
 
 def layer_reference(layer, x, weights, causal, valid=None):
     qk, v = layer.project_qk_v(jnp.asarray(x), weights)
-    o, _ = full_reference(qk, v, causal, valid)
+    o, _ = full_reference(qk, v, causal, valid, layer.qk_scale)
     return layer.project_output(o, weights)
 
 
@@ -178,11 +179,19 @@ def test_hash_scale_invariant_and_rng_determines_buckets(rng):
 def test_resolve_n_buckets():
     assert resolve_n_buckets(6, 4096, 128) == 6
     assert resolve_n_buckets([4, 8], 4096, 128) == (4, 8)
-    assert resolve_n_buckets(None, 100, 128) == 1
-    assert resolve_n_buckets(None, 300, 128) == 4  # 3 chunks -> 4
-    assert resolve_n_buckets(None, 4096, 128) == 32
-    assert resolve_n_buckets(None, 10, 128, max_length_for_buckets=65536) == 512
-    assert resolve_n_buckets(None, 2**20, 128) == (64, 128)  # 8192 buckets, factored
+    # 'chunks': one bucket a chunk, rounded up to a power of two.
+    assert resolve_n_buckets("chunks", 100, 128) == 1
+    assert resolve_n_buckets("chunks", 300, 128) == 4  # 3 chunks -> 4
+    assert resolve_n_buckets("chunks", 4096, 128) == 32
+    assert resolve_n_buckets("chunks", 10, 128, max_length_for_buckets=65536) == 512
+    assert resolve_n_buckets("chunks", 2**20, 128) == (64, 128)  # 8192 buckets, factored
+    # None: Trax's 2 * (L // chunk_len), factored above 128 buckets.
+    assert resolve_n_buckets(None, 100, 128) == 2
+    assert resolve_n_buckets(None, 300, 128) == 4
+    assert resolve_n_buckets(None, 4096, 128) == 64
+    assert resolve_n_buckets(None, 10, 128, max_length_for_buckets=8192) == 128
+    assert resolve_n_buckets(None, 8192 + 128, 128) == (16, 8)  # 130 buckets: 16 x 2*(130//32)
+    assert resolve_n_buckets(None, 2**20, 128) == (128, 128)  # 16384 buckets
     for bad in (3, 0, (2, 3), (2, 2, 2)):
         with pytest.raises(ValueError, match="n_buckets"):
             resolve_n_buckets(bad, 64, 8)
@@ -217,6 +226,25 @@ def test_layer_one_bucket_equals_full_attention(rng, causal):
     y, _ = layer.apply(x, weights, state, None)
     assert y.shape == x.shape
     assert _max_diff(y, layer_reference(layer, x, weights, causal)) < TOL
+
+
+def test_qk_scale_multiplies_every_score(rng):
+    """Scores are `qk_scale * q . k_hat`: the layer with a soft scale equals the reference at
+    that scale, and not the one at Trax's scale of 1 (so the argument really reaches them)."""
+    layer = _layer(causal=True, chunk_len=16, n_buckets=1, qk_scale=0.125)
+    weights, state = _init(layer, rng, length=10)
+    x = _normal(rng, 2, 10, D_MODEL)
+    y, _ = layer.apply(x, weights, state, None)
+    assert _max_diff(y, layer_reference(layer, x, weights, True)) < TOL
+    qk, v = layer.project_qk_v(jnp.asarray(x), weights)
+    trax_scale = layer.project_output(full_reference(qk, v, True)[0], weights)
+    assert _max_diff(y, trax_scale) > 100 * TOL
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), "1", True])
+def test_qk_scale_must_be_a_positive_number(bad):
+    with pytest.raises(ValueError, match="qk_scale must be a positive number"):
+        LSHSelfAttention(qk_scale=bad)
 
 
 @pytest.mark.parametrize(
@@ -392,8 +420,8 @@ def test_rng_in_train_and_eval(rng):
 
 
 def test_jit_and_shapes(rng):
-    # n_buckets=None: 50 tokens are 7 chunks of 8, so 8 buckets.
-    layer = _layer(chunk_len=8, n_buckets=None, n_hashes=2, n_chunks_after=1,
+    # n_buckets='chunks': 50 tokens are 7 chunks of 8, so 8 buckets.
+    layer = _layer(chunk_len=8, n_buckets="chunks", n_hashes=2, n_chunks_after=1,
                    n_heads=3, d_qk=8)
     weights, state = _init(layer, rng, length=50)
     assert weights["w_qk"].shape == (D_MODEL, 24) and weights["w_o"].shape == (12, D_MODEL)
@@ -484,7 +512,7 @@ def _bucket_reference(layer, x, weights, state, seen):
     window = np.zeros(buckets.shape + (length,), bool)
     for t in range(length):
         window[..., t, seen[t]] = buckets[..., seen[t]] == buckets[..., t : t + 1]
-    o, _ = dense_reference(qk, v, window, np.ones(x.shape[:2], bool), True)
+    o, _ = dense_reference(qk, v, window, np.ones(x.shape[:2], bool), True, layer.qk_scale)
     return layer.project_output(o, weights)
 
 
@@ -515,7 +543,7 @@ def test_predict_attention_blocks_of_queries(rng):
     b, h, r, t, m = 2, 2, 2, 7, 12
     q, k, v = _normal(rng, b, h, t, 4), _normal(rng, b, h, m, 4), _normal(rng, b, h, m, 3)
     qb, kb = rng.integers(0, 2, (b, h, r, t)), rng.integers(0, 2, (b, h, r, m))
-    args = (q, qb, np.arange(t) + 3, k, v, kb, rng.random((b, m)) > 0.2)
+    args = (q, qb, np.arange(t) + 3, k, v, kb, rng.random((b, m)) > 0.2, 0.5)
     whole = lsh._predict_attention(*args)
     assert _max_diff(lsh._predict_attention(*args, block=3), whole) < 1e-6  # a lax.map
 
