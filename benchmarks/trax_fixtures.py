@@ -214,6 +214,11 @@ def sparse_cases(out: Path) -> None:
     w, y = run_layer(sparsity.FactoredDense(2, 8, 8), x, seed=13)
     save(out, "factored_dense", w, x, y, {"n_modules": 2, "d_in": 8, "d_out": 8})
 
+    # The per-module kernel kmod [2, 4, 4] after the multiplicative dense (FactoredDense has none).
+    x = floats(16, 2, 6, 8)
+    w, y = run_layer(sparsity.MultiplicativeModularSparseDense(2, 8), x, seed=16)
+    save(out, "multiplicative_modular_sparse_dense", w, x, y, {"sparsity": 2, "d_feature": 8})
+
     x = floats(14, 2, 6, 8)
     w, y = run_layer(sparsity.MultiplicativeConvCausalAttention(
         8, n_heads=2, sparsity=2, length_kernel_size=3, mode="eval"), x, seed=14)
@@ -301,16 +306,20 @@ def model_case(out: Path, name: str, make, cfg: dict, seed: int, noise: float = 
 
 def position_cases(out: Path) -> None:
     """ReformerLM with trax's other pos_type values: None (a trainable table initialised with
-    interleaved sinusoids) and 'fixed-base' (FixedBasePositionalEncoding); eval only."""
-    for pos_type, name in ((None, "reformer_lm_pos_none"), ("fixed-base", "reformer_lm_pos_fixed")):
+    interleaved sinusoids), 'fixed-base' (FixedBasePositionalEncoding) and 'sin-cos'
+    (SinCosPositionalEncoding); eval, and predict with a memory covering the sequence."""
+    for pos_type, name in ((None, "reformer_lm_pos_none"), ("fixed-base", "reformer_lm_pos_fixed"),
+                           ("sin-cos", "reformer_lm_pos_sin_cos")):
         cfg = dict(REFORMER, pos_type=pos_type, pos_axial_shape=None, pos_d_axial_embs=None)
 
         def make(mode, cfg=cfg):
-            attn = functools.partial(tl.SelfAttention, **LOCAL)
+            attn = functools.partial(tl.SelfAttention, predict_mem_len=16, predict_drop_len=4,
+                                     **LOCAL)
             return trax.models.ReformerLM(attention_type=attn, mode=mode, **cfg)
 
+        # fixed-base starts from vectors of 1e-4: noise makes its positions matter.
         model_case(out, name, make, dict(cfg, attention="local", **LOCAL), seed=23,
-                   predict=False)
+                   noise=0.5 if pos_type == "fixed-base" else 0.0)
 
 
 def model_cases(out: Path) -> None:
@@ -435,7 +444,7 @@ def checkpoint_cases(out: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    p.add_argument("--only", choices=["layers", "models", "positions", "checkpoints"],
+    p.add_argument("--only", choices=["layers", "sparse", "models", "positions", "checkpoints"],
                    default=None)
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -443,6 +452,8 @@ def main() -> None:
     install_jax_shims()
     if args.only in (None, "layers"):
         layer_cases(args.out)
+    if args.only == "sparse":
+        sparse_cases(args.out)
     if args.only in (None, "models"):
         model_cases(args.out)
     if args.only in (None, "positions"):

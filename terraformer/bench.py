@@ -43,6 +43,8 @@ from terraformer.layers.lsh import LSHSelfAttention
 from terraformer.models.reformer import ReformerLM
 from terraformer.models.terraformer import TerraformerLM
 from terraformer.models.transformer import TransformerLM
+from terraformer.parallel.measure import batch_rows, mesh_memory
+from terraformer.parallel.mesh import make_mesh, parse_mesh_spec
 from terraformer.runtime import tune_cpu_runtime
 from terraformer.shapes import ShapeDtype
 from terraformer.training.step import make_train_step
@@ -122,15 +124,21 @@ def bench_train(args) -> dict:
                      else args.ff_chunk_size)
     model = t_workload_model(length, args.n_layers, args.attention,
                              ff_chunk_size=ff_chunk_size)
-    tokens = np.random.default_rng(0).integers(1, 256, size=(1, length)).astype(np.int32)
-    batch = (jnp.asarray(tokens), jnp.asarray(tokens), jnp.ones((1, length), jnp.float32))
-    weights, state = model.init(ShapeDtype((1, length), jnp.int32), jax.random.PRNGKey(0))
+    # --mesh: one sequence per device of data x fsdp (make_mesh; parallel/measure.py)
+    mesh = make_mesh(**parse_mesh_spec(args.mesh)) if args.mesh else None
+    rows = batch_rows(mesh)
+    tokens = np.random.default_rng(0).integers(1, 256, size=(rows, length)).astype(np.int32)
+    batch = (jnp.asarray(tokens), jnp.asarray(tokens), jnp.ones((rows, length), jnp.float32))
+    weights, state = model.init(ShapeDtype((rows, length), jnp.int32), jax.random.PRNGKey(0))
     params = count_params(weights)
     # The weights and slots are donated (updated in place) on every backend, CPU included:
     # the peak memory measured is that of a step that needs no second copy of them.
     step = make_train_step(model, optax.adam(1e-3), memory_efficient=args.memory_efficient,
-                           donate=True)
+                           donate=True, mesh=mesh)
     opt_state = step.init_opt_state(weights)
+    weights, state, opt_state = step.place(weights, state, opt_state)
+    per_device = ({} if args.memory_efficient or not args.mesh else mesh_memory(
+        step.lower(weights, state, opt_state, batch, jax.random.PRNGKey(1)).compile(), mesh))
     rng = jax.random.PRNGKey(1)
     model_flops = flops.train_flops(model, batch[0], weights, state, rng)  # traced, not run
     carry = {"w": weights, "s": state, "o": opt_state}
@@ -153,10 +161,11 @@ def bench_train(args) -> dict:
                 seq_len=length, n_layers=args.n_layers, attention=args.attention,
                 ff_chunk_size=ff_chunk_size, memory_efficient=args.memory_efficient,
                 compile_s=compile_s, step_s=step_s,
-                tokens_per_s=length / step_s,
+                tokens_per_s=rows * length / step_s,
                 peak_rss_gib=peak_rss_gib, params=params, loss=carry["loss"],
                 model_flops=model_flops, flops_per_s=model_flops / step_s,
-                peak_flops_per_s=peak_flops, floor_fraction=model_flops / step_s / peak_flops)
+                peak_flops_per_s=peak_flops, floor_fraction=model_flops / step_s / peak_flops,
+                **per_device)
 
 
 D_SHAPE = dict(vocab_size=32000, d_model=1024, d_ff=4096, n_heads=16)
@@ -322,6 +331,10 @@ def build_parser() -> ArgumentParser:
                        help="the memory-efficient step (host-resident reversible stack, "
                             "per-block updates, chunked loss): "
                             "terraformer/training/memory_efficient.py")
+    train.add_argument("--mesh", default="", metavar="AXIS=SIZE,...",
+                       help="train on a mesh, e.g. data=2,model=2 or fsdp=4 (axes data, fsdp, "
+                            "model, sequence; -1: the rest): one sequence per data x fsdp "
+                            "device; adds the per-device peak memory")
     train.add_argument("--peak_file", default=None, help=peak_help)
     decode = sub.add_parser("decode", help="D workloads: batch-1 greedy decoding latency")
     decode.add_argument("--model", default="dense", choices=["dense", "sparse", "lsh"])

@@ -99,6 +99,9 @@ def _parse_run_config(output_dir: str, params: list[str]) -> None:
 
 
 def _cmd_train(args) -> int:
+    from terraformer.parallel.distributed import initialize
+
+    initialize(args.coordinator, args.num_processes, args.process_id)  # before any device use
     _parse_gin(args.config, args.gin_param)
     from terraformer.training import loop
 
@@ -157,8 +160,10 @@ def _stream_continuation(model_fn, weights, ids, tok, args) -> None:
     import numpy as np
 
     from terraformer.decoding import STREAM_BLOCK, Decoder
+    from terraformer.parallel.mesh import mesh
 
-    decoder = Decoder(model_fn(mode="predict"), weights, batch_size=1)
+    # on the run's mesh when its config names one (mesh.model = 2: weights over model)
+    decoder = Decoder(model_fn(mode="predict"), weights, batch_size=1, mesh=mesh())
     stops = (tok.eos_id,) if tok.eos_id >= 0 else ()
     start = time.perf_counter()
     new = []
@@ -224,6 +229,11 @@ def _parser() -> ArgumentParser:
     p.add_argument("--output_dir", required=True, help="run directory (resumed if it exists)")
     p.add_argument("--dry_run", action="store_true",
                    help="build the model and print parameter counts and memory estimates")
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="several processes: the coordinator's address (default: "
+                        "$JAX_COORDINATOR_ADDRESS; none: one process)")
+    p.add_argument("--num_processes", type=integer(1), default=None)
+    p.add_argument("--process_id", type=integer(0), default=None)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a run's checkpoint on its held-out stream")

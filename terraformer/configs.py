@@ -4,7 +4,8 @@ them all (the CLI does it before parsing a config); it defines nothing else.
 Registered names (short form; the long form is ``module.name``):
 
 - models (``terraformer.models``): see ``MODELS`` below, e.g. ``@TransformerLM``;
-- training (``terraformer``): ``train``;
+- training (``terraformer``): ``train``; the device mesh: ``mesh`` (``parallel.mesh``:
+  ``mesh.data = 2``, ``mesh.fsdp = -1``, ...);
 - optimizers (``terraformer.optimizers``): ``Adam``, ``Adafactor``, ``SGD``, ``Momentum``;
 - schedules (``terraformer.lr``): ``lr.constant`` (gin has its own ``constant``, so write the
   module), ``warmup``, ``rsqrt_decay``, ``cosine``, ``multifactor``;

@@ -28,6 +28,8 @@ import numpy as np
 from terraformer.checks import check_choice, check_int, check_number
 from terraformer.layers.base import Layer
 from terraformer.layers.core import DECODE_DTYPES, Dense, argmax
+from terraformer.parallel.distributed import put
+from terraformer.parallel.sharding import replicated, tree_shardings
 from terraformer.shapes import ShapeDtype
 
 START_ID = 0
@@ -107,16 +109,22 @@ class Decoder:
       output_dtype: the output layer's storage when it should differ from weight_dtype
         (e.g. 'int8': its vocabulary-sized matrix is most of what a sparse model reads). The
         output layer is the last Dense among the model's top-level layers.
+      mesh: a `jax.sharding.Mesh` of several devices to decode on: the (packed) weights are
+        sharded by `parallel.sharding`'s rules (heads and d_ff over ``model``), the caches
+        replicated, and the compiled steps run across the mesh. None: one device.
     """
 
     def __init__(self, model: Layer, weights, batch_size: int = 1, prefill_chunk: int = 1024,
                  rng=None, max_len: int | None = None, weight_dtype: str | None = "float32",
-                 output_dtype: str | None = None):
+                 output_dtype: str | None = None, mesh=None):
         check_int("prefill_chunk", prefill_chunk, 1, "Decoder")
         self.max_len = max_len
         self.model = model
         self.context = model.predict_context()
         self.weights = _decoding_weights(model, weights, weight_dtype, output_dtype)
+        self.mesh = mesh if mesh is not None and mesh.size > 1 else None
+        if self.mesh is not None:
+            self.weights = put(self.weights, tree_shardings(self.weights, self.mesh))
         self.batch_size = batch_size
         self.prefill_chunk = prefill_chunk
         self._init_rng = jax.random.PRNGKey(0) if rng is None else rng
@@ -149,6 +157,8 @@ class Decoder:
         if self._is_encoder_decoder:
             sig = (ShapeDtype(encoder_inputs.shape, jnp.int32), token_sig)
         _, state = self.model.init(sig, self._init_rng)
+        if self.mesh is not None:
+            state = put(state, jax.tree.map(lambda _: replicated(self.mesh), state))
         return state
 
     # -- prefill ------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The package's import rules, checked on its source: data and calls flow one way.
 
 - A lower package never imports a higher one: checks/shapes/runtime < layers, memory < models,
-  data < training, decoding < interop < configs, arguments < the programs (cli, bench).
+  data, parallel < training, decoding < interop < configs, arguments < the programs (cli, bench).
 - No module imports another module's private (`_name`) names.
 - Only the programs import `terraformer` modules inside functions (to start fast).
 - `MASK_VALUE` is defined once.
@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "terraformer"
 LEVEL = {
     "checks": 0, "shapes": 0, "runtime": 0, "flops": 0, "peak": 0,
     "layers": 1, "memory": 1,
-    "models": 2, "data": 2,
+    "models": 2, "data": 2, "parallel": 2,
     "training": 3, "decoding": 3,
     "interop": 4,
     "configs": 5, "arguments": 5,

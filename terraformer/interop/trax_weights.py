@@ -7,14 +7,16 @@ layer with weights takes the next leaves in trax's layout and converts them to o
   - Dense: (w [d_in, d_out], b [d_out]), the same layout;
   - LayerNorm: (scale, bias);  Embedding: the table;
   - AxialPositionalEncoding: one table per axis with a leading batch axis of 1 in trax;
-  - PositionalEncoding: trax keeps its sinusoid table as a weight (trainable); ours computes
-    it, so the table must equal ours, else the model cannot hold it;
+  - PositionalEncoding (pos_type None): the trainable table [max_len, d], the same layout;
+  - FixedBasePositionalEncoding: trax's nested list of digit vectors (1, d / n_digits) and its
+    start vector (1, 1, d) as our stacked [n_bases, n_digits, d / n_digits] and [d];
   - SelfAttention / LSHSelfAttention (trax's efficient attention): per-head kernels
     [n_heads, d_model, d] (w_o [n_heads, d_v, d_model]) against our [d_model, n_heads * d]
     ([n_heads * d_v, d_model]); trax's CausalAttention keeps four Dense layers (w, b) instead;
-  - SparseFF: trax's block-shaped kernels against our flat units, and our extra first-layer
-    bias set to zero; FactoredDense (our MultiplicativeModularSparseDense): the gating vectors
-    transposed; LocallyConvDense: the same kernel (a Dense in trax when it has one module);
+  - SparseFF: trax's block-shaped kernels against our flat units (our optional first-layer
+    bias, when the model has one, set to zero); FactoredDense: the gating vectors transposed;
+    MultiplicativeModularSparseDense: the same four arrays; LocallyConvDense: the same kernel
+    (a Dense in trax when it has one module, as ours is then);
   - ReversibleRepeat: trax has one block per layer; ours stacks them on a leading layer axis.
 Every converted array is checked against the shape our model expects; the error names our weight
 path, trax's leaf index, the expected and the received shape.
@@ -127,19 +129,28 @@ def _axial(layer, template, leaves, where):
 
 
 def _positional(layer, template, leaves, where):
-    """trax's table is a weight; ours is computed: accept it only when it is ours."""
+    """trax's PositionalEncoding table [max_len, d] (or [1, max_len, d] in old checkpoints)."""
     table, label = _take_one(leaves, where)
-    table = table.reshape(table.shape[-2:]) if table.ndim == 3 else table
-    if table.ndim != 2:
-        raise TraxImportError(f"{where}: expected a positional table [max_len, d_model], got "
-                              f"shape {tuple(table.shape)} (from {label})")
-    ours = np.asarray(layer.apply(np.zeros((1,) + table.shape, np.float32), (), (), None)[0][0])
-    gap = float(np.max(np.abs(ours - table)))
-    if gap > 1e-4:
-        raise TraxImportError(
-            f"{where}: trax's positional table (trainable in trax) differs from our fixed "
-            f"sinusoids by up to {gap:.3g} (from {label}); this model has no table to hold it")
-    return template
+    if table.ndim == 3 and table.shape[0] == 1:
+        table = table[0]
+    return _check(table, template.shape, where, label)
+
+
+def _fixed_base(layer, template, leaves, where):
+    """trax's FixedBasePositionalEncoding: ([[digit vector (1, d / n_digits)] * n_digits] *
+    n_bases, start (1, 1, d)) -> ours {'digits': [n_bases, n_digits, d / n_digits],
+    'start': [d]}."""
+    n_bases, n_digits, d_weight = template["digits"].shape
+    rows = []
+    for b in range(n_bases):
+        for i in range(n_digits):
+            value, label = _take_one(leaves, f"{where}.digits[{b}][{i}]")
+            rows.append(_check(value.reshape(-1) if value.ndim == 2 and value.shape[0] == 1
+                               else value, (d_weight,), f"{where}.digits[{b}][{i}]", label))
+    start, label = _take_one(leaves, f"{where}.start")
+    start = start.reshape(-1) if start.ndim == 3 and start.shape[:2] == (1, 1) else start
+    return {"digits": np.stack(rows).reshape(n_bases, n_digits, d_weight),
+            "start": _check(start, template["start"].shape, f"{where}.start", label)}
 
 
 def _self_attention(layer, template, leaves, where):
@@ -197,12 +208,21 @@ def _factored_dense(layer, template, leaves, where):
     return out
 
 
+def _modular_sparse_dense(layer, template, leaves, where):
+    """trax's MultiplicativeModularSparseDense: multiplier [S, d], kmult [d, M], kmod [S, M, M],
+    bias [d_feature]; ours the same."""
+    out = {}
+    for key in ("multiplier", "kmult", "kmod", "b"):
+        value, label = _take_one(leaves, f"{where}.{key}")
+        out[key] = _check(value, template[key].shape, f"{where}.{key}", label)
+    return out
+
+
 def _sparse_ff(layer, template, leaves, where):
     """trax's SparseFF: controller m1 [d_model, d_lowrank], m2 [d_lowrank, n_blocks, block],
     bias [n_blocks, block]; then w1 [d_model, n_blocks, block], w2 [block, n_blocks, d_model]
     (unit-in-block axis first), b2 [d_model]. Ours keeps the units flat (w1 as rows
-    [d_ff, d_model]) and has a first-layer bias b1 that trax lacks: it is set to zero, which
-    computes trax's function."""
+    [d_ff, d_model]); a model built with first_layer_bias gets b1 = 0, trax's function."""
     out = {}
     m1, label = _take_one(leaves, f"{where}.m1")
     out["m1"] = _check(m1, template["m1"].shape, f"{where}.m1", label)
@@ -224,16 +244,10 @@ def _sparse_ff(layer, template, leaves, where):
 
 def _conv(layer, template, leaves, where):
     """LocallyConvDense: trax's kernel [length_k, module_k, d_in, n_units] and bias, as ours.
-    With one module trax builds a plain Dense (w [d_in, n_units]) whatever the kernel sizes:
-    it fits ours only when our kernel is 1 x 1."""
+    With one module trax builds a plain Dense (w [d_in, n_units]), as ours is then (1 x 1)."""
     first = leaves.peek()
     if first is not None and first.ndim == 2 and len(template["w"].shape) == 4:
         value, label = _take_one(leaves, f"{where}.w")
-        if tuple(template["w"].shape[:2]) != (1, 1):
-            raise TraxImportError(
-                f"{where}.w: trax's LocallyConvDense with one module is a Dense (from {label}, "
-                f"shape {tuple(value.shape)}); build ours with length_kernel_size=1, "
-                "kernel_size=1")
         out = {"w": _check(value[None, None], template["w"].shape, f"{where}.w", label)}
         if "b" in template:
             value, label = _take_one(leaves, f"{where}.b")
@@ -244,7 +258,8 @@ def _conv(layer, template, leaves, where):
 
 CONVERTERS = [
     (tl.SparseFF, _sparse_ff),
-    (tl.MultiplicativeModularSparseDense, _factored_dense),
+    (tl.FactoredDense, _factored_dense),
+    (tl.MultiplicativeModularSparseDense, _modular_sparse_dense),
     (tl.LocallyConvDense, _conv),
     (tl.LSHSelfAttention, _lsh_attention),
     (tl.SelfAttention, _self_attention),
@@ -253,6 +268,7 @@ CONVERTERS = [
     (tl.Embedding, _embedding),
     (tl.AxialPositionalEncoding, _axial),
     (tl.PositionalEncoding, _positional),
+    (tl.FixedBasePositionalEncoding, _fixed_base),
 ]
 
 

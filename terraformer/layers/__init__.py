@@ -29,17 +29,22 @@ from terraformer.layers.core import (
     LayerNorm,
     LogSoftmax,
     Mean,
-    PositionalEncoding,
     Relu,
     ShiftRight,
     Sigmoid,
+    SinusoidalPositionalEncoding,
     Softmax,
     Tanh,
 )
 from terraformer.layers.feedforward import FeedForward, FeedForwardBlock
 from terraformer.layers.losses import Accuracy, CrossEntropyLoss, SequenceAccuracy
 from terraformer.layers.lsh import LSHSelfAttention
-from terraformer.layers.positional import AxialPositionalEncoding
+from terraformer.layers.positional import (
+    AxialPositionalEncoding,
+    FixedBasePositionalEncoding,
+    PositionalEncoding,
+    SinCosPositionalEncoding,
+)
 from terraformer.layers.reversible import (
     ReversibleHalfResidual,
     ReversibleLayer,
@@ -49,6 +54,7 @@ from terraformer.layers.reversible import (
     ReversibleSwap,
 )
 from terraformer.layers.sparsity import (
+    FactoredDense,
     LocallyConvDense,
     MultiplicativeConvCausalAttention,
     MultiplicativeModularSparseDense,

@@ -34,7 +34,7 @@ BLOCKWISE_MIN_LEN = 4096
 
 def local_attention(
     q, k, v, chunk_len, n_chunks_before, n_chunks_after, causal, key_mask=None,
-    dropout_rate=0.0, rng=None, mode="eval",
+    dropout_rate=0.0, rng=None, mode="eval", wrap=True,
 ):
     """Chunked local attention: each chunk of queries sees its own and neighbouring chunks.
 
@@ -43,8 +43,12 @@ def local_attention(
         `length` must be a multiple of `chunk_len`.
       key_mask: bool [batch, length] (True = real token) or None.
       dropout_rate, rng, mode: dropout on the attention weights (`train` mode only).
+      wrap: as trax, chunk c's neighbours are chunks (c + o) mod n_chunks: the first chunk
+        looks back at the last one and the last looks ahead at the first (only a non-causal
+        layer sees them; causally they are all in the future of chunk 0). False masks chunks
+        outside the sequence instead. Padding (`key_mask`) stays masked either way.
     Returns:
-      [batch, n_heads, length, d_v]. Chunks outside the sequence are masked, not wrapped.
+      [batch, n_heads, length, d_v].
     Computed a block of chunks at a time (`attention_core.blocked_attention`), forward and
     backward: memory grows with the length times the window, not with the scores of all
     chunks at once.
@@ -65,7 +69,7 @@ def local_attention(
     out, _ = blocked_attention(
         q.reshape(*shape, d_qk), k.reshape(*shape, d_qk), v.reshape(*shape, v.shape[-1]),
         q_pos, k_pos, offsets=range(-n_chunks_before, n_chunks_after + 1),
-        scale=1.0 / math.sqrt(d_qk), causal=causal, wrap=False, dropout_rate=rate,
+        scale=1.0 / math.sqrt(d_qk), causal=causal, wrap=wrap, dropout_rate=rate,
         dropout_rng=rng)
     return out.reshape(b, h, length, v.shape[-1]).astype(v.dtype)
 
@@ -103,7 +107,7 @@ class SelfAttention(Layer):
 
     def __init__(
         self,
-        n_heads: int = 1,
+        n_heads: int = 2,
         d_qk: int = 64,
         d_v: int = 64,
         causal: bool = False,

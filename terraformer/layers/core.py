@@ -415,15 +415,21 @@ def sinusoids(positions, d_feature: int):
     return enc
 
 
-class PositionalEncoding(Layer):
+class SinusoidalPositionalEncoding(Layer):
     """Adds fixed sinusoidal position encodings: (batch, length, d) -> same.
+
+    The encoding of position p is `sinusoids(p, d)`: [sin(p w_0) .. sin(p w_{d/2-1}),
+    cos(p w_0) .. cos(p w_{d/2-1})] (sines then cosines), the same at every step, without
+    weights (`pos_type='sinusoidal'`). Dropout (train mode) drops single entries of the
+    encoding. Trax's names for positions are in `positional`: `PositionalEncoding` (a
+    trainable interleaved table), `SinCosPositionalEncoding`, `FixedBasePositionalEncoding`.
 
     In `predict` mode the state holds the next position, so feeding a sequence piece by piece
     adds the same encodings as feeding it whole. Lengths beyond `max_len` are an error.
     """
 
     def __init__(self, max_len: int = 2048, dropout: float = 0.0, mode: str = "train"):
-        super().__init__(name="PositionalEncoding")
+        super().__init__(name="SinusoidalPositionalEncoding")
         self._max_len = max_len
         self._dropout = dropout
         self._mode = check_mode(mode)
@@ -436,7 +442,7 @@ class PositionalEncoding(Layer):
         length = x.shape[1]
         if length > self._max_len:
             raise ValueError(
-                f"PositionalEncoding: length {length} exceeds max_len={self._max_len}"
+                f"SinusoidalPositionalEncoding: length {length} exceeds max_len={self._max_len}"
             )
         start = state if self._mode == "predict" else 0
         enc = sinusoids(start + jnp.arange(length), x.shape[-1]).astype(x.dtype)

@@ -22,6 +22,15 @@ def random_normal(stddev: float = 1.0):
     return init
 
 
+def random_uniform(limit: float = 1.0):
+    """Uniform in [-limit, limit)."""
+
+    def init(rng, shape, dtype=jnp.float32):
+        return jax.random.uniform(rng, shape, dtype, -limit, limit)
+
+    return init
+
+
 def zeros(rng, shape, dtype=jnp.float32):
     del rng
     return jnp.zeros(shape, dtype)

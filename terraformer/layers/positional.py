@@ -1,6 +1,14 @@
-"""Learned positional embeddings: axial (Reformer).
+"""Positional encodings under trax 1.4.1's names, and the axial one of the Reformer.
 
-The fixed sinusoidal encoding lives in `core.PositionalEncoding`.
+- `PositionalEncoding`: a trainable [max_len, d] table initialised with interleaved sinusoids
+  (trax's `pos_type=None`, TransformerLM's positions);
+- `SinCosPositionalEncoding`: fixed concatenated sinusoids, started at a random offset in
+  training (trax's 'sin-cos');
+- `FixedBasePositionalEncoding`: positions written as digits in several bases, each digit
+  scaling a trainable vector (trax's 'fixed-base');
+- `AxialPositionalEncoding`: learned axial tables ('axial').
+The fixed concatenated sinusoids without any randomness are `core.SinusoidalPositionalEncoding`
+('sinusoidal').
 """
 
 from __future__ import annotations
@@ -10,11 +18,12 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from terraformer.checks import check_int, check_rate
 from terraformer.layers import initializers as init_lib
 from terraformer.layers.base import EMPTY, Layer, check_mode
-from terraformer.layers.core import check_feature_dim
+from terraformer.layers.core import check_feature_dim, sinusoids
 
 
 class AxialPositionalEncoding(Layer):
@@ -172,4 +181,231 @@ class AxialPositionalEncoding(Layer):
         return x + emb, new_state
 
 
-__all__ = ["AxialPositionalEncoding"]
+def _check_positions(x, who: str):
+    if x.ndim != 3:
+        raise ValueError(f"{who}: expects inputs of shape (batch, length, d_model), got shape "
+                         f"{tuple(x.shape)}")
+
+
+def _predict_state(mode: str):
+    return jnp.zeros((), jnp.int32) if mode == "predict" else EMPTY
+
+
+def interleaved_sinusoids(max_len: int, d_feature: int) -> np.ndarray:
+    """[max_len, d_feature] float32: sin(p w_i) at feature 2i, cos(p w_i) at 2i + 1, with
+    w_i = 10000^(-2i / d_feature) (trax's PositionalEncoding table at initialisation)."""
+    if d_feature % 2:
+        raise ValueError(f"PositionalEncoding: d_feature must be even for interleaved "
+                         f"sinusoids, got {d_feature}")
+    angles = np.arange(max_len)[:, None] * np.exp(
+        np.arange(0, d_feature, 2) * -(np.log(10000.0) / d_feature))
+    table = np.zeros((max_len, d_feature), np.float32)
+    table[:, 0::2] = np.sin(angles)
+    table[:, 1::2] = np.cos(angles)
+    return table
+
+
+def _broadcast_dropout(px, rate: float, broadcast_dims, rng, dtype):
+    """px [1, length, d] times a keep-mask / keep_prob shared along `broadcast_dims`."""
+    noise_shape = list(px.shape)
+    for dim in broadcast_dims:
+        noise_shape[dim] = 1
+    keep = jax.random.bernoulli(rng, 1.0 - rate, tuple(noise_shape))
+    return px * (keep.astype(dtype) / (1.0 - rate))
+
+
+class PositionalEncoding(Layer):
+    """Adds a trainable positional table: (batch, length, d) -> same (trax's `pos_type=None`).
+
+    Weights: the table [max_len, d], initialised with interleaved sinusoids
+    (`interleaved_sinusoids`) and trained like any weight. Position p adds row p.
+
+    Train mode: with probability 1 - `start_from_zero_prob` the rows start at a random offset
+    in [0, max_offset_to_add) instead of 0 (one offset per call); `dropout` drops whole
+    features of the table, one mask shared along `dropout_broadcast_dims` of [1, length, d]
+    (the default (-2,): the same features at every position), as trax does. Eval adds rows
+    0 .. length - 1. Predict keeps the next position in its state, so feeding a sequence piece
+    by piece adds the rows that eval adds.
+    """
+
+    def __init__(self, max_len: int = 2048, dropout: float = 0.0, dropout_broadcast_dims=(-2,),
+                 start_from_zero_prob: float = 1.0, max_offset_to_add: int = 0,
+                 mode: str = "train"):
+        who = "PositionalEncoding"
+        super().__init__(name=who)
+        self._max_len = check_int("max_len", max_len, 1, who)
+        self._dropout = check_rate("dropout", dropout, who)
+        self._broadcast_dims = tuple(int(d) for d in dropout_broadcast_dims)
+        self._start_prob = float(start_from_zero_prob)
+        self._max_offset = check_int("max_offset_to_add", max_offset_to_add, 0, who)
+        self._mode = check_mode(mode)
+
+    def init_weights_and_state(self, input_signature, rng):
+        if isinstance(input_signature, tuple) or len(input_signature.shape) != 3:
+            raise ValueError(f"{self.name}: expects one input of shape (batch, length, d_model), "
+                             f"got {input_signature}")
+        table = jnp.asarray(interleaved_sinusoids(self._max_len, input_signature.shape[-1]))
+        return table, _predict_state(self._mode)
+
+    def apply(self, x, weights, state, rng):
+        _check_positions(x, self.name)
+        check_feature_dim(x, weights.shape[-1], self.name)
+        length = x.shape[1]
+        if length > self._max_len:
+            raise ValueError(f"{self.name}: length {length} exceeds max_len={self._max_len}")
+        table = weights.astype(x.dtype)
+        if self._mode == "predict":
+            px = lax.dynamic_slice_in_dim(table, state, length, axis=0)
+            return x + px[None], state + length
+        start = 0
+        needs_rng = self._mode == "train" and (self._start_prob < 1.0 or self._dropout > 0.0)
+        if needs_rng and rng is None:
+            raise ValueError(f"{self.name}: train mode with random starts or dropout needs an "
+                             "rng; pass rng= to apply")
+        if self._mode == "train" and self._start_prob < 1.0:
+            rng, rng_offset, rng_zero = jax.random.split(rng, 3)
+            offset = jax.random.randint(rng_offset, (), 0, max(self._max_offset, 1))
+            from_zero = jax.random.uniform(rng_zero, ()) < self._start_prob
+            start = jnp.where(from_zero, 0, offset)
+        px = lax.dynamic_slice_in_dim(table, start, length, axis=0)[None]
+        if self._mode == "train" and self._dropout > 0.0:
+            px = _broadcast_dropout(px, self._dropout, self._broadcast_dims, rng, x.dtype)
+        return x + px, state
+
+
+class SinCosPositionalEncoding(Layer):
+    """Adds fixed concatenated sinusoids from a random start: (batch, length, d) -> same
+    (trax's 'sin-cos').
+
+    Position p adds `core.sinusoids(start + p, d)` (sines then cosines). In train mode `start`
+    is 0 one call in `start_from_zero_one_in`, else uniform in [0, add_offset) (one per
+    call); eval starts at 0; predict keeps the next position in its state. `dropout` (train)
+    drops features with a mask shared along `dropout_broadcast_dims` of [1, length, d].
+    No weights.
+    """
+
+    def __init__(self, add_offset: int = 2048, dropout: float = 0.0,
+                 dropout_broadcast_dims=(-2,), start_from_zero_one_in: int = 2,
+                 mode: str = "train"):
+        who = "SinCosPositionalEncoding"
+        super().__init__(name=who)
+        self._add_offset = check_int("add_offset", add_offset, 1, who)
+        self._dropout = check_rate("dropout", dropout, who)
+        self._broadcast_dims = tuple(int(d) for d in dropout_broadcast_dims)
+        self._one_in = check_int("start_from_zero_one_in", start_from_zero_one_in, 1, who)
+        self._mode = check_mode(mode)
+
+    def init_weights_and_state(self, input_signature, rng):
+        return EMPTY, _predict_state(self._mode)
+
+    def apply(self, x, weights, state, rng):
+        _check_positions(x, self.name)
+        length = x.shape[1]
+        if self._mode == "predict":
+            pe = sinusoids(state + jnp.arange(length, dtype=jnp.int32), x.shape[-1])
+            return x + pe.astype(x.dtype)[None], state + length
+        start = jnp.zeros((), jnp.int32)
+        if self._mode == "train":
+            if rng is None:
+                raise ValueError(f"{self.name}: train mode needs an rng; pass rng= to apply")
+            rng, rng_offset, rng_zero = jax.random.split(rng, 3)
+            offset = jax.random.randint(rng_offset, (), 0, self._add_offset)
+            nonzero = jnp.minimum(1, jax.random.randint(rng_zero, (), 0, self._one_in))
+            start = offset * nonzero
+        px = sinusoids(start + jnp.arange(length, dtype=jnp.int32), x.shape[-1])
+        px = px.astype(x.dtype)[None]
+        if self._mode == "train" and self._dropout > 0.0:
+            px = _broadcast_dropout(px, self._dropout, self._broadcast_dims, rng, x.dtype)
+        return x + px, state
+
+
+class FixedBasePositionalEncoding(Layer):
+    """Adds positions written in fixed bases: (batch, length, d) -> same (trax's 'fixed-base').
+
+    For each base B of `bases`, position p has `n_digits` digits in base B (least significant
+    first); digit i scales a trainable vector s[B, i] of d / n_digits features, and the scaled
+    vectors side by side (digit-major) form that base's embedding; the bases' embeddings are
+    summed. The first position of each call also adds the trainable `start` vector.
+
+    Train mode draws, per example, a random start (0 one time in `start_from_zero_one_in`, else
+    uniform in [0, min(bases)^n_digits - length)) and, one time in `base_dropout_one_in`,
+    drops the digit embeddings of every base (the start vector stays). Eval starts at 0;
+    predict keeps the next position in its state and adds `start` only at position 0.
+
+    Weights: `{'digits': [n_bases, n_digits, d / n_digits], 'start': [d]}`, both uniform in
+    [-1e-4, 1e-4] at initialisation (trax's).
+    """
+
+    def __init__(self, bases=(11, 13, 14, 15), n_digits: int = 8,
+                 start_from_zero_one_in: int = 2, base_dropout_one_in: int = 100,
+                 mode: str = "train", initializer=init_lib.random_uniform(1e-4)):
+        who = "FixedBasePositionalEncoding"
+        super().__init__(name=who)
+        self._bases = tuple(check_int(f"bases[{i}]", b, 2, who) for i, b in enumerate(bases))
+        if not self._bases:
+            raise ValueError(f"{who}: bases must hold at least one base, got {bases!r}")
+        self._n_digits = check_int("n_digits", n_digits, 1, who)
+        self._one_in = check_int("start_from_zero_one_in", start_from_zero_one_in, 1, who)
+        self._base_dropout_one_in = check_int("base_dropout_one_in", base_dropout_one_in, 1, who)
+        self._mode = check_mode(mode)
+        self._init = initializer
+        self._max_pos = min(self._bases) ** self._n_digits
+        if max(self._bases) ** (self._n_digits - 1) >= 2**31:
+            raise ValueError(f"{who}: max(bases)^(n_digits - 1) must fit in int32, got bases="
+                             f"{self._bases} and n_digits={self._n_digits}")
+
+    def init_weights_and_state(self, input_signature, rng):
+        if isinstance(input_signature, tuple) or len(input_signature.shape) != 3:
+            raise ValueError(f"{self.name}: expects one input of shape (batch, length, d_model), "
+                             f"got {input_signature}")
+        d = input_signature.shape[-1]
+        if d % self._n_digits:
+            raise ValueError(f"{self.name}: d_model must be a multiple of n_digits="
+                             f"{self._n_digits}, got d_model={d}")
+        rng_digits, rng_start = jax.random.split(rng)
+        weights = {
+            "digits": self._init(rng_digits, (len(self._bases), self._n_digits,
+                                              d // self._n_digits)),
+            "start": self._init(rng_start, (d,)),
+        }
+        return weights, _predict_state(self._mode)
+
+    def apply(self, x, weights, state, rng):
+        _check_positions(x, self.name)
+        check_feature_dim(x, weights["start"].shape[-1], self.name)
+        batch, length = x.shape[0], x.shape[1]
+        if length >= self._max_pos:
+            raise ValueError(f"{self.name}: length {length} must be below "
+                             f"min(bases)^n_digits = {self._max_pos}")
+        positions = jnp.arange(length, dtype=jnp.int32)[None]  # [1 or batch, length]
+        keep_digits = None
+        if self._mode == "train":
+            if rng is None:
+                raise ValueError(f"{self.name}: train mode needs an rng; pass rng= to apply")
+            rng_zero, rng_start, rng_drop = jax.random.split(rng, 3)
+            nonzero = jnp.minimum(1, jax.random.randint(rng_zero, (batch,), 0, self._one_in))
+            start = jax.random.randint(rng_start, (batch,), 0, self._max_pos - length) * nonzero
+            positions = positions + start[:, None]
+            keep_digits = jnp.minimum(
+                1, jax.random.randint(rng_drop, (batch,), 0, self._base_dropout_one_in))
+        elif self._mode == "predict":
+            positions = positions + state
+        digits = weights["digits"].astype(x.dtype)
+        emb = 0.0
+        for b, base in enumerate(self._bases):
+            powers = jnp.asarray([base**i for i in range(self._n_digits)], jnp.int32)
+            idx = (positions[..., None] // powers) % base  # [., length, n_digits]
+            e = (idx.astype(x.dtype)[..., None] * digits[b]).reshape(idx.shape[:2] + (-1,))
+            emb = emb + e
+        if keep_digits is not None:
+            emb = emb * keep_digits.astype(x.dtype)[:, None, None]
+        first = emb[:, :1] + weights["start"].astype(x.dtype)
+        if self._mode == "predict":
+            first = jnp.where(state == 0, first, emb[:, :1])
+            state = state + length
+        emb = jnp.concatenate([first, emb[:, 1:]], axis=1)
+        return x + emb, state
+
+
+__all__ = ["AxialPositionalEncoding", "FixedBasePositionalEncoding", "PositionalEncoding",
+           "SinCosPositionalEncoding", "interleaved_sinusoids"]

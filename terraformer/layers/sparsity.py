@@ -4,10 +4,11 @@
   low-rank controller picks one unit per block, so only d_ff / n_elements_in_block units are
   active per token. At decode (`predict`) only the chosen rows of the two weight matrices are
   read.
-- Sparse QKV: `MultiplicativeModularSparseDense` (the multiplicative dense layer, d_input * (S + M)
-  weights instead of d_input * d_feature) followed by `LocallyConvDense` (a convolution over the
+- Sparse QKV: `FactoredDense` (the multiplicative dense layer, d_input * (S + M) weights
+  instead of d_input * d_feature) followed by `LocallyConvDense` (a convolution over the
   (length, module) plane, causal in length), shared and combined in
-  `MultiplicativeConvCausalAttention`.
+  `MultiplicativeConvCausalAttention`; `MultiplicativeModularSparseDense` adds a per-module
+  M x M kernel after the multiplicative one (trax's layers of these names).
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ class SparseFF(Layer):
 
     and a mask with one (soft or hard) unit per block selects the hidden units:
 
-        out = ((relu(x @ w1.T + b1) * mask) @ w2) + b2.
+        out = ((relu(x @ w1.T [+ b1]) * mask) @ w2) + b2,
+
+    with the first-layer bias b1 only when `first_layer_bias=True` (trax's SparseFF has none).
 
     How the mask is made depends on the mode:
 
@@ -91,7 +94,8 @@ class SparseFF(Layer):
       acts on the masked hidden layer. Train mode needs an `rng`.
 
     Weights: `{'m1': [d_model, d_lowrank], 'm2': [d_lowrank, d_ff], 'mb': [d_ff],
-    'w1': [d_ff, d_model], 'b1': [d_ff], 'w2': [d_ff, d_model], 'b2': [d_model]}`. The first
+    'w1': [d_ff, d_model], 'w2': [d_ff, d_model], 'b2': [d_model]}`, plus 'b1': [d_ff] with
+    `first_layer_bias`. The first
     layer is stored transposed ([d_ff, d_model]) so a chosen unit's weights are one contiguous
     row of each matrix. Unit u of block k is row k * n_elements_in_block + u.
 
@@ -111,6 +115,7 @@ class SparseFF(Layer):
       ff_chunk_size: if > 0, run the block on chunks of this many positions of the length axis
         (axis 1), with the chunk body recomputed in the backward pass (see `Chunk`); memory then
         grows with the chunk, not the length. Each chunk gets its own rng.
+      first_layer_bias: a bias b1 on the hidden units (ours; trax's SparseFF has none).
     """
 
     def __init__(
@@ -127,6 +132,7 @@ class SparseFF(Layer):
         dropout_rate: float = 0.0,
         dropout_shared_axes=None,
         ff_chunk_size: int = 0,
+        first_layer_bias: bool = False,
     ):
         who = "SparseFF"
         check_int("d_ff", d_ff, 1, who)
@@ -158,6 +164,7 @@ class SparseFF(Layer):
         self._dropout_rate = float(dropout_rate)
         self._dropout_shared_axes = tuple(dropout_shared_axes or ())
         self._ff_chunk_size = ff_chunk_size
+        self._first_layer_bias = bool(first_layer_bias)
         self._chunked = Chunk(_SparseFFBody(self), ff_chunk_size) if ff_chunk_size else None
 
     @property
@@ -178,10 +185,11 @@ class SparseFF(Layer):
             "m2": self._kernel_init(r[1], (self._d_lowrank, self._d_ff)),
             "mb": self._bias_init(r[2], (self._d_ff,)),
             "w1": self._kernel_init(r[3], (d_model, self._d_ff)).T.astype(big_dtype),
-            "b1": self._bias_init(r[4], (self._d_ff,)),
             "w2": self._kernel_init(r[5], (self._d_ff, d_model)).astype(big_dtype),
             "b2": self._bias_init(r[6], (d_model,)),
         }
+        if self._first_layer_bias:
+            weights["b1"] = self._bias_init(r[4], (self._d_ff,))
         return weights, EMPTY
 
     def pack_for_decoding(self, weights, dtype: str):
@@ -244,7 +252,8 @@ class SparseFF(Layer):
         mask = mask.reshape(x.shape[:-1] + (self._d_ff,))
         cdt = self._compute_dtype(x)
         h = jnp.dot(x.astype(cdt), weights["w1"].astype(cdt).T)
-        h = h + lax.broadcast_to_rank(weights["b1"].astype(cdt), h.ndim)
+        if "b1" in weights:
+            h = h + lax.broadcast_to_rank(weights["b1"].astype(cdt), h.ndim)
         h = jax.nn.relu(h) * mask.astype(cdt)
         h = dropout(h, self._dropout_rate, rng_dropout, self._mode, self._dropout_shared_axes)
         y = jnp.dot(h, weights["w2"].astype(cdt))
@@ -272,7 +281,8 @@ class SparseFF(Layer):
         ids = choices + lax.broadcast_to_rank(first_unit, choices.ndim)  # global unit ids
         cdt = self._compute_dtype(x)
         w1, w2 = (w.astype(cdt) for w in _chosen_rows(weights, ids, x.shape[-1]))
-        b1 = _take_rows(weights["b1"], ids).astype(cdt)  # (..., n_blocks)
+        b1 = (_take_rows(weights["b1"], ids).astype(cdt) if "b1" in weights
+              else jnp.zeros(ids.shape, cdt))  # (..., n_blocks)
         b2 = weights["b2"].astype(cdt)
         if ids.size == ids.shape[-1]:  # one token (a decoding step): matrix-vector products
             rows = (self._n_blocks, x.shape[-1])
@@ -323,9 +333,9 @@ class _SparseFFBody(Layer):
 # ------------------------------------------------------------------------------------------------
 
 
-class MultiplicativeModularSparseDense(Layer):
-    """Multiplicative dense layer: (..., d_input) -> (..., d_feature) with d_input * (S + M)
-    weights, where S = `sparsity` (the number of modules) and M = d_feature // S.
+class FactoredDense(Layer):
+    """Trax's FactoredDense, the multiplicative dense layer: (..., d_in) -> (..., d_out) with
+    d_in * (S + M) weights, where S = `n_modules` and M = d_out // S.
 
     With weights D [d_input, S], E [d_input, M] and bias b [d_feature],
 
@@ -336,43 +346,43 @@ class MultiplicativeModularSparseDense(Layer):
     features each, the layout `LocallyConvDense(n_modules=S, ...)` expects. Any permutation
     of the input features (and thus routing of any input to any module) is expressible.
 
-    Weights: `{'D': [d_input, S], 'E': [d_input, M], 'b': [d_feature]}` (no 'b' when
-    use_bias=False). E is drawn with `kernel_initializer`, D from N(0, 1), so the product has
-    E's scale.
+    Weights: `{'D': [d_in, S], 'E': [d_in, M], 'b': [d_out]}` (no 'b' when use_bias=False);
+    trax's gating vectors [S, d_in] are D transposed. E is drawn with `kernel_initializer`, D
+    from N(0, 1), so the product has E's scale (trax draws its gating from N(0, 0.5^2)).
 
-    Args:
-      sparsity: number of modules S; must divide d_feature.
-      d_feature: output width.
-      d_input: input width; inferred from the input signature when None, checked when given.
+    Args (trax's order):
+      n_modules: number of modules S; must divide d_out.
+      d_in: input width; inferred from the input signature when None, checked when given.
+      d_out: output width.
       use_bias: add the bias b.
-      kernel_initializer: `init(rng, (d_input, M))` for E.
-      modules_initializer: `init(rng, (d_input, S))` for D.
+      kernel_initializer: `init(rng, (d_in, M))` for E.
+      modules_initializer: `init(rng, (d_in, S))` for D.
     """
 
     def __init__(
         self,
-        sparsity: int,
-        d_feature: int,
-        d_input: int | None = None,
+        n_modules: int,
+        d_in: int | None,
+        d_out: int,
         use_bias: bool = True,
         kernel_initializer=init_lib.glorot_uniform,
         modules_initializer=init_lib.random_normal(1.0),
     ):
-        who = "MultiplicativeModularSparseDense"
-        check_int("sparsity", sparsity, 1, who)
-        check_int("d_feature", d_feature, 1, who)
-        if d_input is not None:
-            check_int("d_input", d_input, 1, who)
-        if d_feature % sparsity:
+        who = "FactoredDense"
+        check_int("n_modules", n_modules, 1, who)
+        check_int("d_out", d_out, 1, who)
+        if d_in is not None:
+            check_int("d_in", d_in, 1, who)
+        if d_out % n_modules:
             raise ValueError(
-                f"{who}: d_feature must be a multiple of sparsity, got d_feature={d_feature} "
-                f"and sparsity={sparsity}"
+                f"{who}: d_out must be a multiple of n_modules, got d_out={d_out} "
+                f"and n_modules={n_modules}"
             )
-        super().__init__(name=f"MultiplicativeModularSparseDense_{sparsity}_{d_feature}")
-        self._sparsity = sparsity
-        self._d_feature = d_feature
-        self._d_module = d_feature // sparsity
-        self._d_input = d_input
+        super().__init__(name=f"FactoredDense_{n_modules}_{d_out}")
+        self._sparsity = n_modules
+        self._d_feature = d_out
+        self._d_module = d_out // n_modules
+        self._d_input = d_in
         self._use_bias = use_bias
         self._kernel_init = kernel_initializer
         self._modules_init = modules_initializer
@@ -382,7 +392,7 @@ class MultiplicativeModularSparseDense(Layer):
         d_in = _feature_dim(input_signature, self.name)
         if self._d_input is not None and d_in != self._d_input:
             raise ValueError(
-                f"{self.name}: d_input={self._d_input} but the input signature has last axis "
+                f"{self.name}: d_in={self._d_input} but the input signature has last axis "
                 f"{d_in} (shape {tuple(input_signature.shape)})"
             )
         rng_d, rng_e, rng_b = jax.random.split(rng, 3)
@@ -424,11 +434,67 @@ class MultiplicativeModularSparseDense(Layer):
 
 
 class _RowModules(NamedTuple):
-    """`MultiplicativeModularSparseDense` weights for decoding: D^T [S, d_input], E, b."""
+    """`FactoredDense` weights for decoding: D^T [S, d_in], E, b."""
 
     d_rows: jax.Array
     e: jax.Array
     b: jax.Array | None
+
+
+class MultiplicativeModularSparseDense(Layer):
+    """Trax's MultiplicativeModularSparseDense: a multiplicative dense layer followed by a
+    per-module dense layer, (..., d_input) -> (..., d_feature), S = `sparsity` modules of
+    M = d_feature // S features:
+
+        y[..., h * M + o] = sum_x (sum_d x[..., d] * multiplier[h, d] * kmult[d, x])
+                            * kmod[h, x, o]  +  b[h * M + o].
+
+    Module h first scales the input by its own gating vector and projects it with the shared
+    kmult (as `FactoredDense`), then mixes its M features with its own kmod [M, M].
+
+    Weights: `{'multiplier': [S, d_input], 'kmult': [d_input, M], 'kmod': [S, M, M],
+    'b': [d_feature]}`, trax's layout and initialisers (N(0, 0.5^2), Glorot uniform per matrix,
+    N(0, 1e-12)).
+
+    Args:
+      sparsity: number of modules S; must divide d_feature.
+      d_feature: output width (trax's input width too; ours may differ, from the signature).
+    """
+
+    def __init__(self, sparsity: int, d_feature: int):
+        who = "MultiplicativeModularSparseDense"
+        check_int("sparsity", sparsity, 1, who)
+        check_int("d_feature", d_feature, 1, who)
+        if d_feature % sparsity:
+            raise ValueError(
+                f"{who}: d_feature must be a multiple of sparsity, got d_feature={d_feature} "
+                f"and sparsity={sparsity}"
+            )
+        super().__init__(name=f"{who}_{sparsity}_{d_feature}")
+        self._sparsity = sparsity
+        self._d_feature = d_feature
+        self._d_module = d_feature // sparsity
+
+    def init_weights_and_state(self, input_signature, rng):
+        d_in = _feature_dim(input_signature, self.name)
+        s, m = self._sparsity, self._d_module
+        r = jax.random.split(rng, 4)
+        weights = {
+            "multiplier": init_lib.random_normal(0.5)(r[0], (s, d_in)),
+            "kmult": init_lib.glorot_uniform(r[1], (d_in, m)),
+            "kmod": init_lib.glorot_uniform(r[2], (s, m, m)),
+            "b": init_lib.random_normal(1e-6)(r[3], (self._d_feature,)),
+        }
+        return weights, EMPTY
+
+    def apply(self, x, weights, state, rng):
+        check_feature_dim(x, weights["kmult"].shape[0], self.name)
+        dtype = x.dtype
+        gated = jnp.einsum("...d,hd,dx->...hx", x, weights["multiplier"].astype(dtype),
+                           weights["kmult"].astype(dtype))
+        y = jnp.einsum("...hx,hxo->...ho", gated, weights["kmod"].astype(dtype))
+        y = y.reshape(x.shape[:-1] + (self._d_feature,))
+        return y + lax.broadcast_to_rank(weights["b"].astype(dtype), y.ndim), state
 
 
 class LocallyConvDense(Layer):
@@ -446,7 +512,8 @@ class LocallyConvDense(Layer):
 
     with x = 0 outside [0, length) and outside [0, n_modules). Output position t sees inputs
     t - length_kernel_size + 1 .. t only: causal. With kernel_size = length_kernel_size = 1 this
-    is the same small dense layer applied to every module.
+    is the same small dense layer applied to every module. With one module it is a plain dense
+    layer whatever the kernel sizes (as trax's, which builds a Dense then): both sizes are 1.
 
     In `predict` mode the state keeps the last length_kernel_size - 1 inputs (zeros at the
     start, [batch, length_kernel_size - 1, n_modules, d_in]), so feeding a sequence in pieces
@@ -471,6 +538,8 @@ class LocallyConvDense(Layer):
         check_int("kernel_size", kernel_size, 1, who)
         check_int("length_kernel_size", length_kernel_size, 1, who)
         super().__init__(name=f"LocallyConvDense_{n_modules}_{n_units}")
+        if n_modules == 1:  # trax: a Dense, the kernel sizes ignored
+            kernel_size = length_kernel_size = 1
         self._n_modules = n_modules
         self._n_units = n_units
         self._kernel_size = kernel_size
@@ -736,7 +805,7 @@ def MultiplicativeConvCausalAttention(  # noqa: N802
 
     (batch, length, d_model) -> (batch, length, d_feature).
 
-        x -> MultiplicativeModularSparseDense(S, d_feature)            (shared by Q, K, V)
+        x -> FactoredDense(S, d_model, d_feature)                      (shared by Q, K, V)
           -> q, k: LocallyConvDense(S, d_feature // S, kernel_size, length_kernel_size)
              v:    LocallyConvDense(S, d_feature // S, 1, length_kernel_size)
           -> causal softmax(q k^T / sqrt(d_head)) v over `n_heads` heads
@@ -744,7 +813,7 @@ def MultiplicativeConvCausalAttention(  # noqa: N802
 
     As Trax's layer of this name: `output_layer_type` is 'none' (Trax's default: the heads'
     outputs are the result, so decoding reads no d_feature x d_feature matrix), 'mult'
-    (a MultiplicativeModularSparseDense), 'conv' (a LocallyConvDense with kernel_size 3),
+    (a FactoredDense), 'conv' (a LocallyConvDense with kernel_size 3),
     'multconv' (both), or 'dense' (a full Dense layer).
     S = `sparsity` (defaults to n_heads); it must divide d_feature, and n_heads must divide
     d_feature. The convolutions are causal in length, so the whole layer is causal.
@@ -782,11 +851,11 @@ def MultiplicativeConvCausalAttention(  # noqa: N802
     if output_layer_type == "dense":
         output_layers.append(Dense(d_feature))
     if "mult" in output_layer_type:
-        output_layers.append(MultiplicativeModularSparseDense(sparsity, d_feature))
+        output_layers.append(FactoredDense(sparsity, None, d_feature))
     if "conv" in output_layer_type:
         output_layers.append(conv(3))
     return Serial(
-        MultiplicativeModularSparseDense(sparsity, d_feature),
+        FactoredDense(sparsity, None, d_feature),
         _QKVConvolutions([conv(kernel_size), conv(kernel_size), conv(1)]),  # q on top
         _CausalAttentionCore(n_heads, dropout, max_inference_length, mode),
         output_layers,
@@ -798,6 +867,7 @@ ATTENTION_OUTPUT_LAYERS = ("none", "mult", "conv", "multconv", "dense")
 
 
 __all__ = [
+    "FactoredDense",
     "LocallyConvDense",
     "MultiplicativeConvCausalAttention",
     "MultiplicativeModularSparseDense",

@@ -213,7 +213,7 @@ def Reformer(  # noqa: N802
     encoder_attention_type=LSHSelfAttention,
     attention_type=SelfAttention,
     encoder_decoder_attention_type=EncDecAttention,
-    pos_type: str | None = "fixed-base",
+    pos_type: str | None = None,
     pos_axial_shape=(),
     pos_d_axial_embs=None,
     ff_activation=tl.FastGelu,
@@ -243,8 +243,9 @@ def Reformer(  # noqa: N802
         (y, ...)`; default `EncDecAttention`. (Trax's research Terraformer used this name for
         the decoder's attention because it had no cross attention; here it is the cross
         attention and `attention_type` is the decoder's.)
-      pos_type, pos_axial_shape, pos_d_axial_embs: positions for both halves ('axial' needs a
-        shape covering the longer of the two).
+      pos_type, pos_axial_shape, pos_d_axial_embs: positions for both halves, under trax's
+        names (`stack.positional_encoding`; default None, trax's trainable table); 'axial'
+        needs a shape covering the longer of the two.
       ff_activation, ff_chunk_size, ff_dropout, feed_forward_type: the feed-forward blocks of
         both halves (`feed_forward_type(d_ff, dropout=, mode=)` replaces the dense one).
       output_merge: how the decoder's two streams meet the output layer: 'average' (Trax's

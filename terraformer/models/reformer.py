@@ -17,7 +17,6 @@ import functools
 
 from terraformer import layers as tl
 from terraformer.layers.attention import SelfAttention
-from terraformer.layers.lsh import LSHSelfAttention
 from terraformer.layers.reversible import (
     ReversibleHalfResidual,
     ReversibleSerial,
@@ -55,10 +54,12 @@ def ReformerLM(  # noqa: N802
     n_heads: int = 8,
     dropout: float = 0.1,
     max_len: int = 2048,
-    attention_type=LSHSelfAttention,
-    pos_type: str | None = "fixed-base",
+    attention_type=SelfAttention,
+    pos_type: str | None = None,
     pos_axial_shape=(),
     pos_d_axial_embs=None,
+    pos_start_from_zero_prob: float = 1.0,
+    pos_max_offset_to_add: int = 0,
     ff_activation=tl.FastGelu,
     ff_chunk_size: int = 0,
     ff_dropout: float | None = None,
@@ -75,9 +76,14 @@ def ReformerLM(  # noqa: N802
       attention_type: a layer constructor called as
         `attention_type(n_heads=, d_qk=, d_v=, causal=True, output_dropout=, mode=)`, e.g.
         `LSHSelfAttention` or `functools.partial(SelfAttention, chunk_len=128,
-        n_chunks_before=1)`; or a list of them, cycled over the layers.
-      pos_type: 'axial' (with `pos_axial_shape`, `pos_d_axial_embs` summing to d_model),
-        'fixed-base' (sinusoids up to max_len) or None.
+        n_chunks_before=1)`; or a list of them, cycled over the layers. Default: trax's,
+        `SelfAttention` (full attention unless a gin file binds `SelfAttention.chunk_len`).
+      pos_type: trax's names (`stack.positional_encoding`): None (default: a trainable table
+        initialised with interleaved sinusoids), 'sin-cos', 'fixed-base', 'no', 'axial' (with
+        `pos_axial_shape`, `pos_d_axial_embs` summing to d_model); or ours, 'sinusoidal'
+        (fixed concatenated sinusoids).
+      pos_start_from_zero_prob, pos_max_offset_to_add: random starts of the pos_type=None
+        table in training (trax's; the defaults always start at 0).
       ff_chunk_size: run the feed-forward over chunks of this many positions (0: whole).
       feed_forward_type: optional constructor `f(d_ff, dropout=, mode=)` replacing the dense
         feed-forward (e.g. a sparse one).
@@ -101,9 +107,9 @@ def ReformerLM(  # noqa: N802
     return tl.Serial(                                                  # tokens
         tl.ShiftRight(mode=mode),
         tl.Embedding(vocab_size, d_model),
-        tl.Dropout(dropout, mode=mode),
+        tl.Dropout(dropout, shared_axes=(-2,), mode=mode),  # trax's: one mask for all positions
         positional_encoding(pos_type, d_model, max_len, pos_axial_shape, pos_d_axial_embs,
-                            dropout, mode),
+                            dropout, mode, pos_start_from_zero_prob, pos_max_offset_to_add),
         tl.Dup(),                                                      # x1 x2
         reversible_stack(block, attention_type, n_layers, mode),
         merge_streams(output_merge),                                   # x

@@ -20,7 +20,12 @@ from terraformer import layers as tl
 from terraformer.checks import check_choice, check_int
 from terraformer.layers.attention_types import attention_constructor
 from terraformer.layers.feedforward import FeedForward
-from terraformer.layers.positional import AxialPositionalEncoding
+from terraformer.layers.positional import (
+    AxialPositionalEncoding,
+    FixedBasePositionalEncoding,
+    PositionalEncoding,
+    SinCosPositionalEncoding,
+)
 from terraformer.layers.reversible import ReversibleRepeat, ReversibleSerial
 
 MERGES = ("concatenate", "average")
@@ -58,13 +63,29 @@ def build_attention(attention_type, *, d_model, n_heads, d_qk, d_v, causal, drop
                           output_dropout=dropout, mode=mode)
 
 
-def positional_encoding(pos_type, d_model, max_len, pos_axial_shape, pos_d_axial_embs, dropout,
-                        mode) -> list:
-    """The positional layer named by `pos_type`: 'axial', 'fixed-base' (sinusoids) or None.
+POS_TYPES = (None, "sin-cos", "fixed-base", "no", "axial", "sinusoidal")
 
-    Returns a list (empty for None) to splice into a `Serial`.
+
+def positional_encoding(pos_type, d_model, max_len, pos_axial_shape, pos_d_axial_embs, dropout,
+                        mode, start_from_zero_prob=1.0, max_offset_to_add=0) -> list:
+    """The positional layer named by `pos_type`, under trax 1.4.1's names:
+
+    - None: `PositionalEncoding`, a trainable [max_len, d_model] table initialised with
+      interleaved sinusoids (with `dropout`, `start_from_zero_prob`, `max_offset_to_add`);
+    - 'sin-cos': `SinCosPositionalEncoding` (fixed sinusoids from a random start in training);
+    - 'fixed-base': `FixedBasePositionalEncoding` (digits in fixed bases, trainable vectors);
+    - 'no': no positions;
+    - 'axial': `AxialPositionalEncoding` (needs `pos_axial_shape`, `pos_d_axial_embs`; its
+      dropout mask shared along all position axes, as trax's ReformerLM builds it);
+    - 'sinusoidal' (ours, not trax's): fixed concatenated sinusoids, the same in every mode
+      (`SinusoidalPositionalEncoding`).
+    Returns a list (empty for 'no') to splice into a `Serial`.
     """
-    if pos_type is None or pos_type == "none":
+    if pos_type is None or pos_type == "":
+        return [PositionalEncoding(max_len=max_len, dropout=dropout,
+                                   start_from_zero_prob=start_from_zero_prob,
+                                   max_offset_to_add=max_offset_to_add, mode=mode)]
+    if pos_type in ("no", "none"):
         return []
     if pos_type == "axial":
         shape = tuple(pos_axial_shape) if pos_axial_shape else None
@@ -74,10 +95,16 @@ def positional_encoding(pos_type, d_model, max_len, pos_axial_shape, pos_d_axial
                 "pos_type='axial' needs pos_axial_shape and pos_d_axial_embs, got "
                 f"{pos_axial_shape!r} and {pos_d_axial_embs!r}"
             )
-        return [AxialPositionalEncoding(shape=shape, d_embs=embs, dropout=dropout, mode=mode)]
-    if pos_type in ("fixed-base", "sin-cos"):
-        return [tl.PositionalEncoding(max_len=max_len, dropout=dropout, mode=mode)]
-    raise ValueError(f"pos_type must be 'axial', 'fixed-base' or None, got {pos_type!r}")
+        return [AxialPositionalEncoding(shape=shape, d_embs=embs, dropout=dropout,
+                                        dropout_broadcast_dims=tuple(range(1, len(shape) + 1)),
+                                        mode=mode)]
+    if pos_type == "sin-cos":
+        return [SinCosPositionalEncoding(mode=mode)]
+    if pos_type == "fixed-base":
+        return [FixedBasePositionalEncoding(mode=mode)]
+    if pos_type == "sinusoidal":
+        return [tl.SinusoidalPositionalEncoding(max_len=max_len, dropout=dropout, mode=mode)]
+    raise ValueError(f"pos_type must be one of {POS_TYPES}, got {pos_type!r}")
 
 
 def feed_forward_builder(d_ff: int, *, dropout: float, activation=tl.FastGelu,

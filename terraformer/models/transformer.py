@@ -6,7 +6,7 @@ from terraformer import layers as tl
 from terraformer.checks import check_int
 from terraformer.layers.attention import CausalAttention
 from terraformer.layers.feedforward import FeedForward
-from terraformer.models.stack import attention_per_layer, build_attention
+from terraformer.models.stack import attention_per_layer, build_attention, positional_encoding
 
 
 def DecoderBlock(  # noqa: N802
@@ -45,11 +45,15 @@ def TransformerLM(  # noqa: N802
     mode: str = "train",
     ff_activation=tl.Relu,
     attention_type=CausalAttention,
+    pos_type: str | None = None,
 ) -> tl.Layer:
     """Decoder-only Transformer: (tokens [batch, length]) -> (log-probs [batch, length, vocab]).
 
     The model shifts its input right, so targets equal inputs (Trax convention). In `predict`
     mode it takes the previous token(s) and keeps key/value caches of `max_len` positions.
+    Positions: trax's trainable [max_len, d_model] table initialised with interleaved
+    sinusoids (`pos_type=None`); `pos_type` (ours; trax's TransformerLM has none) takes any
+    name of `stack.positional_encoding`, e.g. 'sinusoidal' for fixed sinusoids.
 
     `attention_type`: `CausalAttention` (the default: full causal attention, as Trax's), a
     name of `attention_types.ATTENTION_TYPES` ('lsh', 'performer', ...), a Reformer-convention
@@ -61,7 +65,7 @@ def TransformerLM(  # noqa: N802
         tl.ShiftRight(mode=mode),
         tl.Embedding(vocab_size, d_model),
         tl.Dropout(dropout, shared_axes=dropout_shared_axes, mode=mode),
-        tl.PositionalEncoding(max_len=max_len, mode=mode),
+        positional_encoding(pos_type, d_model, max_len, None, None, 0.0, mode),
         [
             DecoderBlock(d_model, d_ff, n_heads, dropout, max_len, mode, ff_activation,
                          dropout_shared_axes, attention)

@@ -6,6 +6,10 @@ flat list of leaves and rebuilt on restore from a *template* (a pytree of the sa
 e.g. freshly initialised or abstract), so any layer structure (tuples, empty tuples, optax
 named tuples) round-trips exactly.
 
+Sharded arrays: an array spread over several processes is written by orbax shard by shard
+(each process its own); `restore(..., shardings=...)` reads each array straight into the
+target layout, which may be another mesh shape than the one that wrote it.
+
 Atomicity: orbax writes each step into ``<step>.orbax-checkpoint-tmp-<time>/``, writes
 ``commit_success.txt`` there and renames the directory to ``<step>/`` only when everything is
 on disk. A crash mid-write therefore leaves a temporary directory (removed when the next run
@@ -24,6 +28,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 __all__ = ["COMMIT_FILE", "CheckpointError", "Checkpointer", "NoCheckpointError"]
 
@@ -49,8 +54,14 @@ def _quiet_orbax():
 
 
 def _flatten(tree) -> dict:
+    def host(leaf):
+        # an array spread over processes stays a jax.Array: orbax writes each process's shards
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return leaf
+        return np.asarray(jax.device_get(leaf))
+
     leaves = jax.tree_util.tree_leaves(tree)
-    return {f"{i:06d}": np.asarray(jax.device_get(leaf)) for i, leaf in enumerate(leaves)}
+    return {f"{i:06d}": host(leaf) for i, leaf in enumerate(leaves)}
 
 
 def _unflatten(template, flat: dict, name: str, where: str):
@@ -62,15 +73,35 @@ def _unflatten(template, flat: dict, name: str, where: str):
         )
     restored = []
     for i, leaf in enumerate(leaves):
-        value = np.asarray(flat[f"{i:06d}"])
+        value = flat[f"{i:06d}"]
+        if not isinstance(value, jax.Array):
+            value = np.asarray(value)
         if tuple(value.shape) != tuple(np.shape(leaf)):
             raise CheckpointError(
                 f"checkpoint {where}: '{name}' array {i} has shape {tuple(value.shape)} but the "
                 f"model expects {tuple(np.shape(leaf))}; was it written by a different model "
                 "configuration?"
             )
-        restored.append(value.astype(leaf.dtype))
+        restored.append(value if value.dtype == leaf.dtype else value.astype(leaf.dtype))
     return jax.tree_util.tree_unflatten(treedef, restored)
+
+
+def _targets(template, shardings, stored: dict) -> dict:
+    """Abstract arrays (shape and dtype as stored, sharding as wanted) to restore ``stored``
+    (the checkpoint's metadata of one tree) into, where it fits ``template``; a leaf that
+    does not fit is left to `_unflatten`'s checks."""
+    leaves = jax.tree_util.tree_leaves(template)
+    shards = jax.tree_util.tree_leaves(
+        shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    out = {}
+    for key, meta in stored.items():
+        i = int(key)
+        if i < len(leaves) and len(shards) == len(leaves) and \
+                tuple(meta.shape) == tuple(np.shape(leaves[i])):
+            out[key] = jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype, sharding=shards[i])
+        else:
+            out[key] = None
+    return out
 
 
 class Checkpointer:
@@ -128,7 +159,10 @@ class Checkpointer:
             RuntimeWarning,
             stacklevel=3,
         )
-        path.rename(target)
+        if jax.process_index() == 0:  # one process moves it; the others wait for the move
+            path.rename(target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"set aside {path}")
         self._manager.close()  # its background machinery, before a new one lists the steps
         self._manager = self._open()
 
@@ -154,11 +188,14 @@ class Checkpointer:
         )
         self._manager.save(int(step), args=args, force=True)
 
-    def restore(self, templates: dict, step: int | None = None) -> tuple[dict, dict, int]:
+    def restore(self, templates: dict, step: int | None = None,
+                shardings: dict | None = None) -> tuple[dict, dict, int]:
         """Restores the newest complete checkpoint (or ``step``) into ``templates``' structures.
 
-        Returns ``(trees, meta, step)``. A step that fails to load is set aside with a warning
-        and the next older one tried. Raises CheckpointError when none is usable.
+        ``shardings`` (name -> a pytree of Shardings like the template's) reads those trees
+        as global arrays laid out so, whatever mesh wrote them; the others come back as
+        numpy arrays. Returns ``(trees, meta, step)``. A step that fails to load is set aside
+        with a warning and the next older one tried. Raises CheckpointError when none is usable.
         """
         self.wait()
         if not self.read_only:
@@ -168,7 +205,7 @@ class Checkpointer:
             raise NoCheckpointError(f"no checkpoint in '{self.directory}'")
         for s in reversed(candidates):
             try:
-                return self._restore_step(templates, s)
+                return self._restore_step(templates, s, shardings or {})
             except CheckpointError:
                 raise
             except Exception as e:  # a torn or corrupted step: try an older one
@@ -180,13 +217,23 @@ class Checkpointer:
                     self._set_aside(s, f"{type(e).__name__}: {str(e)[:200]}")
         raise NoCheckpointError(f"no readable checkpoint in '{self.directory}'")
 
-    def _restore_step(self, templates: dict, step: int):
+    def _restore_step(self, templates: dict, step: int, shardings: dict):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            target = None
+            if shardings:
+                stored = ocp.StandardCheckpointer().metadata(
+                    self.directory / str(step) / "state").item_metadata.tree
+                target = {name: _targets(templates[name], shardings[name], flat)
+                          for name, flat in stored.items()
+                          if name in shardings and name in templates}
+                if len(target) != len(stored) or any(
+                        v is None for t in target.values() for v in t.values()):
+                    target = None  # a leaf that does not fit: _unflatten names it
             out = self._manager.restore(
                 step,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()
+                    state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
                 ),
             )
         flat, meta = out["state"] or {}, dict(out["meta"])

@@ -39,9 +39,12 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from terraformer.checks import check_choice, check_int
+from terraformer.parallel.mesh import mesh as configured_mesh
+from terraformer.parallel.sharding import replicated
 from terraformer.training.batches import (
     as_batch,
     batch_signature,
@@ -196,7 +199,7 @@ class TrainingRun:
                  checkpoint_lowest: str | None = None, checkpoint_highest: str | None = None,
                  log_frequency: int = 10, seed: int = 0, progress: bool = True,
                  tensorboard: bool = True, async_checkpoints: bool = True,
-                 memory_efficient: bool = False, log=_stderr):
+                 memory_efficient: bool = False, log=_stderr, mesh=None):
         if model is gin.REQUIRED or inputs is gin.REQUIRED:
             raise ValueError(
                 "train: model and inputs must be given (gin: train.model, train.inputs)")
@@ -219,6 +222,7 @@ class TrainingRun:
         self.seed, self.progress, self.tensorboard = seed, progress, tensorboard
         self.async_checkpoints, self.memory_efficient = async_checkpoints, memory_efficient
         self.log = log
+        self.mesh = mesh
         self.guard = InterruptGuard()
         # the state
         self.step = self.start_step = self.consumed = 0
@@ -255,10 +259,14 @@ class TrainingRun:
         vocab_size = check_stream_vocab(probe, self.train_model, self.weights, self.state,
                                         self.batch_sig)
         check_ids(first, vocab_size, "inputs")
+        if self.mesh is None:
+            self.mesh = configured_mesh()  # gin: mesh.data = 2, ...; default one device
         self.train_step = make_train_step(self.train_model, self.optimizer,
-                                          memory_efficient=self.memory_efficient)
+                                          memory_efficient=self.memory_efficient,
+                                          mesh=self.mesh)
         self.opt_state = self.train_step.init_opt_state(self.weights)
-        self.eval_step = make_eval_step(self.eval_model) if self.eval_model is not None else None
+        self.eval_step = (make_eval_step(self.eval_model, self.mesh)
+                          if self.eval_model is not None else None)
 
     def _trees(self) -> dict:
         return {"weights": self.weights, "model_state": self.state,
@@ -268,11 +276,23 @@ class TrainingRun:
         """Resumes from the newest readable checkpoint of the folder, if any, read-only: a
         checkpoint of another model raises CheckpointError with the folder untouched."""
         directory = self.output_dir / CHECKPOINT_DIR
-        if not directory.is_dir():
+        exists = directory.is_dir()
+        if jax.process_count() > 1:  # every process looks before any of them makes it
+            multihost_utils.sync_global_devices(f"looked for {directory}")
+        if not exists:
             return
         reader = Checkpointer(directory, max_to_keep=None, async_save=False, read_only=True)
+        # Each array is read straight into its layout (whatever mesh wrote it).
+        if self.train_step.mesh is not None:
+            w, o, _, s = self.train_step.layout(self.weights, self.state, self.opt_state)
+            shardings = {"weights": w, "model_state": s, "opt_state": o,
+                         "rng": replicated(self.train_step.mesh)}
+        else:
+            one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            shardings = {name: jax.tree.map(lambda _: one, tree)
+                         for name, tree in self._trees().items()}
         try:
-            trees, meta, step = reader.restore(self._trees())
+            trees, meta, step = reader.restore(self._trees(), shardings=shardings)
         except NoCheckpointError:
             return
         finally:
@@ -290,8 +310,12 @@ class TrainingRun:
         self.created = not self.output_dir.exists()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._record_config()
-        self.weights, self.state, self.opt_state = jax.device_put(
-            (self.weights, self.state, self.opt_state))
+        if self.train_step.mesh is None:
+            self.weights, self.state, self.opt_state = jax.device_put(
+                (self.weights, self.state, self.opt_state))
+        else:
+            self.weights, self.state, self.opt_state = self.train_step.place(
+                self.weights, self.state, self.opt_state)
         self.checkpoints = Checkpointer(self.output_dir / CHECKPOINT_DIR, self.keep_checkpoints,
                                         self.async_checkpoints)
         # What the read-only restore passed over (partial or unreadable steps, all newer
@@ -535,6 +559,7 @@ def train(
     tensorboard: bool = True,
     async_checkpoints: bool = True,
     memory_efficient: bool = False,
+    mesh=None,
 ) -> TrainResult:
     """Trains ``model`` on ``inputs`` for ``steps`` steps, resuming from ``output_dir``.
 
@@ -569,6 +594,9 @@ def train(
         model with one reversible stack: its weights and slots in host memory, per-block
         fused updates, chunked loss); same updates as the plain step. The optimizer must act
         per weight (no ``clip_grad_norm``).
+      mesh: the `jax.sharding.Mesh` to train on; None: the gin-configured one
+        (``mesh.data = 2``, ``mesh.fsdp = -1``, ...; see ``parallel.mesh``), one device
+        unless bound.
 
     Raises:
       TrainingDivergedError: the loss or gradient norm became NaN/inf; the newest checkpoint
@@ -579,7 +607,7 @@ def train(
     run = TrainingRun(output_dir, model, inputs, eval_inputs, optimizer, lr_schedule, steps,
                       eval_frequency, eval_steps, checkpoint_frequency, keep_checkpoints,
                       keep_best, checkpoint_lowest, checkpoint_highest, log_frequency, seed,
-                      progress, tensorboard, async_checkpoints, memory_efficient)
+                      progress, tensorboard, async_checkpoints, memory_efficient, mesh=mesh)
     try:
         run.run()
     except BaseException:

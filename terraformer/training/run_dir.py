@@ -115,7 +115,10 @@ def load_weights(output_dir, model, checkpoint: str = "latest"):
             "weights": jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), weights),
             "model_state": jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), state),
         }
-        trees, meta, _ = ckpt.restore(templates)
+        # read into one device, whatever mesh (or processes) wrote the arrays
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        trees, meta, _ = ckpt.restore(templates, shardings={
+            name: jax.tree_util.tree_map(lambda _: one, tree) for name, tree in templates.items()})
     finally:
         ckpt.close()
     meta["vocab_size"] = output_vocab(train_model, weights, state, batch_sig)

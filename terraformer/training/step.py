@@ -13,6 +13,11 @@ the scalars ``loss`` (mean cross-entropy in nats per weighted token), ``accuracy
 ``grad_norm`` and ``lr``. The plain step differentiates the whole model in one compiled
 function; ``memory_efficient=True`` runs the same update as `MemoryEfficientTrainer`'s
 per-block pieces (a model with one reversible stack; see `training.memory_efficient`).
+
+On a mesh of several devices (``make_train_step(..., mesh=make_mesh(data=2, model=2))``) the
+plain step is one `jax.jit` with in and out shardings from `parallel.sharding` (weights and
+slots by their paths, batch rows over ``data`` and ``fsdp``): `TrainStep.place` lays the
+weights and slots out, and the batch (host arrays) is laid out on each call.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import optax
 
 from terraformer.layers.losses import accuracy, cross_entropy, sequence_accuracy
 from terraformer.memory.placement import to_device
+from terraformer.parallel.distributed import global_batch, put
+from terraformer.parallel.sharding import replicated, train_shardings
 from terraformer.training.batches import as_batch, log_probs_of, model_input, open_stream
 from terraformer.training.memory_efficient import MemoryEfficientTrainer
 from terraformer.training.optimizers import reported_learning_rate
@@ -44,7 +51,7 @@ def _loss_and_metrics(model, weights, state, batch, rng):
     return loss, (new_state, accuracy(log_probs, targets, mask))
 
 
-def _plain_step(model, optimizer, donate: bool) -> Callable:
+def _plain_step(model, optimizer, donate: bool, shardings=None) -> Callable:
     def step(weights, state, opt_state, batch, rng):
         grad_fn = jax.value_and_grad(
             lambda w: _loss_and_metrics(model, w, state, batch, rng), has_aux=True
@@ -60,7 +67,18 @@ def _plain_step(model, optimizer, donate: bool) -> Callable:
         }
         return weights, new_state, opt_state, metrics
 
-    return jax.jit(step, donate_argnums=(0, 1, 2) if donate else ())
+    donate_argnums = (0, 1, 2) if donate else ()
+    if shardings is None:
+        return jax.jit(step, donate_argnums=donate_argnums)
+    w, o, b, s, rep = shardings
+    return jax.jit(step, donate_argnums=donate_argnums, in_shardings=(w, s, o, b, rep),
+                   out_shardings=(w, s, o, rep))
+
+
+def _mesh_of_many(mesh):
+    """``mesh`` when it has several devices; None for no mesh or one device (the plain
+    single-device path, unchanged)."""
+    return mesh if mesh is not None and mesh.size > 1 else None
 
 
 class TrainStep:
@@ -70,12 +88,22 @@ class TrainStep:
     Attributes:
       model, optimizer: what it was built from.
       trainer: the `MemoryEfficientTrainer` running it, or None for the plain step.
+      mesh: the mesh it runs on (None: one device).
+      shardings: on a mesh, ``(weights, opt_state, batch, state)`` NamedShardings once
+        `init_opt_state` or `place` has seen the trees; else None.
     """
 
     def __init__(self, model, optimizer, memory_efficient: bool = False,
-                 donate: bool | None = None, **memory_options):
+                 donate: bool | None = None, mesh=None, **memory_options):
         self.model = model
         self.optimizer = optimizer
+        self.mesh = _mesh_of_many(mesh)
+        self.shardings = None
+        if memory_efficient and self.mesh is not None:
+            raise ValueError(
+                "make_train_step: memory_efficient=True runs on one device (its per-block "
+                "pieces place arrays on one device's host and device memory); got a mesh of "
+                f"{self.mesh.size} devices {dict(self.mesh.shape)}")
         if memory_efficient:
             self.trainer = MemoryEfficientTrainer(model, optimizer, **memory_options)
             self._step = self.trainer.step
@@ -89,17 +117,59 @@ class TrainStep:
             # memory with the step's inputs: donate only where device memory is separate.
             if donate is None:
                 donate = jax.default_backend() != "cpu"
-            self._step = _plain_step(model, optimizer, bool(donate))
+            self._donate = bool(donate)
+            self._step = (_plain_step(model, optimizer, self._donate) if self.mesh is None
+                          else None)  # on a mesh: built once the shardings are known
+
+    def _shard(self, weights, state, opt_state, batch):
+        """Finds the shardings of these trees (arrays or abstract) once, and builds the step."""
+        if self.shardings is None:
+            self.shardings = train_shardings(self.mesh, weights, opt_state, batch, state)
+        if self._step is None:
+            self._step = _plain_step(self.model, self.optimizer, self._donate,
+                                     self.shardings + (replicated(self.mesh),))
+
+    def _batch_like(self):
+        """A batch signature for the shardings before a batch is seen: its sharding is fixed
+        by the mesh alone, so any row count the mesh divides will do."""
+        n = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        return tuple(jax.ShapeDtypeStruct((n, 1), jnp.int32) for _ in range(3))
+
+    def place(self, weights, state, opt_state):
+        """``(weights, state, opt_state)`` laid out as the step takes them: on a mesh, as
+        global arrays with `shardings`; else unchanged (the memory-efficient trainer places
+        its own)."""
+        if self.mesh is None:
+            return weights, state, opt_state
+        w, o, _, s = self.layout(weights, state, opt_state)
+        return put(weights, w), put(state, s), put(opt_state, o)
+
+    def layout(self, weights, state, opt_state):
+        """On a mesh, the `shardings` ``(weights, opt_state, batch, state)`` of these trees
+        (arrays or abstract); None without a mesh."""
+        if self.mesh is not None and self.shardings is None:
+            self.shardings = train_shardings(self.mesh, weights, opt_state,
+                                             self._batch_like(), state)
+        return self.shardings
 
     def __call__(self, weights, state, opt_state, batch, rng):
+        if self.mesh is not None:
+            if self._step is None:
+                self._shard(weights, state, opt_state, batch)
+            batch = global_batch(batch, train_shardings(self.mesh, (), (), batch)[2])
+            rng = put(rng, replicated(self.mesh))
         return self._step(weights, state, opt_state, batch, rng)
 
     def init_opt_state(self, weights):
         """The optimizer state for ``weights`` (the memory-efficient one keeps the stack's
-        slots in host memory)."""
+        slots in host memory; on a mesh, each slot sharded as its weight)."""
         if self.trainer is not None:
             return self.trainer.init_opt_state(weights)
-        return jax.jit(self.optimizer.init)(weights)
+        if self.mesh is None:
+            return jax.jit(self.optimizer.init)(weights)
+        abstract = jax.eval_shape(self.optimizer.init, weights)
+        w, o = train_shardings(self.mesh, weights, abstract, ())[:2]
+        return jax.jit(self.optimizer.init, in_shardings=(w,), out_shardings=o)(put(weights, w))
 
     def eval_weights(self, weights):
         """``weights`` as a plain (whole-model) function takes them: all in device memory."""
@@ -111,11 +181,13 @@ class TrainStep:
         if self.trainer is not None:
             raise TypeError("TrainStep.lower: the memory-efficient step is several compiled "
                             "pieces, not one function")
+        if self.mesh is not None and self._step is None:
+            self._shard(weights, state, opt_state, batch)
         return self._step.lower(weights, state, opt_state, batch, rng)
 
 
 def make_train_step(model, optimizer, *, memory_efficient: bool = False,
-                    donate: bool | None = None, **memory_options) -> TrainStep:
+                    donate: bool | None = None, mesh=None, **memory_options) -> TrainStep:
     """The training step of ``model`` (a train-mode Layer) with ``optimizer`` (optax).
 
     Args:
@@ -125,12 +197,17 @@ def make_train_step(model, optimizer, *, memory_efficient: bool = False,
         ``clip_grad_norm``, ``offload``, ``loss_chunk_len``, ``chunk_head``).
       donate: let the plain step reuse the memory of its weights, state and optimizer
         state (the caller must not use them after the call); None: on accelerators only.
+      mesh: a `jax.sharding.Mesh` (`parallel.make_mesh`) to run on; None or one device: the
+        single-device step. Place the weights with `TrainStep.place` (or make the slots with
+        `init_opt_state`, which places them).
     """
-    return TrainStep(model, optimizer, memory_efficient, donate, **memory_options)
+    return TrainStep(model, optimizer, memory_efficient, donate, mesh, **memory_options)
 
 
-def make_eval_step(model) -> Callable:
-    """Jitted ``(weights, state, batch) -> sums`` of loss, accuracy and weight per batch."""
+def make_eval_step(model, mesh=None) -> Callable:
+    """Jitted ``(weights, state, batch) -> sums`` of loss, accuracy and weight per batch; on
+    a mesh of several devices, the batch's rows are split over ``data`` and ``fsdp`` and the
+    weights taken as they are laid out."""
 
     def step(weights, state, batch):
         out, _ = model.apply(model_input(model, batch), weights, state, None)
@@ -145,7 +222,16 @@ def make_eval_step(model) -> Callable:
             "sequences": jnp.float32(targets.shape[0]),
         }
 
-    return jax.jit(step)
+    mesh = _mesh_of_many(mesh)
+    if mesh is None:
+        return jax.jit(step)
+    jitted = jax.jit(step, out_shardings=replicated(mesh))
+
+    def sharded(weights, state, batch):
+        sh = train_shardings(mesh, (), (), batch)[2]
+        return jitted(weights, state, global_batch(batch, sh))
+
+    return sharded
 
 
 def evaluate(eval_step, weights, state, eval_inputs, eval_steps: int) -> dict:

@@ -201,15 +201,21 @@ def test_config_of_another_model(ckpt_dir, tmp_path):
     one_line(e)
 
 
-def test_transformer_checkpoint_positional_table_is_refused(ckpt_dir, tmp_path):
-    """Documented difference (pos_type): trax's TransformerLM keeps a trainable, interleaved
-    sinusoid table that our fixed table cannot hold; the import says so instead of loading a
-    different model."""
-    for name in ("transformer_saved.pkl.gz", "transformer_trained_positions.pkl.gz"):
-        with pytest.raises(TraxImportError) as e:
-            import_trax_checkpoint(ckpt_dir / name, [ckpt_dir / "transformer_lm.gin"],
-                                   tmp_path / "run")
-        assert "PositionalEncoding" in one_line(e)
+def test_transformer_checkpoints_import_with_their_positional_table(ckpt_dir, tmp_path):
+    """trax's TransformerLM keeps a trainable positional table; ours holds it (pos_type None):
+    a fresh checkpoint gives trax's outputs, a trained one brings its moved table along."""
+    model = model_from_gin([ckpt_dir / "transformer_lm.gin"])(mode="eval")
+    run = import_trax_checkpoint(ckpt_dir / "transformer_saved.pkl.gz",
+                                 [ckpt_dir / "transformer_lm.gin"], tmp_path / "saved")
+    w, s, _, _ = restore_run(run, model)
+    ref = outputs(ckpt_dir, "transformer_saved")
+    y, _ = model.apply(ref["tokens"], w, s, None)
+    np.testing.assert_allclose(np.asarray(y), jax.nn.log_softmax(ref["logits"]), atol=ATOL)
+    run = import_trax_checkpoint(ckpt_dir / "transformer_trained_positions.pkl.gz",
+                                 [ckpt_dir / "transformer_lm.gin"], tmp_path / "trained")
+    trained, _, _, _ = restore_run(run, model)
+    table = read_trax_checkpoint(ckpt_dir / "transformer_trained_positions.pkl.gz").weights[1]
+    np.testing.assert_array_equal(np.asarray(trained[3]), table.reshape(trained[3].shape))
 
 
 def test_pickle_naming_other_code_is_refused(tmp_path):

@@ -13,7 +13,6 @@ import pytest
 from terraformer import layers as tl
 from terraformer import models
 from terraformer.interop import TraxImportError, trax_to_terraformer
-from terraformer.models.transformer import DecoderBlock
 
 ATOL = 1e-5
 LOCAL = dict(chunk_len=4, n_chunks_before=1)
@@ -150,95 +149,88 @@ def test_trax_lsh_predict_is_not_its_eval(trax_case):
 
 
 # -- TransformerLM ---------------------------------------------------------------------------
-def our_sinusoids(length, d):
-    layer = tl.PositionalEncoding(max_len=length, mode="eval")
-    return np.asarray(layer.apply(np.zeros((1, length, d), np.float32), (), (), None)[0][0])
-
-
-def test_transformer_positional_tables_differ_by_interleaving(trax_case):
-    """trax's PositionalEncoding interleaves sin and cos (sin on even features, cos on odd) and
-    keeps the table as a trainable weight; ours concatenates [sin, cos] and has no weight."""
+def test_transformer_positional_table_starts_as_trax(trax_case):
+    """trax's PositionalEncoding: a trainable table initialised with interleaved sinusoids
+    (sin on even features, cos on odd); ours starts from the same table."""
     case = trax_case("transformer_lm")
     table = case.weights[case.names.index("w/3")]
-    table = table.reshape(table.shape[-2:])
-    ours = our_sinusoids(*table.shape)
-    half = table.shape[1] // 2
-    np.testing.assert_allclose(table[:, 0::2], ours[:, :half], atol=1e-6)
-    np.testing.assert_allclose(table[:, 1::2], ours[:, half:], atol=1e-6)
-    with pytest.raises(TraxImportError, match="PositionalEncoding.*positional table"):
-        loaded(transformer("eval"), case)
+    w, _ = transformer("eval").init(tl.signature(case.x))
+    ours = np.asarray(w[3])
+    np.testing.assert_allclose(ours, table.reshape(ours.shape), atol=1e-6)
 
 
-def test_transformer_matches_trax_with_its_positional_table(trax_case):
-    """Everything but the positional table matches: our TransformerLM's layers with trax's table
-    added in place of ours give trax's outputs."""
-    case = trax_case("transformer_lm")
-    i = case.names.index("w/3")
-    table = case.weights[i].reshape(case.weights[i].shape[-2:])
-    mode = "eval"
-    model = tl.Serial(
-        tl.ShiftRight(mode=mode), tl.Embedding(16, 8), tl.Dropout(0.0, mode=mode),
-        tl.Fn("TraxPositions", lambda x: x + table[None, :x.shape[1]]),
-        [DecoderBlock(8, 16, 2, 0.0, 32, mode) for _ in range(2)],
-        tl.LayerNorm(), tl.Dense(16), tl.LogSoftmax())
-    w, s = model.init(tl.signature(case.x))
-    w = trax_to_terraformer(model, w, case.weights[:i] + case.weights[i + 1:])
-    y, _ = model.apply(case.x, w, s, None)
-    np.testing.assert_allclose(np.asarray(y), log_softmax(case.outputs[0]), atol=ATOL, rtol=0)
-
-
-@pytest.mark.xfail(strict=True, raises=TraxImportError, reason="pos_type: trax's TransformerLM "
-                   "has a trainable, interleaved sinusoid table; ours a fixed, concatenated one")
 def test_transformer_eval_matches_trax(trax_case):
     case = trax_case("transformer_lm")
     y, _ = eval_log_probs(transformer("eval"), case)
     np.testing.assert_allclose(y, log_softmax(case.outputs[0]), atol=ATOL, rtol=0)
 
 
+def test_transformer_predict_matches_trax_predict(trax_case):
+    """Fed one token at a time (the table read at the position counter), ours equals trax's
+    predict mode."""
+    case = trax_case("transformer_lm")
+    _, w = eval_log_probs(transformer("eval"), case)
+    feed = np.concatenate([[0], case.x[0][:-1]])
+    y = predict_log_probs(transformer, w, feed)
+    np.testing.assert_allclose(y, log_softmax(case.extra["predict_logits"]), atol=ATOL, rtol=0)
+    ours = greedy(transformer, w, case.extra["prompt"], len(case.extra["greedy"]))
+    np.testing.assert_array_equal(ours, case.extra["greedy"])
+
+
 def test_trax_transformer_predict_is_its_eval(trax_case):
-    """trax's TransformerLM predict mode reproduces its eval (so ours, matching trax's eval
-    once the tables agree, matches its predict too)."""
+    """trax's TransformerLM predict mode reproduces its eval."""
     case = trax_case("transformer_lm")
     np.testing.assert_allclose(case.extra["predict_logits"], case.outputs[0][0], atol=1e-4)
 
 
 # -- ReformerLM with trax's other pos_type values --------------------------------------------
+POS_CASES = {None: "reformer_lm_pos_none", "fixed-base": "reformer_lm_pos_fixed",
+             "sin-cos": "reformer_lm_pos_sin_cos"}
+
+
 def reformer_pos(pos_type, mode="eval"):
-    attn = functools.partial(tl.SelfAttention, **LOCAL)
+    attn = functools.partial(tl.SelfAttention, predict_mem_len=16, **LOCAL)
     return models.ReformerLM(
         vocab_size=16, d_model=8, d_ff=16, d_attention_key=4, d_attention_value=4, n_layers=2,
         n_heads=2, max_len=16, dropout=0.0, pos_type=pos_type, ff_activation=tl.FastGelu,
         attention_type=attn, mode=mode)
 
 
-def test_reformer_pos_type_none_is_trax_trainable_interleaved_table(trax_case):
-    """pos_type=None: trax builds a trainable table initialised with interleaved sinusoids;
-    ours builds no positional layer (so trax's table has nowhere to go), and our 'fixed-base'
-    is a fixed, concatenated table."""
+def test_reformer_pos_type_none_starts_as_trax_table(trax_case):
     case = trax_case("reformer_lm_pos_none")
     table = case.weights[case.names.index("w/3/1")]
-    ours = our_sinusoids(*table.shape)
-    half = table.shape[1] // 2
-    np.testing.assert_allclose(table[:, 0::2], ours[:, :half], atol=1e-6)
-    np.testing.assert_allclose(table[:, 1::2], ours[:, half:], atol=1e-6)
-    with pytest.raises(TraxImportError, match="expected shape"):
-        loaded(reformer_pos(None), case)
-    with pytest.raises(TraxImportError, match="positional table"):
-        loaded(reformer_pos("fixed-base"), case)
+    w, _ = reformer_pos(None).init(tl.signature(case.x))
+    np.testing.assert_allclose(np.asarray(w[3]), table, atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, raises=TraxImportError, reason="pos_type=None: trax's is a "
-                   "trainable sinusoid table, ours means no positions")
-def test_reformer_pos_type_none_matches_trax(trax_case):
-    case = trax_case("reformer_lm_pos_none")
-    y, _ = eval_log_probs(reformer_pos(None), case)
-    np.testing.assert_allclose(y, log_softmax(case.outputs[0]), atol=ATOL, rtol=0)
-
-
-@pytest.mark.xfail(strict=True, raises=TraxImportError, reason="pos_type='fixed-base': trax's "
-                   "is FixedBasePositionalEncoding (with weights), ours concatenated sinusoids")
-def test_reformer_pos_type_fixed_base_matches_trax(trax_case):
+def test_reformer_fixed_base_weights_are_trax_digit_vectors(trax_case):
+    """trax's 32 digit vectors (4 bases x 8 digits) and start vector land in ours stacked."""
     case = trax_case("reformer_lm_pos_fixed")
-    assert sum(n.startswith("w/3/") for n in case.names) == 33  # trax's positional weights
-    y, _ = eval_log_probs(reformer_pos("fixed-base"), case)
+    assert sum(n.startswith("w/3/") for n in case.names) == 33
+    w, _ = loaded(reformer_pos("fixed-base"), case)
+    digits = np.asarray(w[3]["digits"])
+    np.testing.assert_array_equal(digits[2, 5], case.weights[case.names.index("w/3/1/0/2/5")][0])
+    np.testing.assert_array_equal(np.asarray(w[3]["start"]),
+                                  case.weights[case.names.index("w/3/1/1")].reshape(-1))
+
+
+@pytest.mark.parametrize("pos_type", list(POS_CASES), ids=str)
+def test_reformer_pos_type_matches_trax(pos_type, trax_case):
+    """Eval, and predict fed one token at a time, against trax's eval on trax's weights; and
+    trax's predict inside the chunk window (beyond it trax's attends to its whole memory)."""
+    case = trax_case(POS_CASES[pos_type])
+    y, w = eval_log_probs(reformer_pos(pos_type), case)
     np.testing.assert_allclose(y, log_softmax(case.outputs[0]), atol=ATOL, rtol=0)
+    feed = np.concatenate([[0], case.x[0][:-1]])
+    y_pred = predict_log_probs(functools.partial(reformer_pos, pos_type), w, feed)
+    np.testing.assert_allclose(y_pred, log_softmax(case.outputs[0][0]), atol=ATOL, rtol=0)
+    window = (LOCAL["n_chunks_before"] + 1) * LOCAL["chunk_len"]
+    np.testing.assert_allclose(y_pred[:window], log_softmax(case.extra["predict_logits"])[:window],
+                               atol=ATOL, rtol=0)
+
+
+def test_reformer_sinusoidal_is_not_trax_pos_type(trax_case):
+    """Our 'sinusoidal' (fixed concatenated sinusoids) holds no table: trax's pos_type=None
+    checkpoint does not load into it."""
+    with pytest.raises(TraxImportError, match="expected shape"):
+        loaded(reformer_pos("sinusoidal"), trax_case("reformer_lm_pos_none"))

@@ -62,12 +62,27 @@ def test_chunked_attention_matches_masked_reference(np_rng, chunk_len, before, a
                           n_chunks_before=before, n_chunks_after=after, mode="eval")
     w, s = layer.init(ShapeDtype(x.shape))
     y, _ = layer.apply(x, w, s, None)
+    n_chunks = -(-length // chunk_len)
+    offsets = np.arange(-before, after + 1) % n_chunks
 
     def window(qi, ki):
-        return (ki // chunk_len >= qi // chunk_len - before) & (
-            ki // chunk_len <= qi // chunk_len + after)
+        """As trax: the window wraps round (chunk 0 looks back at the last chunk)."""
+        return np.isin((ki // chunk_len - qi // chunk_len) % n_chunks, offsets)
 
     np.testing.assert_allclose(y, _reference(x, w, 2, causal, window), atol=1e-5)
+
+
+def test_local_attention_without_wrap_masks_chunks_outside(np_rng):
+    """wrap=False: the first chunk sees no chunk before it, the last none after it."""
+    from terraformer.layers.attention import local_attention
+
+    q, k, v = (np_rng.normal(size=(1, 1, 12, 4)).astype(np.float32) for _ in range(3))
+    y = np.asarray(local_attention(*map(jnp.asarray, (q, k, v)), 4, 1, 1, False, wrap=False))
+    chunk = np.arange(12) // 4
+    allowed = np.abs(chunk[:, None] - chunk[None, :]) <= 1
+    s = np.where(allowed, q[0, 0] @ k[0, 0].T / 2.0, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    np.testing.assert_allclose(y[0, 0], (p / p.sum(-1, keepdims=True)) @ v[0, 0], atol=1e-5)
 
 
 def test_causal_attention_never_looks_ahead(np_rng):

@@ -49,8 +49,8 @@ def test_shift_right_and_positional_encoding_predict(np_rng):
     np.testing.assert_array_equal(y[:, 1:], x[:, :-1])
     np.testing.assert_array_equal(y[:, 0], 0)
     h = jnp.asarray(np_rng.normal(size=(2, 6, 8)), jnp.float32)
-    full, _ = tl.PositionalEncoding(max_len=16, mode="eval").apply(h, (), (), None)
-    pe = tl.PositionalEncoding(max_len=16, mode="predict")
+    full, _ = tl.SinusoidalPositionalEncoding(max_len=16, mode="eval").apply(h, (), (), None)
+    pe = tl.SinusoidalPositionalEncoding(max_len=16, mode="predict")
     _, state = pe.init(ShapeDtype((2, 1, 8)))
     steps = []
     for t in range(6):
@@ -58,7 +58,7 @@ def test_shift_right_and_positional_encoding_predict(np_rng):
         steps.append(out)
     np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=1e-6)
     with pytest.raises(ValueError, match="max_len=4"):
-        tl.PositionalEncoding(max_len=4, mode="eval").apply(h, (), (), None)
+        tl.SinusoidalPositionalEncoding(max_len=4, mode="eval").apply(h, (), (), None)
 
 
 def test_log_softmax_and_bad_mode():

@@ -1,5 +1,6 @@
 """AxialPositionalEncoding: the axial table, errors, predict mode, dropout, gradients."""
 
+import functools
 import math
 
 import jax
@@ -160,3 +161,105 @@ def test_gradients_equal_the_full_table_reference(seed):
     want = jax.grad(reference)(weights)
     for g, r in zip(got, want, strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5, err_msg=f"seed {seed}")
+
+
+# -- trax's other positional encodings: PositionalEncoding, SinCos, FixedBase -----------------
+def _interleaved(n, d):
+    """Reference table: sin(p / 10000^(2i/d)) at feature 2i, cos at 2i + 1."""
+    p, i = np.arange(n)[:, None], np.arange(d // 2)[None]
+    angle = p / 10000.0 ** (2 * i / d)
+    return np.stack([np.sin(angle), np.cos(angle)], -1).reshape(n, d)
+
+
+def _concatenated(positions, d):
+    angle = np.asarray(positions)[:, None] / 10000.0 ** (2 * np.arange(d // 2)[None] / d)
+    return np.concatenate([np.sin(angle), np.cos(angle)], -1)
+
+
+def _predict_pieces(layer_predict, x, weights, cuts):
+    _, state = layer_predict.init(tl.signature(x[:, :1]))
+    out, start = [], 0
+    for stop in cuts + [x.shape[1]]:
+        y, state = layer_predict.apply(x[:, start:stop], weights, state, None)
+        out.append(np.asarray(y))
+        start = stop
+    return np.concatenate(out, 1), state
+
+
+def test_trainable_table_starts_interleaved_and_is_trained(seed):
+    rng = np.random.default_rng(seed)
+    length, d = int(rng.integers(2, 12)), 8
+    x = jnp.asarray(rng.normal(size=(2, length, d)), jnp.float32)
+    layer = tl.PositionalEncoding(max_len=12, mode="eval")
+    table, state = layer.init(tl.signature(x))
+    np.testing.assert_allclose(table, _interleaved(12, d), atol=1e-6)
+    table = table + jnp.asarray(rng.normal(size=table.shape), jnp.float32)  # a trained table
+    y, _ = layer.apply(x, table, state, None)
+    np.testing.assert_allclose(y, np.asarray(x) + np.asarray(table)[None, :length], atol=1e-6)
+    cut = int(rng.integers(1, length)) if length > 1 else 1
+    y_pred, s = _predict_pieces(tl.PositionalEncoding(max_len=12, mode="predict"), x, table,
+                                [cut])
+    np.testing.assert_allclose(y_pred, y, atol=1e-6)
+    assert int(s) == length
+    g = jax.grad(lambda t: jnp.sum(layer.apply(x, t, state, None)[0]))(table)
+    np.testing.assert_allclose(g[:length], 2.0)  # a weight: batch 2, one per position
+    np.testing.assert_array_equal(g[length:], 0.0)
+    # Train: a random start in [0, max_offset_to_add), and dropout of whole features.
+    train = tl.PositionalEncoding(max_len=12, dropout=0.5, start_from_zero_prob=0.0,
+                                  max_offset_to_add=12 - length + 1, mode="train")
+    added = np.asarray(train.apply(x, table, (), jax.random.PRNGKey(seed))[0] - x)[0]
+    rows = np.asarray(table)
+    starts = [s for s in range(12 - length + 1)
+              if np.all((np.abs(added - 2 * rows[s:s + length]) < 1e-4) | (np.abs(added) < 1e-6))]
+    assert starts, "the train-mode table is no slice of the table (times 0 or 1 / keep)"
+    dropped = np.abs(added) < 1e-6
+    assert np.all(dropped == dropped[:1])  # one mask for every position
+
+
+def test_sin_cos_is_concatenated_sinusoids_from_a_random_start(seed):
+    rng = np.random.default_rng(seed)
+    length, d = int(rng.integers(2, 10)), 6
+    x = jnp.asarray(rng.normal(size=(1, length, d)), jnp.float32)
+    y, _ = tl.SinCosPositionalEncoding(mode="eval").apply(x, (), (), None)
+    np.testing.assert_allclose(y - x, _concatenated(np.arange(length), d)[None], atol=1e-5)
+    y_pred, _ = _predict_pieces(tl.SinCosPositionalEncoding(mode="predict"), x, (), [1])
+    np.testing.assert_allclose(y_pred, y, atol=1e-5)
+    layer = tl.SinCosPositionalEncoding(add_offset=50, start_from_zero_one_in=10**6)
+    added = np.asarray(layer.apply(x, (), (), jax.random.PRNGKey(seed))[0] - x)[0]
+    gaps = [np.abs(added - _concatenated(s + np.arange(length), d)).max() for s in range(50)]
+    assert min(gaps) < 1e-4 and int(np.argmin(gaps)) > 0  # some start; 0 once in a million
+
+
+def _fixed_base_reference(weights, positions, bases, n_digits):
+    digits, start = np.asarray(weights["digits"]), np.asarray(weights["start"])
+    out = np.zeros((len(positions), start.shape[0]))
+    for b, base in enumerate(bases):
+        for i in range(n_digits):
+            d_i = (np.asarray(positions) // base**i) % base
+            out[:, i * digits.shape[-1]:(i + 1) * digits.shape[-1]] += d_i[:, None] * digits[b, i]
+    out[0] += start
+    return out
+
+
+def test_fixed_base_writes_positions_in_digits(seed):
+    rng = np.random.default_rng(seed)
+    bases, n_digits, d, length = (3, 5), 3, 6, 13
+    x = jnp.asarray(rng.normal(size=(2, length, d)), jnp.float32)
+    make = functools.partial(tl.FixedBasePositionalEncoding, bases=bases, n_digits=n_digits)
+    layer = make(mode="eval")
+    w, s = layer.init(tl.signature(x), jax.random.PRNGKey(seed))
+    assert w["digits"].shape == (2, 3, 2) and w["start"].shape == (6,)
+    assert float(jnp.abs(w["digits"]).max()) <= 1e-4
+    w = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), jnp.float32), w)
+    y, _ = layer.apply(x, w, s, None)
+    ref = _fixed_base_reference(w, np.arange(length), bases, n_digits)
+    np.testing.assert_allclose(y - x, np.broadcast_to(ref, y.shape), atol=1e-4)
+    y_pred, _ = _predict_pieces(make(mode="predict"), x, w, [1, 5])
+    np.testing.assert_allclose(y_pred, y, atol=1e-4)
+    # Train, starting at 0 always and dropping every base's digits always: only `start`.
+    train = make(start_from_zero_one_in=1, base_dropout_one_in=1, mode="train")
+    added = np.asarray(train.apply(x, w, (), jax.random.PRNGKey(seed))[0] - x)
+    np.testing.assert_allclose(added[:, 0], np.broadcast_to(w["start"], (2, d)), atol=1e-5)
+    np.testing.assert_allclose(added[:, 1:], 0.0, atol=1e-6)
+    with pytest.raises(ValueError, match="multiple of n_digits"):
+        make(mode="eval").init(tl.signature(x[..., :5]))

@@ -8,6 +8,7 @@ from jax.test_util import check_grads
 
 from terraformer.layers.base import EMPTY
 from terraformer.layers.sparsity import (
+    FactoredDense,
     LocallyConvDense,
     MultiplicativeConvCausalAttention,
     MultiplicativeModularSparseDense,
@@ -41,7 +42,9 @@ N_BLOCKS = D_FF // N_EL
 
 
 def _ff(mode, **kwargs):
-    kwargs = {"n_elements_in_block": N_EL, "d_lowrank": D_LOWRANK, **kwargs}
+    # With our optional first-layer bias, so that these tests cover it (trax's has none).
+    kwargs = {"n_elements_in_block": N_EL, "d_lowrank": D_LOWRANK, "first_layer_bias": True,
+              **kwargs}
     return SparseFF(D_FF, mode=mode, **kwargs)
 
 
@@ -63,7 +66,7 @@ def _sparse_ff_reference(x, w, n_el):
     logits = logits.reshape(x.shape[:-1] + (d_ff // n_el, n_el))
     chosen = np.argmax(logits, axis=-1)
     mask = (np.arange(n_el) == chosen[..., None]).reshape(x.shape[:-1] + (d_ff,))
-    h = np.maximum(x @ w["w1"].T + w["b1"], 0.0) * mask
+    h = np.maximum(x @ w["w1"].T + w.get("b1", 0.0), 0.0) * mask
     return h @ w["w2"] + w["b2"]
 
 
@@ -83,6 +86,18 @@ def test_sparse_ff_shapes_and_weights(seed):
     }
     assert layer.apply(x, weights, state, None)[0].shape == x.shape
     assert layer.choices(x, weights).shape == x.shape[:-1] + (N_BLOCKS,)
+
+
+def test_sparse_ff_has_no_first_layer_bias_by_default(seed):
+    """trax's SparseFF: relu(x @ w1) without a bias; eval and predict both."""
+    _, x, weights, state = _ff_setup(seed)
+    del weights["b1"]
+    layer = _ff("eval", first_layer_bias=False)
+    assert set(layer.init(x, jax.random.PRNGKey(seed))[0]) == set(weights)
+    y, _ = layer.apply(x, weights, state, None)
+    np.testing.assert_allclose(y, _sparse_ff_reference(x, weights, N_EL), atol=2e-5, rtol=1e-5)
+    y_pred, _ = _ff("predict", first_layer_bias=False).apply(x, weights, state, None)
+    np.testing.assert_allclose(y_pred, y, atol=1e-5, rtol=0)
 
 
 def test_sparse_ff_argument_errors(seed):
@@ -234,7 +249,7 @@ def test_sparse_ff_gradients_finite_differences(seed):
 
 
 # ------------------------------------------------------------------------------------------------
-# MultiplicativeModularSparseDense
+# FactoredDense and MultiplicativeModularSparseDense
 # ------------------------------------------------------------------------------------------------
 
 
@@ -243,7 +258,7 @@ def test_multiplicative_dense_equals_full_matrix_and_loops(seed):
     S, d_feature, d_in = 4, 12, 10
     M = d_feature // S
     x = _normal(rng, (2, 3, d_in))
-    layer = MultiplicativeModularSparseDense(S, d_feature)
+    layer = FactoredDense(S, None, d_feature)
     weights, state = layer.init(x, jax.random.PRNGKey(seed))
     assert {k: v.shape for k, v in weights.items()} == {
         "D": (d_in, S),
@@ -271,11 +286,11 @@ def test_multiplicative_dense_equals_full_matrix_and_loops(seed):
 
 
 def test_multiplicative_dense_errors_and_no_bias():
-    with pytest.raises(ValueError, match="multiple of sparsity"):
-        MultiplicativeModularSparseDense(5, 12)
-    with pytest.raises(ValueError, match="d_input=7"):
-        MultiplicativeModularSparseDense(2, 8, d_input=7).init(jnp.zeros((1, 6)))
-    layer = MultiplicativeModularSparseDense(2, 8, d_input=6, use_bias=False)
+    with pytest.raises(ValueError, match="multiple of n_modules"):
+        FactoredDense(5, None, 12)
+    with pytest.raises(ValueError, match="d_in=7"):
+        FactoredDense(2, 7, 8).init(jnp.zeros((1, 6)))
+    layer = FactoredDense(2, 6, 8, use_bias=False)
     w, _ = layer.init(jnp.zeros((1, 6)))
     assert set(w) == {"D", "E"}
     assert layer(jnp.zeros((3, 6))).shape == (3, 8)
@@ -283,7 +298,7 @@ def test_multiplicative_dense_errors_and_no_bias():
 
 def test_multiplicative_dense_gradients(seed):
     rng = np.random.default_rng(seed)
-    layer = MultiplicativeModularSparseDense(2, 6)
+    layer = FactoredDense(2, None, 6)
     with jax.enable_x64(True):
         x = jnp.asarray(rng.normal(size=(2, 5)))
         w, s = layer.init(jnp.zeros((2, 5), jnp.float32), jax.random.PRNGKey(seed))
@@ -395,6 +410,34 @@ def test_locally_conv_dense_gradients(seed):
         )
 
 
+def test_modular_sparse_dense_equals_loops(seed):
+    """Trax's MultiplicativeModularSparseDense: per module h, the input gated by multiplier[h],
+    projected by kmult, then mixed by the module's own kmod[h]."""
+    rng = np.random.default_rng(seed)
+    S, d, d_in = 3, 6, 5
+    M = d // S
+    x = _normal(rng, (2, d_in))
+    layer = MultiplicativeModularSparseDense(S, d)
+    w, state = layer.init(x, jax.random.PRNGKey(seed))
+    assert {k: v.shape for k, v in w.items()} == {
+        "multiplier": (S, d_in), "kmult": (d_in, M), "kmod": (S, M, M), "b": (d,)}
+    w = jax.tree.map(lambda a: _normal(rng, a.shape), w)
+    y, _ = layer.apply(x, w, state, None)
+    mult, kmult, kmod, b = (np.asarray(w[k], np.float64) for k in ("multiplier", "kmult",
+                                                                     "kmod", "b"))
+    xv = np.asarray(x, np.float64)
+    ref = np.zeros((2, d))
+    for n in range(2):
+        for h in range(S):
+            for o in range(M):
+                ref[n, h * M + o] = b[h * M + o] + sum(
+                    xv[n, i] * mult[h, i] * kmult[i, j] * kmod[h, j, o]
+                    for i in range(d_in) for j in range(M))
+    np.testing.assert_allclose(y, ref, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="multiple of sparsity"):
+        MultiplicativeModularSparseDense(4, 6)
+
+
 # ------------------------------------------------------------------------------------------------
 # MultiplicativeConvCausalAttention
 # ------------------------------------------------------------------------------------------------
@@ -404,7 +447,7 @@ def _attention_reference(x, weights, n_heads, sparsity, output_layer_type="none"
     """Sublayers in eval mode, then plain causal softmax attention in float64 numpy."""
     w_mult, (w_q, w_k, w_v), _, *w_out = weights
     d_feature = w_mult["b"].shape[0]
-    mult = MultiplicativeModularSparseDense(sparsity, d_feature)
+    mult = FactoredDense(sparsity, None, d_feature)
     conv3 = LocallyConvDense(sparsity, d_feature // sparsity, 3, 3, mode="eval")
     conv1 = LocallyConvDense(sparsity, d_feature // sparsity, 1, 3, mode="eval")
     h = mult.apply(x, w_mult, EMPTY, None)[0]
