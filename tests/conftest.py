@@ -59,3 +59,34 @@ def seed(request):
 @pytest.fixture
 def np_rng(seed):
     return np.random.default_rng(seed)
+
+
+# Tests that repeat, end to end, what a faster test checks already (another model of the same
+# family, a parameter of the same check, a subprocess around an in-process check): they run in
+# the slow job, so that the default run stays under 8 minutes on the 2-core CI machine.
+SLOW_DUPLICATES = {
+    "tests/parallel/test_sharded_training.py::test_data_and_model_parallel_steps_match_one_device",
+    "tests/test_decoding.py::test_step_by_step_log_probs_equal_eval[transformer]",
+    "tests/test_decoding.py::test_quantized_decoding_weights_within_tolerance"
+    "[terraformer-output_dtype-int8-0.1]",
+    "tests/models/test_encoder_decoder.py::test_predict_one_token_at_a_time_reproduces_eval"
+    "[terraformer-1]",
+    "tests/models/test_reformer.py::test_predict_one_token_at_a_time_reproduces_eval"
+    "[reformer-mixed]",
+    "tests/test_cli.py::test_bad_sentencepiece_model_is_one_line_without_tensorflow_logging",
+    "tests/training/test_loop.py::test_greedy_decode_follows_the_model",
+    "tests/training/test_memory_efficient.py::test_train_option_matches_plain_loop",
+    "tests/layers/test_attention.py::test_predict_one_token_at_a_time_equals_eval[None-32]",
+    "tests/models/test_stack.py::test_chunked_equals_unchunked[29-8]",
+    "tests/test_decoding.py::test_chunked_prefill_equals_token_by_token",
+    "tests/test_decoding.py::test_prompt_longer_than_the_cache_warns_once",
+    "tests/training/test_run_cli.py::test_interrupt_saves_the_step_in_flight[SIGTERM]",
+    "tests/layers/test_positional.py::test_fixed_base_writes_positions_in_digits",
+}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid in SLOW_DUPLICATES:
+            item.add_marker(pytest.mark.slow)
