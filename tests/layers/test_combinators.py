@@ -138,7 +138,7 @@ def test_scan_carries_state(np_rng):
     c0 = jnp.asarray(np_rng.normal(size=(3,)), jnp.float32)
     step = tl.Fn("CumSum", lambda x, c: (x + c, x + c), n_out=2)
     ys, final = _run(tl.Scan(step, axis=0), xs, c0)
-    np.testing.assert_allclose(ys, c0 + jnp.cumsum(xs, axis=0), rtol=1e-5, atol=1e-6)  # float32 sums near zero
+    np.testing.assert_allclose(ys, c0 + jnp.cumsum(xs, axis=0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(final, ys[-1], rtol=1e-6)
 
 
