@@ -393,13 +393,14 @@ class FixedBasePositionalEncoding(Layer):
         digits = weights["digits"].astype(x.dtype)
         emb = 0.0
         for b, base in enumerate(self._bases):
-            powers = jnp.asarray([base**i for i in range(self._n_digits)], jnp.int32)
+            powers = jnp.asarray([[[base**i for i in range(self._n_digits)]]], jnp.int32)
             idx = (positions[..., None] // powers) % base  # [., length, n_digits]
-            e = (idx.astype(x.dtype)[..., None] * digits[b]).reshape(idx.shape[:2] + (-1,))
+            e = (idx.astype(x.dtype)[..., None] * digits[b][None, None]).reshape(
+                idx.shape[:2] + (-1,))
             emb = emb + e
         if keep_digits is not None:
             emb = emb * keep_digits.astype(x.dtype)[:, None, None]
-        first = emb[:, :1] + weights["start"].astype(x.dtype)
+        first = emb[:, :1] + lax.broadcast_to_rank(weights["start"].astype(x.dtype), 3)
         if self._mode == "predict":
             first = jnp.where(state == 0, first, emb[:, :1])
             state = state + length
