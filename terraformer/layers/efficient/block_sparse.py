@@ -23,6 +23,7 @@ blocks, output dropout, and predict mode on `kv_cache`'s ring with the pattern a
 
 from __future__ import annotations
 
+import abc
 import math
 
 import jax
@@ -110,7 +111,7 @@ def reverse_positions(pos, length: int):
 
 
 # -- the layer ------------------------------------------------------------------------------
-class BlockSparseAttention(Layer):
+class BlockSparseAttention(Layer, abc.ABC):
     """A block-sparse multi-head self-attention: `(batch, length, d_model) -> same`.
 
     Subclasses give the pattern twice: `attend_blocks` (the eval/train computation, from
@@ -147,15 +148,15 @@ class BlockSparseAttention(Layer):
             raise ValueError(f"{who}: predict mode needs causal=True")
 
     # -- subclass hooks -----------------------------------------------------------------------
+    @abc.abstractmethod
     def attend_blocks(self, q, k, v, k_pos):
         """q, k `(b, h, Lp, d_qk)`, v `(b, h, Lp, d_v)`, Lp a multiple of block_len; k_pos
         `(b, Lp)` int32, the position of each key, -1 for padding -> `(b, h, Lp, d_v)`."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def pattern_mask(self, q_pos, k_pos):
         """Which keys each query may see, causality aside: bool `(1 or n_heads, n_q, n_k)`
         for positions `q_pos (n_q,)`, `k_pos (n_k,)` (k_pos < 0: slots never written)."""
-        raise NotImplementedError
 
     # -- weights --------------------------------------------------------------------------
     def init_weights_and_state(self, input_signature, rng):
