@@ -35,8 +35,9 @@ from terraformer.layers import initializers as init_lib
 from terraformer.layers import kv_cache
 from terraformer.layers.attention import merge_heads, split_heads
 from terraformer.layers.attention_core import blocked_attention
-from terraformer.layers.base import EMPTY, Layer, as_items, check_mode
-from terraformer.layers.core import check_feature_dim, dropout, matmul
+from terraformer.layers.base import EMPTY, Layer, check_mode
+from terraformer.layers.core import dropout, matmul
+from terraformer.layers.efficient.projections import layer_inputs
 
 
 # -- streams ----------------------------------------------------------------------------------
@@ -183,15 +184,8 @@ class BlockSparseAttention(Layer, abc.ABC):
         return self.predict_mem_len if self.mode == "predict" else None
 
     # -- forward --------------------------------------------------------------------------
-    def apply(self, x, weights, state, rng):
-        x, mask = as_items(x, self.n_in, self.name) if self.masked else (x, None)
-        if x.ndim != 3:
-            raise ValueError(f"{self.name}: expected x of shape (batch, length, d_model), "
-                             f"got {tuple(x.shape)}")
-        check_feature_dim(x, weights["wq"].shape[-2], self.name)
-        if mask is not None and tuple(mask.shape) != tuple(x.shape[:2]):
-            raise ValueError(f"{self.name}: mask must be (batch, length) = "
-                             f"{tuple(x.shape[:2])}, got {tuple(mask.shape)}")
+    def apply(self, inputs, weights, state, rng):
+        x, mask = layer_inputs(inputs, self.masked, self.name, weights["wq"].shape[-2])
         q, k, v = (split_heads(matmul(x, weights[n]), self.n_heads) for n in ("wq", "wk", "wv"))
         if self.mode == "predict":
             out, state = self._attend_cached(q, k, v, mask, state)
@@ -199,7 +193,7 @@ class BlockSparseAttention(Layer, abc.ABC):
             out = self._attend(q, k, v, mask)
         y = matmul(merge_heads(out.astype(x.dtype)), weights["wo"])
         y = dropout(y, self.output_dropout, rng, self.mode)
-        return ((y, mask) if self.masked else y), state
+        return ((y, inputs[1]) if self.masked else y), state
 
     def _attend(self, q, k, v, mask):
         b, _, length, _ = q.shape

@@ -37,8 +37,9 @@ from terraformer.layers import initializers as init_lib
 from terraformer.layers import kv_cache
 from terraformer.layers.attention import merge_heads, split_heads
 from terraformer.layers.attention_core import blocked_attention
-from terraformer.layers.base import Layer, as_items, check_mode
-from terraformer.layers.core import check_feature_dim, dropout, matmul
+from terraformer.layers.base import Layer, check_mode
+from terraformer.layers.core import dropout, matmul
+from terraformer.layers.efficient.projections import layer_inputs
 from terraformer.layers.lsh import inverse_permutation, length_normalized
 
 
@@ -197,17 +198,10 @@ class RoutingAttention(Layer):
         qk = split_heads(matmul(x, weights["w_qk"]), self.n_heads)
         return assign_clusters(length_normalized(qk), state["centroids"])
 
-    def apply(self, x, weights, state, rng):
-        x, mask = as_items(x, self.n_in, self.name) if self.masked else (x, None)
-        if x.ndim != 3:
-            raise ValueError(f"{self.name}: expected x of shape (batch, length, d_model), "
-                             f"got {tuple(x.shape)}")
-        check_feature_dim(x, weights["w_qk"].shape[-2], self.name)
-        if mask is not None and tuple(mask.shape) != tuple(x.shape[:2]):
-            raise ValueError(f"{self.name}: mask must be (batch, length) = "
-                             f"{tuple(x.shape[:2])}, got {tuple(mask.shape)}")
+    def apply(self, inputs, weights, state, rng):
+        x, mask = layer_inputs(inputs, self.masked, self.name, weights["w_qk"].shape[-2])
         b, length = x.shape[:2]
-        valid = jnp.ones((b, length), bool) if mask is None else mask.astype(bool)
+        valid = jnp.ones((b, length), bool) if mask is None else mask
         qk = split_heads(matmul(x, weights["w_qk"]), self.n_heads)
         v = split_heads(matmul(x, weights["w_v"]), self.n_heads)
         u = length_normalized(qk)
@@ -224,7 +218,7 @@ class RoutingAttention(Layer):
                     state["centroids"], lax.stop_gradient(u), clusters, self.centroid_decay))
         y = matmul(merge_heads(out.astype(x.dtype)), weights["w_o"])
         y = dropout(y, self.output_dropout, rng, self.mode)
-        return ((y, mask) if self.masked else y), state
+        return ((y, inputs[1]) if self.masked else y), state
 
     def _attend_cached(self, q, k, v, clusters, valid, state):
         n_new, mem_len = q.shape[2], self.predict_mem_len
