@@ -617,6 +617,9 @@ class LSHSelfAttention(Layer):
         found by search early, such as the copy task, learns sooner with softer scores
         (`gin/reformer_copy.gin` sets `1/sqrt(d_qk)`). `benchmarks/learning_parity.py` and
         `benchmarks/RESULTS.md` hold the runs behind this choice.
+      hash_per_example: in `train` mode, hash each batch element with its own rotations (and
+        dropout draws), as Trax does; False shares one set per head across the batch. `eval`
+        and `predict` always use the one set derived from `state['hash_rng']`.
 
     `predict` mode (causal only; a non-causal layer in predict mode runs the full eval forward on
     each input and keeps no cache): the state also holds preallocated buffers in the layout of
@@ -658,6 +661,7 @@ class LSHSelfAttention(Layer):
         use_bias: bool = False,
         chunks_per_block: int | None = None,
         qk_scale: float = 1.0,
+        hash_per_example: bool = True,
     ):
         who = "LSHSelfAttention"
         for name, value in (
@@ -687,6 +691,7 @@ class LSHSelfAttention(Layer):
         self.use_bias = bool(use_bias)
         self.chunks_per_block = chunks_per_block
         self.qk_scale = check_qk_scale(qk_scale, who)
+        self.hash_per_example = bool(hash_per_example)
 
     # -- projections (override to use other layers) ------------------------------------------
     def init_projections(self, d_model: int, rng) -> dict:
@@ -791,24 +796,22 @@ class LSHSelfAttention(Layer):
             self.n_buckets, x.shape[1], self.chunk_len, self._bucket_length(x.shape[1])
         )
         attn_rate = self.attention_dropout if self.mode == "train" else 0.0
-        # The rotations, random_rotations(r_hash, d_qk, n_buckets, n_hashes, n_heads), are
-        # drawn inside lsh_attention's compiled program.
-        o, _ = lsh_attention(
-            qk,
-            v,
-            r_hash,
-            n_hashes=self.n_hashes,
-            n_buckets=n_buckets,
-            chunk_len=self.chunk_len,
-            n_chunks_before=self.n_chunks_before,
-            n_chunks_after=self.n_chunks_after,
-            causal=self.causal,
-            mask=mask,
-            dropout_rate=attn_rate,
-            dropout_rng=r_attn,
-            chunks_per_block=self.chunks_per_block,
-            qk_scale=self.qk_scale,
-        )
+
+        def attend(qk, v, mask, r_hash, r_attn):
+            # The rotations, random_rotations(r_hash, d_qk, n_buckets, n_hashes, n_heads), are
+            # drawn inside lsh_attention's compiled program.
+            return lsh_attention(
+                qk, v, r_hash, n_hashes=self.n_hashes, n_buckets=n_buckets,
+                chunk_len=self.chunk_len, n_chunks_before=self.n_chunks_before,
+                n_chunks_after=self.n_chunks_after, causal=self.causal, mask=mask,
+                dropout_rate=attn_rate, dropout_rng=r_attn,
+                chunks_per_block=self.chunks_per_block, qk_scale=self.qk_scale,
+            )[0]
+
+        if self.mode == "train" and self.hash_per_example:
+            o = _per_example(attend, qk, v, mask, r_hash, r_attn)
+        else:
+            o = attend(qk, v, mask, r_hash, r_attn)
         y = self.project_output(o, weights)
         return dropout_fn(y, self.output_dropout, r_out, self.mode), state
 
@@ -872,6 +875,21 @@ class LSHSelfAttention(Layer):
         y = jnp.where(overflow, jnp.nan, y)
         new_state = dict(state, **mem, fill=fill + n_new, pos=pos + n_new)
         return y, new_state
+
+
+def _per_example(attend, qk, v, mask, r_hash, r_attn):
+    """`attend(qk, v, mask, r_hash, r_attn)` on each batch element with its own keys (as one
+    vmapped program): every example is hashed with its own rotations and dropout draws."""
+    batch = qk.shape[0]
+
+    def one(qk_b, v_b, mask_b, r_hash_b, r_attn_b):
+        mask_b = None if mask_b is None else mask_b[None]
+        return attend(qk_b[None], v_b[None], mask_b, r_hash_b, r_attn_b)[0]
+
+    r_attn = None if r_attn is None else jax.random.split(r_attn, batch)
+    return jax.vmap(one, in_axes=(0, 0, None if mask is None else 0, 0,
+                                  None if r_attn is None else 0))(
+        qk, v, mask, jax.random.split(r_hash, batch), r_attn)
 
 
 # The position axis of each predict-mode buffer of LSHSelfAttention.

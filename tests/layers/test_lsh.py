@@ -419,6 +419,31 @@ def test_rng_in_train_and_eval(rng):
     assert _max_diff(ev.apply(x, weights, state, None)[0], y_ev) > 1e-4  # other rotations
 
 
+def test_train_hashes_each_example_with_its_own_rotations(rng):
+    # Two copies of one sequence in a batch: with rotations per example (trax's training) the
+    # copies are hashed differently, so their outputs differ; with one set per head they agree.
+    kw = dict(chunk_len=4, n_buckets=8, n_hashes=2, causal=True)
+    per_example = _layer("train", **kw)
+    shared = _layer("train", hash_per_example=False, **kw)
+    weights, state = _init(per_example, rng, length=32)
+    x = np.repeat(_normal(rng, 1, 32, D_MODEL), 2, axis=0)
+    r = _key(rng)
+    y_shared = shared.apply(x, weights, state, r)[0]
+    np.testing.assert_allclose(y_shared[0], y_shared[1], atol=1e-6)
+    y = per_example.apply(x, weights, state, r)[0]
+    assert _max_diff(y[0], y[1]) > 1e-4
+    # With one bucket, hashing is trivial: both policies compute the same function, in value
+    # and in gradient.
+    one = dict(kw, n_buckets=1, chunk_len=32)
+    f = [jax.jit(jax.value_and_grad(
+        lambda w, layer=layer: jnp.sum(layer.apply(x, w, state, r)[0] ** 2)))
+         for layer in (_layer("train", **one), _layer("train", hash_per_example=False, **one))]
+    (v1, g1), (v2, g2) = f[0](weights), f[1](weights)
+    np.testing.assert_allclose(v1, v2, rtol=1e-5)
+    for name in g1:
+        assert _max_diff(g1[name], g2[name]) < 1e-4
+
+
 def test_jit_and_shapes(rng):
     # n_buckets='chunks': 50 tokens are 7 chunks of 8, so 8 buckets.
     layer = _layer(chunk_len=8, n_buckets="chunks", n_hashes=2, n_chunks_after=1,
