@@ -260,10 +260,18 @@ class Dense(Layer):
         return y, state
 
 
+# The initial scale of token vectors (positional tables start at about 1).
+EMBEDDING_STDDEV = 0.25
+
+
 class Embedding(Layer):
     """Token ids to vectors: (batch, length) int -> (batch, length, d_feature).
 
-    Weights: `[vocab_size, d_feature]`, normal with stddev 1 (as in Trax).
+    Weights: `[vocab_size, d_feature]`, normal with stddev `EMBEDDING_STDDEV` unless a
+    `kernel_initializer` is given. (Trax draws uniform with variance `1 / d_feature`; a loaded
+    table computes the same function either way, the initial draw only sets how fast a model
+    learns: about a quarter of the positions' scale lets a text model learn from both the
+    tokens and their order early; `benchmarks/RESULTS.md` has the runs.)
     """
 
     def __init__(self, vocab_size: int, d_feature: int, kernel_initializer=None):
@@ -272,7 +280,7 @@ class Embedding(Layer):
         super().__init__(name=f"Embedding_{vocab_size}_{d_feature}")
         self.vocab_size = vocab_size
         self.d_feature = d_feature
-        self._init = kernel_initializer or init_lib.random_normal(1.0)
+        self._init = kernel_initializer or init_lib.random_normal(EMBEDDING_STDDEV)
 
     def init_weights_and_state(self, input_signature, rng):
         return self._init(rng, (self.vocab_size, self.d_feature)), EMPTY
