@@ -227,6 +227,13 @@ def _sparse_ff(layer, template, leaves, where):
     m1, label = _take_one(leaves, f"{where}.m1")
     out["m1"] = _check(m1, template["m1"].shape, f"{where}.m1", label)
     m2, label = _take_one(leaves, f"{where}.m2")
+    # The flat shapes cannot tell 6 blocks of 4 units from 8 of 3: check trax's block axes.
+    blocks = (layer.n_blocks, layer.n_elements_in_block)
+    if m2.ndim != 3 or tuple(m2.shape[1:]) != blocks:
+        raise TraxImportError(
+            f"{where}.m2: expected the controller's blocks [d_lowrank, n_blocks, "
+            f"n_elements_in_block] = [*, {blocks[0]}, {blocks[1]}], got shape "
+            f"{tuple(m2.shape)} (from {label}); ff_sparsity (units per block) differs")
     out["m2"] = _check(m2.reshape(m2.shape[0], -1), template["m2"].shape, f"{where}.m2", label)
     mb, label = _take_one(leaves, f"{where}.mb")
     out["mb"] = _check(mb.reshape(-1), template["mb"].shape, f"{where}.mb", label)
