@@ -14,7 +14,8 @@ layer with weights takes the next leaves in trax's layout and converts them to o
     [n_heads, d_model, d] (w_o [n_heads, d_v, d_model]) against our [d_model, n_heads * d]
     ([n_heads * d_v, d_model]); trax's CausalAttention keeps four Dense layers (w, b) instead;
   - SparseFF: trax's block-shaped kernels against our flat units, its block axes checked
-    against the layer's (our optional first-layer bias, when the model has one, set to zero); FactoredDense: the gating vectors transposed;
+    against the layer's (our optional first-layer bias, when the model has one, set to zero);
+    FactoredDense: the gating vectors transposed;
     MultiplicativeModularSparseDense: the same four arrays; LocallyConvDense: the same kernel
     (a Dense in trax when it has one module, as ours is then);
   - ReversibleRepeat: trax has one block per layer; ours stacks them on a leading layer axis.
