@@ -13,6 +13,11 @@ It also writes `checkpoints/`: a tiny ReformerLM as trax's `training.Loop` saves
 (`model.pkl.gz` + `model.weights.npy.gz`), ReformerLM and TransformerLM through
 `Layer.save_to_file`, and the gin configs that build the same models in terraformer.
 
+The Terraformer case (`--only terraformer`, also part of a full run) is trax's decoder-only
+Terraformer: ReformerLM with the sparse feed-forward (`ff_sparsity`) and sparse-QKV attention
+(`MultiplicativeConvCausalAttention`), as `terraformer_lm.npz` and as a `Layer.save_to_file`
+checkpoint with the gin config building our TerraformerLM.
+
 trax is not a dependency of terraformer: run this with a separate environment,
     TF_CPP_MIN_LOG_LEVEL=3 /tmp/trax-venv/bin/python benchmarks/trax_fixtures.py [--out DIR]
 """
@@ -383,6 +388,89 @@ TransformerLM.dropout = 0.0
 """ + _run_bindings("TransformerLM")
 
 
+# -- the decoder-only Terraformer ----------------------------------------------------------------
+# trax's ReformerLM with the Terraformer's sparse layers: SparseFF (blocks of `ff_sparsity` units,
+# d_lowrank = d_ff / ff_sparsity) and MultiplicativeConvCausalAttention (FactoredDense shared by
+# Q, K, V, then a causal convolution each); FixedBasePositionalEncoding, the Terraformer's
+# positions. 6 blocks of 4 units: unequal axes, so that a transposed block layout cannot pass.
+TERRAFORMER = dict(vocab_size=16, d_model=8, d_ff=24, d_attention_key=4, d_attention_value=4,
+                   n_layers=2, n_heads=2, max_len=16, dropout=0.0, pos_type="fixed-base",
+                   ff_sparsity=4)
+TERRAFORMER_ATTENTION = dict(sparsity=2, length_kernel_size=3)
+
+TERRAFORMER_GIN = """\
+# A tiny decoder-only Terraformer, as the trax fixture checkpoint was built: trax's ReformerLM
+# with ff_sparsity = 4 (SparseFF, d_lowrank = d_ff / 4) and MultiplicativeConvCausalAttention
+# (sparsity 2, length_kernel_size 3); its two streams concatenated before the output layer.
+TerraformerLM.vocab_size = 16
+TerraformerLM.d_model = 8
+TerraformerLM.d_ff = 24
+TerraformerLM.d_attention_key = 4
+TerraformerLM.d_attention_value = 4
+TerraformerLM.n_layers = 2
+TerraformerLM.n_heads = 2
+TerraformerLM.max_len = 16
+TerraformerLM.dropout = 0.0
+TerraformerLM.pos_type = 'fixed-base'
+TerraformerLM.attention_sparsity = 2
+TerraformerLM.length_kernel_size = 3
+TerraformerLM.ff_sparsity = 4
+TerraformerLM.d_lowrank = 6
+TerraformerLM.output_merge = 'concatenate'
+""" + _run_bindings("TerraformerLM")
+
+
+def terraformer(mode: str):
+    attn = functools.partial(sparsity.MultiplicativeConvCausalAttention, **TERRAFORMER_ATTENTION)
+    return trax.models.ReformerLM(attention_type=attn, mode=mode, **TERRAFORMER)
+
+
+def varied_seed(make, first: int, noise: float, tries: int = 50) -> int:
+    """The first seed from `first` whose perturbed model (as `model_case` builds it) continues
+    its prompt greedily with at least 3 different tokens: random models tend to repeat one
+    token, which would let a decoder that ignores its context pass."""
+    model = make("eval")
+    for seed in range(first, first + tries):
+        tokens = ints(seed, 16, 2, 16)
+        model.init(shapes.signature(tokens), rng=jax.random.PRNGKey(seed))
+        weights = jax.tree_util.tree_map(jnp.asarray, perturb(model.weights, seed, noise))
+        state = model.state
+        forward = jax.jit(lambda x, w, s=state: model.pure_fn(x, w, s, jax.random.PRNGKey(0))[0])
+        seq = list(tokens[0, :5])
+        for _ in range(6):
+            x = np.zeros((1, 16), np.int32)
+            x[0, :len(seq)] = seq
+            seq.append(int(np.argmax(np.asarray(forward(x, weights))[0, len(seq)])))
+        if len(set(seq[5:])) >= 3:
+            return seed
+    raise RuntimeError(f"no seed in [{first}, {first + tries}) gives varied greedy tokens")
+
+
+def terraformer_cases(out: Path) -> None:
+    """Eval, predict and greedy tokens (`terraformer_lm.npz`), and a `Layer.save_to_file`
+    checkpoint of other weights with its outputs and the gin config building our model."""
+    # noise: the fixed-base digit vectors start at 1e-4 and the controller near uniform
+    seed = varied_seed(terraformer, 24, noise=1.0)
+    model_case(out, "terraformer_lm", terraformer,
+               dict(TERRAFORMER, attention="MultiplicativeConvCausalAttention",
+                    **TERRAFORMER_ATTENTION), seed=seed, noise=1.0)
+    ckpt = out / "checkpoints"
+    ckpt.mkdir(exist_ok=True)
+    (ckpt / "terraformer_lm.gin").write_text(TERRAFORMER_GIN)
+    seed = varied_seed(terraformer, seed + 1, noise=1.0)
+    model = terraformer("eval")
+    tokens = ints(seed, 16, 2, 16)
+    model.init(shapes.signature(tokens), rng=jax.random.PRNGKey(seed))
+    model.weights = jax.tree_util.tree_map(jnp.asarray, perturb(model.weights, seed, 1.0))
+    model.save_to_file(str(ckpt / "terraformer_saved.pkl.gz"),
+                       input_signature=shapes.signature(tokens))
+    prompt = tokens[0, :5]
+    _, greedy = predict_run(terraformer, model.weights, tokens[0], prompt, n_new=6)
+    np.savez_compressed(ckpt / "terraformer_saved_outputs.npz", tokens=tokens,
+                        logits=np.asarray(model(tokens)), prompt=prompt,
+                        greedy_eval=greedy_eval(model, prompt, 6), greedy=greedy)
+
+
 def checkpoint_cases(out: Path) -> None:
     ckpt = out / "checkpoints"
     ckpt.mkdir(exist_ok=True)
@@ -444,7 +532,8 @@ def checkpoint_cases(out: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    p.add_argument("--only", choices=["layers", "sparse", "models", "positions", "checkpoints"],
+    p.add_argument("--only", choices=["layers", "sparse", "models", "positions", "checkpoints",
+                                       "terraformer"],
                    default=None)
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -460,6 +549,8 @@ def main() -> None:
         position_cases(args.out)
     if args.only in (None, "checkpoints"):
         checkpoint_cases(args.out)
+    if args.only in (None, "terraformer"):
+        terraformer_cases(args.out)
     total = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
     print(f"total fixture size: {total} bytes")
 

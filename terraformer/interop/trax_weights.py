@@ -13,8 +13,9 @@ layer with weights takes the next leaves in trax's layout and converts them to o
   - SelfAttention / LSHSelfAttention (trax's efficient attention): per-head kernels
     [n_heads, d_model, d] (w_o [n_heads, d_v, d_model]) against our [d_model, n_heads * d]
     ([n_heads * d_v, d_model]); trax's CausalAttention keeps four Dense layers (w, b) instead;
-  - SparseFF: trax's block-shaped kernels against our flat units (our optional first-layer
-    bias, when the model has one, set to zero); FactoredDense: the gating vectors transposed;
+  - SparseFF: trax's block-shaped kernels against our flat units, its block axes checked
+    against the layer's (our optional first-layer bias, when the model has one, set to zero);
+    FactoredDense: the gating vectors transposed;
     MultiplicativeModularSparseDense: the same four arrays; LocallyConvDense: the same kernel
     (a Dense in trax when it has one module, as ours is then);
   - ReversibleRepeat: trax has one block per layer; ours stacks them on a leading layer axis.
@@ -227,6 +228,13 @@ def _sparse_ff(layer, template, leaves, where):
     m1, label = _take_one(leaves, f"{where}.m1")
     out["m1"] = _check(m1, template["m1"].shape, f"{where}.m1", label)
     m2, label = _take_one(leaves, f"{where}.m2")
+    # The flat shapes cannot tell 6 blocks of 4 units from 8 of 3: check trax's block axes.
+    blocks = (layer.n_blocks, layer.n_elements_in_block)
+    if m2.ndim != 3 or tuple(m2.shape[1:]) != blocks:
+        raise TraxImportError(
+            f"{where}.m2: expected the controller's blocks [d_lowrank, n_blocks, "
+            f"n_elements_in_block] = [*, {blocks[0]}, {blocks[1]}], got shape "
+            f"{tuple(m2.shape)} (from {label}); ff_sparsity (units per block) differs")
     out["m2"] = _check(m2.reshape(m2.shape[0], -1), template["m2"].shape, f"{where}.m2", label)
     mb, label = _take_one(leaves, f"{where}.mb")
     out["mb"] = _check(mb.reshape(-1), template["mb"].shape, f"{where}.mb", label)

@@ -171,6 +171,10 @@ class SparseFF(Layer):
     def n_blocks(self) -> int:
         return self._n_blocks
 
+    @property
+    def n_elements_in_block(self) -> int:
+        return self._n_elements_in_block
+
     def init_weights_and_state(self, input_signature, rng):
         d_model = _feature_dim(input_signature, self.name)
         if self._ff_chunk_size and len(input_signature.shape) < 2:

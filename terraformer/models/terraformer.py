@@ -84,6 +84,7 @@ def TerraformerLM(  # noqa: N802
     pos_type: str | None = "fixed-base",
     pos_axial_shape=(),
     pos_d_axial_embs=None,
+    output_merge: str = "average",
     mode: str = "train",
 ) -> tl.Layer:
     """Decoder-only Terraformer: (tokens [batch, length]) -> (log-probs [..., vocab_size]).
@@ -96,6 +97,10 @@ def TerraformerLM(  # noqa: N802
         0 gives the dense feed-forward.
       d_lowrank, temperature, quant_prob: the controller's rank and its Gumbel-softmax
         training (see `SparseFF`).
+      output_merge: 'average' (default, as trax's Terraformer ends its decoder) or
+        'concatenate' (trax's ReformerLM built with `ff_sparsity` and sparse-QKV attention,
+        trax's decoder-only Terraformer: import its checkpoints with this and
+        `d_lowrank = d_ff / ff_sparsity`, the value trax derives).
     """
     sparse = sparse_layers(attention_type, attention_sparsity=attention_sparsity,
                            length_kernel_size=length_kernel_size, ff_sparsity=ff_sparsity,
@@ -105,5 +110,5 @@ def TerraformerLM(  # noqa: N802
         vocab_size, d_model=d_model, d_ff=d_ff, d_attention_key=d_attention_key,
         d_attention_value=d_attention_value, n_layers=n_layers, n_heads=n_heads,
         dropout=dropout, max_len=max_len, pos_type=pos_type, pos_axial_shape=pos_axial_shape,
-        pos_d_axial_embs=pos_d_axial_embs, output_merge="average", mode=mode, **sparse,
+        pos_d_axial_embs=pos_d_axial_embs, output_merge=output_merge, mode=mode, **sparse,
     )

@@ -288,3 +288,51 @@ def test_loop_layout_with_bfloat16_weights(tmp_path):
     assert ckpt.step == 7 and ckpt.input_signature is None
     np.testing.assert_array_equal(ckpt.weights[0], values)
     np.testing.assert_array_equal(ckpt.weights[1], np.arange(3, dtype=np.float32))
+
+
+# -- the decoder-only Terraformer (trax's ReformerLM with the sparse layers) ---------------------
+@pytest.mark.slow  # the reformer CLI test covers the command line; test_trax_models the mapping
+def test_terraformer_import_then_eval_and_cli_decode_give_trax_outputs(ckpt_dir, tmp_path):
+    """`import-trax` of trax's sparse ReformerLM into our TerraformerLM: eval gives trax's
+    outputs, `decode` trax's greedy tokens (its predict mode's and its eval's)."""
+    from terraformer import cli
+
+    ref = outputs(ckpt_dir, "terraformer_saved")
+    run = tmp_path / "run"
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = cli.main(["import-trax", "--checkpoint", str(ckpt_dir / "terraformer_saved.pkl.gz"),
+                       "--config", str(ckpt_dir / "terraformer_lm.gin"), "--output_dir", str(run)])
+    assert rc == 0
+    model = model_from_gin([run / "config.gin"])(mode="eval")
+    w, s, _, _ = restore_run(run, model)
+    y, _ = model.apply(ref["tokens"], w, s, None)
+    # weights with noise 1.0: log-probs reach -25 (see test_trax_models.RTOL)
+    np.testing.assert_allclose(np.asarray(y), jax.nn.log_softmax(ref["logits"]), atol=ATOL,
+                               rtol=5e-5)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = cli.main(["decode", "--output_dir", str(run), "--prompt",
+                       " ".join(map(str, ref["prompt"])),
+                       "--max_new_tokens", str(len(ref["greedy"]))])
+    assert rc == 0
+    tokens = [int(t) for t in out.getvalue().split()]
+    np.testing.assert_array_equal(tokens, ref["greedy"])
+    np.testing.assert_array_equal(tokens, ref["greedy_eval"])
+
+
+@pytest.mark.parametrize("binding,expected", [
+    ("TerraformerLM.d_lowrank = 4", "SparseFF_24.m1: expected shape (8, 4), got (8, 6)"),
+    ("TerraformerLM.ff_sparsity = 3", "SparseFF_24.m2: expected the controller's blocks "
+     "[d_lowrank, n_blocks, n_elements_in_block] = [*, 8, 3], got shape (6, 6, 4)"),
+    ("TerraformerLM.attention_sparsity = 4",
+     "FactoredDense_4_8.D: expected shape (8, 4), got (8, 2)"),
+    ("TerraformerLM.output_merge = 'average'", "LayerNorm.scale: expected shape (8,), got (16,)"),
+])
+def test_terraformer_config_that_does_not_fit_names_the_weight(binding, expected, ckpt_dir,
+                                                               tmp_path):
+    with pytest.raises(TraxImportError) as e:
+        import_trax_checkpoint(ckpt_dir / "terraformer_saved.pkl.gz",
+                               [ckpt_dir / "terraformer_lm.gin"], tmp_path / "run",
+                               bindings=[binding])
+    assert expected in one_line(e)
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -234,3 +234,66 @@ def test_reformer_sinusoidal_is_not_trax_pos_type(trax_case):
     checkpoint does not load into it."""
     with pytest.raises(TraxImportError, match="expected shape"):
         loaded(reformer_pos("sinusoidal"), trax_case("reformer_lm_pos_none"))
+
+
+# -- the decoder-only Terraformer: trax's ReformerLM with the sparse layers --------------------
+def terraformer(mode, output_merge="concatenate"):
+    """Our TerraformerLM as trax's fixture model: SparseFF blocks of 4 (d_lowrank = d_ff / 4, as
+    trax derives it), MultiplicativeConvCausalAttention with 2 modules, fixed-base positions,
+    the streams concatenated as trax's ReformerLM does."""
+    return models.TerraformerLM(
+        vocab_size=16, d_model=8, d_ff=24, d_attention_key=4, d_attention_value=4, n_layers=2,
+        n_heads=2, max_len=16, dropout=0.0, pos_type="fixed-base", attention_sparsity=2,
+        length_kernel_size=3, ff_sparsity=4, d_lowrank=6, output_merge=output_merge, mode=mode)
+
+
+# The fixture's weights carry noise of 1.0 (so that greedy tokens vary): log-probs reach -25,
+# and the two agree to ATOL plus a relative RTOL there (open: not yet shown to be rounding).
+RTOL = 5e-5
+
+
+def test_terraformer_eval_matches_trax(trax_case):
+    case = trax_case("terraformer_lm")
+    assert "predict_error" not in case.meta, case.meta.get("predict_error")
+    y, _ = eval_log_probs(terraformer("eval"), case)
+    np.testing.assert_allclose(y, log_softmax(case.outputs[0]), atol=ATOL, rtol=RTOL)
+
+
+def test_terraformer_predict_matches_trax_predict(trax_case):
+    """Fed one token at a time (the convolutions' and attention's caches), ours equals trax's
+    predict mode and trax's eval; greedy tokens after the prompt are trax's."""
+    case = trax_case("terraformer_lm")
+    _, w = eval_log_probs(terraformer("eval"), case)
+    feed = np.concatenate([[0], case.x[0][:-1]])
+    y = predict_log_probs(terraformer, w, feed)
+    np.testing.assert_allclose(y, log_softmax(case.outputs[0][0]), atol=ATOL, rtol=RTOL)
+    # trax's predict itself differs from its eval by float32 rounding (its cache sums in
+    # another order): twice the tolerance against it
+    np.testing.assert_allclose(y, log_softmax(case.extra["predict_logits"]), atol=2 * ATOL,
+                               rtol=2 * RTOL)
+    ours = greedy(terraformer, w, case.extra["prompt"], len(case.extra["greedy"]))
+    np.testing.assert_array_equal(ours, case.extra["greedy"])
+    np.testing.assert_array_equal(ours, case.extra["greedy_eval"])
+
+
+def test_terraformer_controller_choices_vary(trax_case):
+    """The fixture exercises the sparse feed-forward: its controller picks different units at
+    different positions (a model whose choices never vary would hide a transposed layout)."""
+    case = trax_case("terraformer_lm")
+    model = terraformer("eval")
+    w, _ = loaded(model, case)
+    block = model.sublayers[5]
+    ff = block.sublayers[0].sublayers[2].sublayers[0].sublayers[0].sublayers[1]
+    assert isinstance(ff, tl.SparseFF)
+    ff_w = jax.tree_util.tree_map(lambda a: a[0], w[5][2][0][0][1])
+    x = np.random.default_rng(0).standard_normal((2, 16, 8)).astype(np.float32)
+    choices = np.asarray(ff.choices(x, ff_w))
+    assert len(np.unique(choices.reshape(-1, choices.shape[-1]), axis=0)) > 1
+
+
+def test_terraformer_average_merge_does_not_load_trax_weights(trax_case):
+    """Our default TerraformerLM averages its streams (trax's encoder-decoder Terraformer); trax's
+    ReformerLM concatenates them: its output LayerNorm is twice as wide, and the error says so."""
+    with pytest.raises(TraxImportError, match=r"LayerNorm.scale: expected shape \(8,\), got "
+                       r"\(16,\)"):
+        loaded(terraformer("eval", output_merge="average"), trax_case("terraformer_lm"))
