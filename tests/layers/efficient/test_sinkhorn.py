@@ -138,6 +138,7 @@ def test_causal_equals_its_definition_and_never_looks_ahead(np_rng):
     assert float(jnp.max(jnp.abs(ys[1][:, t + 1:] - ys[0][:, t + 1:]))) > 1e-3
 
 
+@pytest.mark.slow  # a compile per chunk size; the default run checks causality above
 def test_predict_decodes_like_the_causal_eval(np_rng):
     x = np_rng.normal(size=(2, 19, 8)).astype(np.float32)
     knobs = dict(causal=True, n_sinkhorn_iters=4, temperature=0.5)
