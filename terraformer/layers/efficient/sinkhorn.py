@@ -91,7 +91,7 @@ def causal_sinkhorn(log_alpha, n_iters: int):
     on rows 0..i of `log_alpha` only.
     """
     n = log_alpha.shape[-1]
-    allowed = jnp.tril(jnp.ones((n, n), bool), -1)
+    allowed = jnp.broadcast_to(jnp.tril(jnp.ones((n, n), bool), -1), log_alpha.shape)
     x = jnp.where(allowed, log_alpha, _FORBIDDEN)
     for _ in range(n_iters):
         x = jnp.where(allowed, x - jax.nn.logsumexp(x, axis=-1, keepdims=True), _FORBIDDEN)
@@ -106,7 +106,7 @@ def causal_sinkhorn_row(scores, row, column_lse, n_iters: int):
     iteration the log-sum-exp down each column of the rows before (`_FORBIDDEN` for none).
     Returns `(the row (..., N), column_lse with this row added)`.
     """
-    allowed = jnp.arange(scores.shape[-1]) < row
+    allowed = jnp.broadcast_to(jnp.arange(scores.shape[-1]) < row, scores.shape)
     x = jnp.where(allowed, scores, _FORBIDDEN)
     sums = []
     for t in range(n_iters):
@@ -213,7 +213,7 @@ class SinkhornAttention(Layer):
         if self.causal:
             starts = jnp.arange(n_blocks) * l
             running = jnp.cumsum(k.astype(jnp.float32), axis=2)[:, :, starts]
-            summary = running / (starts + 1).astype(jnp.float32)[:, None]
+            summary = running / (starts + 1).astype(jnp.float32)[None, None, :, None]
             return causal_sinkhorn(self._scores(summary, weights, n_blocks),
                                    self.n_sinkhorn_iters)
         summary = jnp.mean(k.reshape(b, h, n_blocks, l, d), axis=3)
@@ -265,6 +265,9 @@ class SinkhornAttention(Layer):
         """The causal form for n new positions, after `state['position']` earlier ones."""
         b, h, n, _ = q.shape
         l, n_max = self.block_len, self.max_length // self.block_len
+        if n > self.max_length:
+            raise ValueError(f"{self.name}: {n} tokens in one predict call exceed "
+                             f"max_length={self.max_length}")
         start = state["position"]
         state = dict(state)
         state["k"] = lax.dynamic_update_slice_in_dim(state["k"], k.astype(state["k"].dtype),
@@ -280,7 +283,7 @@ class SinkhornAttention(Layer):
         starts = rows * l
         begins = (starts < start + n) & (rows < n_max)
         summary = (jnp.take(running, jnp.clip(starts - start, 0, n - 1), axis=2)
-                   / (starts + 1).astype(jnp.float32)[:, None])
+                   / (starts + 1).astype(jnp.float32)[None, None, :, None])
         scores = self._scores(summary, weights, n_max)  # (b, h, n_starts, n_max)
 
         def sort_row(column_lse, i):
@@ -320,7 +323,7 @@ class SinkhornAttention(Layer):
                                 jnp.broadcast_to((q_block >= 1)[:, None], (n, l))], axis=1)
         scores = jnp.einsum("bhnd,bhnkd->bhnk", q, keys,
                             preferred_element_type=jnp.float32) / math.sqrt(self.d_qk)
-        p = jax.nn.softmax(jnp.where(seen, scores, MASK_VALUE), axis=-1)
+        p = jax.nn.softmax(jnp.where(seen[None, None], scores, MASK_VALUE), axis=-1)
         return jnp.einsum("bhnk,bhnkd->bhnd", p, values.astype(jnp.float32)), state
 
 

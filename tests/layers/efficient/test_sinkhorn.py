@@ -46,7 +46,7 @@ def dense_causal(x, w, n_heads, block, n_iters, temperature):
     starts = np.arange(n) * block
     summary = jnp.stack([k[:, :, :s + 1].mean(2) for s in starts], axis=2)
     r = jax.nn.relu(jnp.einsum("bhnd,hdm->bhnm", summary, w["w_sort"][:, :, :n]))
-    below = np.tril(np.ones((n, n), bool), -1)
+    below = np.tril(np.ones((n, n), bool), -1)[None, None]
     a = jnp.where(below, jnp.exp(r / temperature), 0.0)
     def divide(a, total):  # 0 where nothing is allowed yet
         return jnp.where(total > 0, a / jnp.where(total > 0, total, 1.0), 0.0)
@@ -66,7 +66,7 @@ def dense_causal(x, w, n_heads, block, n_iters, temperature):
     mixed = (sorted_block[None, :] == pos[:, None] // block) & (pos[:, None] >= block)
     allowed = np.concatenate([own, mixed], axis=1)
     out = dot_product_attention(q, jnp.concatenate([k, ks], axis=2),
-                                jnp.concatenate([v, vs], axis=2), jnp.asarray(allowed))
+                                jnp.concatenate([v, vs], axis=2), jnp.asarray(allowed)[None, None])
     return merge_heads(out) @ w["wo"], a
 
 
