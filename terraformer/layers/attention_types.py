@@ -42,7 +42,7 @@ ATTENTION_TYPES: dict[str, Callable] = {
 }
 
 # Mechanisms that cannot be causal (they refuse `causal=True`): encoders and classifiers only.
-NON_CAUSAL_ONLY = frozenset({"linformer", "sinkhorn"})
+NON_CAUSAL_ONLY = frozenset({"linformer"})
 
 
 def attention_constructor(attention_type) -> Callable:

@@ -33,6 +33,8 @@ import numpy as np
 from terraformer.checks import check_int
 from terraformer.layers.attention_core import dot_product_attention
 from terraformer.layers.efficient.block_sparse import (
+    NO_DROPOUT,
+    AttentionDropout,
     BlockSparseAttention,
     chunks_of,
     merge_streams,
@@ -45,7 +47,7 @@ class BigBirdAttention(BlockSparseAttention):
     """BigBird self-attention, `(batch, length, d_model) -> same`.
 
     Args (besides those of `BlockSparseAttention`: n_heads, d_qk, d_v, causal,
-    output_dropout, mode, masked, predict_mem_len):
+    output_dropout, mode, masked, predict_mem_len, attention_dropout):
       block_len: positions per block; lengths are padded to a multiple.
       n_window_blocks: blocks of the window on each side (before only when causal).
       n_global_blocks: the first blocks, global.
@@ -56,9 +58,11 @@ class BigBirdAttention(BlockSparseAttention):
     def __init__(self, n_heads: int = 1, d_qk: int = 64, d_v: int = 64, causal: bool = False,
                  output_dropout: float = 0.0, mode: str = "train", masked: bool = False,
                  block_len: int = 64, n_window_blocks: int = 1, n_global_blocks: int = 1,
-                 n_random_blocks: int = 2, seed: int = 0, predict_mem_len: int = 2048):
+                 n_random_blocks: int = 2, seed: int = 0, predict_mem_len: int = 2048,
+                 attention_dropout: float = 0.0):
         super().__init__(n_heads, d_qk, d_v, causal, output_dropout, mode, masked, block_len,
-                         predict_mem_len, name="BigBirdAttention")
+                         predict_mem_len, name="BigBirdAttention",
+                         attention_dropout=attention_dropout)
         self.n_window_blocks = check_int("n_window_blocks", n_window_blocks, 0, self.name)
         self.n_global_blocks = check_int("n_global_blocks", n_global_blocks, 0, self.name)
         self.n_random_blocks = check_int("n_random_blocks", n_random_blocks, 0, self.name)
@@ -99,7 +103,7 @@ class BigBirdAttention(BlockSparseAttention):
         near = jnp.abs(q // l - k // l) <= self.n_window_blocks
         return (near | (k < g) | (q < g))[None] | random
 
-    def attend_blocks(self, q, k, v, k_pos):
+    def attend_blocks(self, q, k, v, k_pos, drop: AttentionDropout = NO_DROPOUT):
         b, h, length, _ = q.shape
         l = self.block_len
         n_blocks, w = length // l, self.n_window_blocks
@@ -112,16 +116,18 @@ class BigBirdAttention(BlockSparseAttention):
         offsets = range(-w, 1 if self.causal else w + 1)
         # The global keys leave the window: they come once, through their own stream.
         streams = [window_stream(qc, kc, vc, qp, jnp.where(kp < g, -1, kp), offsets,
-                                 self.causal)]
+                                 self.causal, **drop.stream(0))]
         if n_global:
             table = jnp.broadcast_to(jnp.arange(n_global), (n_blocks, n_global))
-            streams.append(table_stream(qc, kc, vc, qp, kp, table, h, self.causal))
+            streams.append(table_stream(qc, kc, vc, qp, kp, table, h, self.causal,
+                                        **drop.stream(1)))
         if self.n_random_blocks:
             streams.append(table_stream(qc, kc, vc, qp, kp, self.random_blocks(n_blocks), h,
-                                        self.causal))
+                                        self.causal, **drop.stream(2)))
         out = merge_streams(streams).reshape(b, h, length, -1)
         if g and not self.causal:  # the global queries see every key
-            rows = dot_product_attention(q[:, :, :g], k, v, (k_pos >= 0)[:, None, None, :])
+            rows = dot_product_attention(q[:, :, :g], k, v, (k_pos >= 0)[:, None, None, :],
+                                         **drop.dense(3))
             out = out.at[:, :, :g].set(rows.astype(out.dtype))
         return out
 

@@ -15,6 +15,12 @@ give its queries shifted positions (`q_pos`) so that the causal test `k_pos <= q
 The streams are merged by their log-sum-exps (`merge_streams`), which equals one softmax
 over the union of their keys.
 
+Attention dropout (`AttentionDropout`): each stream drops its own weights with a key of its
+own (the layer's key folded with the stream's index). A stream's output is its kept weights
+times the values over its *undropped* normaliser, so that the merge weighs it by its share of
+the undropped total: the merged result is the one softmax's weights, dropped and rescaled by
+1 / (1 - rate), as in `SelfAttention`.
+
 `BlockSparseAttention` is the layer around a pattern: projections, heads, padding to whole
 blocks, output dropout, and predict mode on `kv_cache`'s ring with the pattern as a key mask
 (`pattern_mask`), so that decoding equals the eval forward while the sequence fits
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import abc
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,30 +48,69 @@ from terraformer.layers.efficient.projections import layer_inputs
 
 
 # -- streams ----------------------------------------------------------------------------------
+class AttentionDropout(NamedTuple):
+    """Dropout on the attention weights of a layer's streams (rate 0: none).
+
+    `stream(i)` gives the keyword arguments of `blocked_attention` (and of `window_stream`,
+    `table_stream`) for stream `i`; `dense(i)` those of `dot_product_attention`. Each stream
+    draws from `rng` folded with its index, so that streams drop independently.
+    """
+
+    rate: float = 0.0
+    rng: Any = None
+
+    def stream(self, index: int) -> dict:
+        if self.rate == 0.0:
+            return {}
+        return dict(dropout_rate=self.rate, dropout_rng=jax.random.fold_in(self.rng, index))
+
+    def dense(self, index: int) -> dict:
+        if self.rate == 0.0:
+            return {}
+        return dict(dropout_rate=self.rate, rng=jax.random.fold_in(self.rng, index),
+                    mode="train")
+
+
+NO_DROPOUT = AttentionDropout()
+
+
+def attention_dropout_of(rate: float, mode: str, rng, who: str) -> AttentionDropout:
+    """The attention dropout of a layer in `mode` (train only) for the `rng` given to apply;
+    its key is `rng` folded with 1, the output dropout keeping `rng` itself."""
+    if mode != "train" or rate == 0.0:
+        return NO_DROPOUT
+    if rng is None:
+        raise ValueError(f"{who}: attention_dropout in train mode needs an rng; pass rng= to "
+                         "apply")
+    return AttentionDropout(rate, jax.random.fold_in(rng, 1))
+
+
 def chunks_of(a, c: int):
     """`(b, h, L, ...) -> (b * h, L // c, c, ...)`."""
     b, h, length = a.shape[:3]
     return a.reshape(b * h, length // c, c, *a.shape[3:])
 
 
-def window_stream(qc, kc, vc, q_pos, k_pos, offsets, causal: bool):
+def window_stream(qc, kc, vc, q_pos, k_pos, offsets, causal: bool, **dropout):
     """Chunk i on chunks i + o, o in `offsets` (outside the sequence: masked).
 
     qc, kc: `(n, N, c, d)`; vc `(n, N, c, d_v)`; q_pos, k_pos `(n, N, c)` (k_pos < 0: hidden).
+    `dropout`: `AttentionDropout.stream(i)`'s arguments, if any.
     Returns `(out (1, n, N, c, d_v), lse (1, n, N, c))`.
     """
     out, lse = blocked_attention(qc, kc, vc, q_pos, k_pos, offsets=list(offsets),
                                  scale=1.0 / math.sqrt(qc.shape[-1]), causal=causal,
-                                 wrap=False)
+                                 wrap=False, **dropout)
     return out[None], lse[None]
 
 
-def table_stream(qc, kc, vc, q_pos, k_pos, table, n_heads: int, causal: bool):
+def table_stream(qc, kc, vc, q_pos, k_pos, table, n_heads: int, causal: bool, **dropout):
     """Chunk i on the chunks `table[..., i, :]` of `kc` (entries < 0: none).
 
     qc `(n, N, c, d)` with n = batch * n_heads; kc, vc, k_pos `(n, Nk, c, ...)`; table int
     `(N, W)` (shared by the heads) or `(n_heads, N, W)`. The queries are repeated W times:
-    memory O(W * n * N * c * d). Returns `(out (W, n, N, c, d_v), lse (W, n, N, c))`.
+    memory O(W * n * N * c * d). `dropout`: `AttentionDropout.stream(i)`'s arguments, if any.
+    Returns `(out (W, n, N, c, d_v), lse (W, n, N, c))`.
     """
     n, n_q_chunks, c, d = qc.shape
     table = jnp.asarray(table, jnp.int32)
@@ -88,7 +134,7 @@ def table_stream(qc, kc, vc, q_pos, k_pos, table, n_heads: int, causal: bool):
     out, lse = blocked_attention(
         jnp.broadcast_to(qc, rep).reshape(width * n, *qc.shape[1:]), gather(kc), gather(vc),
         jnp.broadcast_to(q_pos, (width,) + q_pos.shape).reshape(width * n, *q_pos.shape[1:]),
-        kp, offsets=[0], scale=1.0 / math.sqrt(d), causal=causal, wrap=False)
+        kp, offsets=[0], scale=1.0 / math.sqrt(d), causal=causal, wrap=False, **dropout)
     return out.reshape(width, n, *out.shape[1:]), lse.reshape(width, n, *lse.shape[1:])
 
 
@@ -128,12 +174,14 @@ class BlockSparseAttention(Layer, abc.ABC):
       masked: take `(x, mask)`, mask `(batch, length)` True for real tokens; return `(y, mask)`.
       block_len: positions per block.
       predict_mem_len: the decoding ring; predict equals eval while the sequence fits in it.
+      attention_dropout: dropout on the attention weights (train mode), as `SelfAttention`'s.
     Weights: `{'wq','wk','wv': [d_model, n_heads*d], 'wo': [n_heads*d_v, d_model]}`.
     """
 
     def __init__(self, n_heads: int = 1, d_qk: int = 64, d_v: int = 64, causal: bool = False,
                  output_dropout: float = 0.0, mode: str = "train", masked: bool = False,
-                 block_len: int = 64, predict_mem_len: int = 2048, name: str | None = None):
+                 block_len: int = 64, predict_mem_len: int = 2048, name: str | None = None,
+                 attention_dropout: float = 0.0):
         n = 2 if masked else 1
         super().__init__(n_in=n, n_out=n, name=name)
         who = self.name
@@ -143,6 +191,7 @@ class BlockSparseAttention(Layer, abc.ABC):
         self.block_len = check_int("block_len", block_len, 1, who)
         self.predict_mem_len = check_int("predict_mem_len", predict_mem_len, 1, who)
         self.output_dropout = check_rate("output_dropout", output_dropout, who)
+        self.attention_dropout = check_rate("attention_dropout", attention_dropout, who)
         self.causal, self.masked = bool(causal), bool(masked)
         self.mode = check_mode(mode)
         if self.mode == "predict" and not self.causal:
@@ -150,9 +199,11 @@ class BlockSparseAttention(Layer, abc.ABC):
 
     # -- subclass hooks -----------------------------------------------------------------------
     @abc.abstractmethod
-    def attend_blocks(self, q, k, v, k_pos):
+    def attend_blocks(self, q, k, v, k_pos, drop: AttentionDropout = NO_DROPOUT):
         """q, k `(b, h, Lp, d_qk)`, v `(b, h, Lp, d_v)`, Lp a multiple of block_len; k_pos
-        `(b, Lp)` int32, the position of each key, -1 for padding -> `(b, h, Lp, d_v)`."""
+        `(b, Lp)` int32, the position of each key, -1 for padding -> `(b, h, Lp, d_v)`.
+        `drop`: the attention dropout, applied to each stream (`drop.stream(i)`) and dense
+        row (`drop.dense(i)`) with a distinct index."""
 
     @abc.abstractmethod
     def pattern_mask(self, q_pos, k_pos):
@@ -190,12 +241,13 @@ class BlockSparseAttention(Layer, abc.ABC):
         if self.mode == "predict":
             out, state = self._attend_cached(q, k, v, mask, state)
         else:
-            out = self._attend(q, k, v, mask)
+            drop = attention_dropout_of(self.attention_dropout, self.mode, rng, self.name)
+            out = self._attend(q, k, v, mask, drop)
         y = matmul(merge_heads(out.astype(x.dtype)), weights["wo"])
         y = dropout(y, self.output_dropout, rng, self.mode)
         return ((y, inputs[1]) if self.masked else y), state
 
-    def _attend(self, q, k, v, mask):
+    def _attend(self, q, k, v, mask, drop):
         b, _, length, _ = q.shape
         pad = -length % self.block_len
         k_pos = jnp.broadcast_to(jnp.arange(length + pad, dtype=jnp.int32), (b, length + pad))
@@ -204,7 +256,7 @@ class BlockSparseAttention(Layer, abc.ABC):
         if pad:
             padding = [(0, 0), (0, 0), (0, pad), (0, 0)]
             q, k, v = (jnp.pad(a, padding) for a in (q, k, v))
-        return self.attend_blocks(q, k, v, k_pos)[:, :, :length]
+        return self.attend_blocks(q, k, v, k_pos, drop)[:, :, :length]
 
     def _attend_cached(self, q, k, v, mask, state):
         n_new, mem_len = q.shape[2], self.predict_mem_len
@@ -231,5 +283,6 @@ class BlockSparseAttention(Layer, abc.ABC):
         return out, state
 
 
-__all__ = ["BlockSparseAttention", "chunks_of", "merge_streams", "reverse_positions",
+__all__ = ["NO_DROPOUT", "AttentionDropout", "BlockSparseAttention", "attention_dropout_of",
+           "chunks_of", "merge_streams", "reverse_positions",
            "table_stream", "window_stream"]

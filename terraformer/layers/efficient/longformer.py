@@ -26,6 +26,8 @@ import jax.numpy as jnp
 from terraformer.checks import ArgumentError, check_int
 from terraformer.layers.attention_core import dot_product_attention
 from terraformer.layers.efficient.block_sparse import (
+    NO_DROPOUT,
+    AttentionDropout,
     BlockSparseAttention,
     chunks_of,
     merge_streams,
@@ -38,7 +40,7 @@ class LongformerAttention(BlockSparseAttention):
     """Longformer self-attention, `(batch, length, d_model) -> same`.
 
     Args (besides those of `BlockSparseAttention`: n_heads, d_qk, d_v, causal,
-    output_dropout, mode, masked, predict_mem_len):
+    output_dropout, mode, masked, predict_mem_len, attention_dropout):
       block_len: positions per block; lengths are padded to a multiple.
       window: positions seen on each side (before only when causal), a multiple of
         block_len.
@@ -48,9 +50,10 @@ class LongformerAttention(BlockSparseAttention):
     def __init__(self, n_heads: int = 1, d_qk: int = 64, d_v: int = 64, causal: bool = False,
                  output_dropout: float = 0.0, mode: str = "train", masked: bool = False,
                  block_len: int = 64, window: int = 128, n_global: int = 1,
-                 predict_mem_len: int = 2048):
+                 predict_mem_len: int = 2048, attention_dropout: float = 0.0):
         super().__init__(n_heads, d_qk, d_v, causal, output_dropout, mode, masked, block_len,
-                         predict_mem_len, name="LongformerAttention")
+                         predict_mem_len, name="LongformerAttention",
+                         attention_dropout=attention_dropout)
         self.window = check_int("window", window, 0, self.name)
         if self.window % self.block_len:
             raise ArgumentError(f"{self.name}: window must be a multiple of "
@@ -62,7 +65,7 @@ class LongformerAttention(BlockSparseAttention):
         near = jnp.abs(q // l - k // l) <= self.window // l
         return (near | (k < self.n_global) | (q < self.n_global))[None]
 
-    def attend_blocks(self, q, k, v, k_pos):
+    def attend_blocks(self, q, k, v, k_pos, drop: AttentionDropout = NO_DROPOUT):
         b, h, length, _ = q.shape
         l, g = self.block_len, min(self.n_global, q.shape[2])
         n_blocks, w = length // l, self.window // l
@@ -73,16 +76,16 @@ class LongformerAttention(BlockSparseAttention):
         offsets = range(-w, 1 if self.causal else w + 1)
         # The global keys leave the window: they come once, through their own stream.
         streams = [window_stream(qc, kc, vc, qp, jnp.where(kp < g, -1, kp), offsets,
-                                 self.causal)]
+                                 self.causal, **drop.stream(0))]
         if g:
             n_global_chunks = -(-g // l)
             table = jnp.broadcast_to(jnp.arange(n_global_chunks), (n_blocks, n_global_chunks))
             streams.append(table_stream(qc, kc, vc, qp, jnp.where(kp < g, kp, -1), table,
-                                        self.n_heads, self.causal))
+                                        self.n_heads, self.causal, **drop.stream(1)))
         out = merge_streams(streams).reshape(b, h, length, -1)
         if g and not self.causal:  # the global queries see every key
             seen = (k_pos >= 0)[:, None, None, :]
-            rows = dot_product_attention(q[:, :, :g], k, v, seen)
+            rows = dot_product_attention(q[:, :, :g], k, v, seen, **drop.dense(2))
             out = out.at[:, :, :g].set(rows.astype(out.dtype))
         return out
 

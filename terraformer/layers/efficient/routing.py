@@ -39,6 +39,7 @@ from terraformer.layers.attention import merge_heads, split_heads
 from terraformer.layers.attention_core import blocked_attention
 from terraformer.layers.base import Layer, check_mode
 from terraformer.layers.core import dropout, matmul
+from terraformer.layers.efficient.block_sparse import attention_dropout_of
 from terraformer.layers.efficient.projections import layer_inputs
 from terraformer.layers.lsh import inverse_permutation, length_normalized
 
@@ -77,11 +78,13 @@ def cluster_slots(clusters, n_clusters: int, chunk_len: int):
 
 
 def routing_attention(q, k, v, clusters, k_pos, *, n_clusters: int, chunk_len: int,
-                      causal: bool):
+                      causal: bool, **dropout):
     """Attention within cluster windows (see the module docstring).
 
     q, k: `(b, h, L, d)`; v `(b, h, L, d_v)`; clusters int `(b, h, L)` in `[0, n_clusters]`
-    (n_clusters for padding); k_pos int `(b, L)`, -1 for padding. Returns `(b, h, L, d_v)`.
+    (n_clusters for padding); k_pos int `(b, L)`, -1 for padding; `dropout`: the attention
+    dropout's `dropout_rate`, `dropout_rng` of `blocked_attention`, if any.
+    Returns `(b, h, L, d_v)`.
     """
     b, h, length, d = q.shape
     slot, n_slots = cluster_slots(clusters, n_clusters, chunk_len)
@@ -102,7 +105,7 @@ def routing_attention(q, k, v, clusters, k_pos, *, n_clusters: int, chunk_len: i
     shape = (rows, n_slots // chunk_len, chunk_len)
     out, _ = blocked_attention(to_slots(q), to_slots(k), to_slots(v), token.reshape(shape),
                                k_slot_pos.reshape(shape), offsets=[0],
-                               scale=1.0 / math.sqrt(d), causal=causal, wrap=False)
+                               scale=1.0 / math.sqrt(d), causal=causal, wrap=False, **dropout)
     out = out.reshape(b, h, n_slots, -1)
     return jnp.take_along_axis(out, slot[..., None], axis=2)
 
@@ -140,6 +143,7 @@ class RoutingAttention(Layer):
       chunk_len: the window of ranks within a cluster.
       centroid_decay: the moving average's decay, in [0, 1).
       predict_mem_len: the decoding ring; predict equals eval while the sequence fits.
+      attention_dropout: dropout on the attention weights (train mode), as `SelfAttention`'s.
     Weights: `{'w_qk': [d_model, n_heads*d_qk], 'w_v': [d_model, n_heads*d_v],
     'w_o': [n_heads*d_v, d_model]}`. State: `{'centroids': (n_heads, n_clusters, d_qk)}` unit
     vectors (drawn at init), plus the predict cache in predict mode.
@@ -148,7 +152,7 @@ class RoutingAttention(Layer):
     def __init__(self, n_heads: int = 1, d_qk: int = 64, d_v: int = 64, causal: bool = False,
                  output_dropout: float = 0.0, mode: str = "train", masked: bool = False,
                  n_clusters: int = 16, chunk_len: int = 64, centroid_decay: float = 0.999,
-                 predict_mem_len: int = 2048):
+                 predict_mem_len: int = 2048, attention_dropout: float = 0.0):
         n = 2 if masked else 1
         super().__init__(n_in=n, n_out=n, name="RoutingAttention")
         who = self.name
@@ -161,6 +165,7 @@ class RoutingAttention(Layer):
                                            maximum=1.0, allow_maximum=False)
         self.predict_mem_len = check_int("predict_mem_len", predict_mem_len, 1, who)
         self.output_dropout = check_rate("output_dropout", output_dropout, who)
+        self.attention_dropout = check_rate("attention_dropout", attention_dropout, who)
         self.causal, self.masked = bool(causal), bool(masked)
         self.mode = check_mode(mode)
         if self.mode == "predict" and not self.causal:
@@ -211,8 +216,10 @@ class RoutingAttention(Layer):
             out, state = self._attend_cached(qk, u, v, clusters, valid, state)
         else:
             k_pos = jnp.where(valid, jnp.arange(length, dtype=jnp.int32), -1)
+            drop = attention_dropout_of(self.attention_dropout, self.mode, rng, self.name)
             out = routing_attention(qk, u, v, clusters, k_pos, n_clusters=self.n_clusters,
-                                    chunk_len=self.chunk_len, causal=self.causal)
+                                    chunk_len=self.chunk_len, causal=self.causal,
+                                    **drop.stream(0))
             if self.mode == "train":
                 state = dict(state, centroids=updated_centroids(
                     state["centroids"], lax.stop_gradient(u), clusters, self.centroid_decay))

@@ -29,6 +29,8 @@ import jax.numpy as jnp
 
 from terraformer.checks import check_choice, check_int
 from terraformer.layers.efficient.block_sparse import (
+    NO_DROPOUT,
+    AttentionDropout,
     BlockSparseAttention,
     chunks_of,
     merge_streams,
@@ -44,7 +46,7 @@ class SparseTransformerAttention(BlockSparseAttention):
     """Sparse Transformer self-attention, `(batch, length, d_model) -> same`.
 
     Args (besides those of `BlockSparseAttention`: n_heads, d_qk, d_v, causal,
-    output_dropout, mode, masked, predict_mem_len):
+    output_dropout, mode, masked, predict_mem_len, attention_dropout):
       pattern: 'strided' or 'fixed'.
       block_len: the stride l (positions per block); lengths are padded to a multiple.
       n_summary: c, the summary positions at the end of each block ('fixed'), 1..block_len.
@@ -53,9 +55,10 @@ class SparseTransformerAttention(BlockSparseAttention):
     def __init__(self, n_heads: int = 1, d_qk: int = 64, d_v: int = 64, causal: bool = False,
                  output_dropout: float = 0.0, mode: str = "train", masked: bool = False,
                  pattern: str = "strided", block_len: int = 64, n_summary: int = 8,
-                 predict_mem_len: int = 2048):
+                 predict_mem_len: int = 2048, attention_dropout: float = 0.0):
         super().__init__(n_heads, d_qk, d_v, causal, output_dropout, mode, masked, block_len,
-                         predict_mem_len, name="SparseTransformerAttention")
+                         predict_mem_len, name="SparseTransformerAttention",
+                         attention_dropout=attention_dropout)
         self.pattern = check_choice("pattern", pattern, PATTERNS, self.name)
         self.n_summary = check_int("n_summary", n_summary, 1, self.name,
                                    maximum=self.block_len)
@@ -67,7 +70,7 @@ class SparseTransformerAttention(BlockSparseAttention):
             return (near | ((q - k) % l == 0))[None]
         return ((q // l == k // l) | (k % l >= l - self.n_summary))[None]
 
-    def attend_blocks(self, q, k, v, k_pos):
+    def attend_blocks(self, q, k, v, k_pos, drop: AttentionDropout = NO_DROPOUT):
         b, h, length, _ = q.shape
         l = self.block_len
         n_blocks = length // l
@@ -77,14 +80,15 @@ class SparseTransformerAttention(BlockSparseAttention):
         qc, kc, vc = chunks_of(q, l), chunks_of(k, l), chunks_of(v, l)
         if self.pattern == "strided":
             window = [-1, 0] if self.causal else [-1, 0, 1]
-            streams = [window_stream(qc, kc, vc, qp, kp, window, self.causal)]
-            streams += self._columns(qc, kc, vc, kp, n_blocks)
+            streams = [window_stream(qc, kc, vc, qp, kp, window, self.causal,
+                                     **drop.stream(0))]
+            streams += self._columns(qc, kc, vc, kp, n_blocks, drop)
         else:
-            streams = [window_stream(qc, kc, vc, qp, kp, [0], self.causal)]
-            streams += self._summaries(qc, kc, vc, kp, qp, length)
+            streams = [window_stream(qc, kc, vc, qp, kp, [0], self.causal, **drop.stream(0))]
+            streams += self._summaries(qc, kc, vc, kp, qp, length, drop)
         return merge_streams(streams).reshape(b, h, length, -1)
 
-    def _columns(self, qc, kc, vc, kp, n_blocks):
+    def _columns(self, qc, kc, vc, kp, n_blocks, drop):
         """Same-column keys outside the window (rows at least 2 away), on the transposed grid:
         chunks are the l columns, each of n_blocks rows."""
         def t(a):  # (n, N, l, ...) <-> (n, l, N, ...)
@@ -99,12 +103,13 @@ class SparseTransformerAttention(BlockSparseAttention):
             pairs.append((reverse_positions(rows, n_blocks) - 2,
                           reverse_positions(k_rows, n_blocks)))
         streams = []
-        for q_rows, k_r in pairs:
-            out, lse = window_stream(t(qc), t(kc), t(vc), t(q_rows), t(k_r), [0], True)
+        for i, (q_rows, k_r) in enumerate(pairs):
+            out, lse = window_stream(t(qc), t(kc), t(vc), t(q_rows), t(k_r), [0], True,
+                                     **drop.stream(1 + i))
             streams.append((jnp.swapaxes(out, 2, 3), jnp.swapaxes(lse, 2, 3)))
         return streams
 
-    def _summaries(self, qc, kc, vc, kp, qp, length):
+    def _summaries(self, qc, kc, vc, kp, qp, length, drop):
         """The summary keys of the other blocks, gathered into chunks of block_len."""
         l, c = self.block_len, self.n_summary
         n, n_blocks = qc.shape[:2]
@@ -121,10 +126,12 @@ class SparseTransformerAttention(BlockSparseAttention):
         n_heads = self.n_heads
         block_start = (qp // l) * l
         # Causal test k <= block start - 1: summary keys of earlier blocks.
-        streams = [table_stream(qc, ks, vs, block_start - 1, kps, table, n_heads, True)]
+        streams = [table_stream(qc, ks, vs, block_start - 1, kps, table, n_heads, True,
+                                **drop.stream(1))]
         if not self.causal:  # reversed, k >= next block's start: those of later blocks
             streams.append(table_stream(qc, ks, vs, reverse_positions(block_start + l, length),
-                                        reverse_positions(kps, length), table, n_heads, True))
+                                        reverse_positions(kps, length), table, n_heads, True,
+                                        **drop.stream(2)))
         return streams
 
 
