@@ -314,7 +314,7 @@ class SinkhornAttention(Layer):
         state["sorted_v"] = jnp.take(sorted_v, last, axis=2)
         state["position"] = start + n
 
-        own = q_block[:, None] * l + jnp.arange(l)  # (n, l): the query's block
+        own = q_block[:, None] * l + jnp.arange(l)[None, :]  # (n, l): the query's block
         keys = jnp.concatenate([jnp.take(state["k"], own, axis=2),
                                 jnp.take(sorted_k, slot, axis=2)], axis=3)
         values = jnp.concatenate([jnp.take(state["v"], own, axis=2),
