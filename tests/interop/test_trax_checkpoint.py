@@ -306,9 +306,9 @@ def test_terraformer_import_then_eval_and_cli_decode_give_trax_outputs(ckpt_dir,
     model = model_from_gin([run / "config.gin"])(mode="eval")
     w, s, _, _ = restore_run(run, model)
     y, _ = model.apply(ref["tokens"], w, s, None)
-    # weights with noise 1.0: log-probs reach -25 (see test_trax_models.RTOL)
+    # weights with noise 1.0: log-probs reach -25 (see test_trax_models.RTOL; open)
     np.testing.assert_allclose(np.asarray(y), jax.nn.log_softmax(ref["logits"]), atol=ATOL,
-                               rtol=5e-5)
+                               rtol=1e-4)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         rc = cli.main(["decode", "--output_dir", str(run), "--prompt",
