@@ -471,6 +471,33 @@ def terraformer_cases(out: Path) -> None:
                         greedy_eval=greedy_eval(model, prompt, 6), greedy=greedy)
 
 
+def terraformer_float64(out: Path) -> None:
+    """Adds `out64/0` to `terraformer_lm.npz`: trax's eval logits in float64 on the same weights
+    (run alone: it switches jax to 64 bits). The fixture's weights are large (noise 1.0), and
+    trax's float32 forward is itself ~3e-4 from this on a few positions; the tests compare ours
+    with it."""
+    jax.config.update("jax_enable_x64", True)
+    path = out / "terraformer_lm.npz"
+    with np.load(path) as d:
+        arrays = {k: d[k] for k in d.files}
+    order = json.loads(str(arrays["meta"]))["order"]
+    x = arrays["in/0"]
+    model = terraformer("eval")
+    model.init(shapes.signature(x), rng=jax.random.PRNGKey(0))
+    paths, treedef = jax.tree_util.tree_flatten_with_path(model.weights)
+    keys = ["w/" + path_key(p) for p, _ in paths]
+    if keys != order:
+        raise RuntimeError("terraformer_float64: the model's weight tree is not the fixture's")
+    model.weights = jax.tree_util.tree_unflatten(
+        treedef, [jnp.asarray(arrays[k], jnp.float64) for k in keys])
+    model.state = jax.tree_util.tree_map(
+        lambda a: jnp.asarray(a, jnp.float64) if jnp.issubdtype(jnp.asarray(a).dtype,
+                                                                jnp.floating) else a,
+        model.state)
+    arrays["out64/0"] = np.asarray(model(jnp.asarray(x)), np.float64)
+    np.savez_compressed(path, **arrays)
+
+
 def checkpoint_cases(out: Path) -> None:
     ckpt = out / "checkpoints"
     ckpt.mkdir(exist_ok=True)
@@ -533,7 +560,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--only", choices=["layers", "sparse", "models", "positions", "checkpoints",
-                                       "terraformer"],
+                                       "terraformer", "terraformer_float64"],
                    default=None)
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -551,6 +578,8 @@ def main() -> None:
         checkpoint_cases(args.out)
     if args.only in (None, "terraformer"):
         terraformer_cases(args.out)
+    if args.only == "terraformer_float64":
+        terraformer_float64(args.out)
     total = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
     print(f"total fixture size: {total} bytes")
 
