@@ -262,17 +262,19 @@ def prefill_flops(kind: str, n_layers: int, max_len: int, prompt_len: int) -> in
 
 
 def bench_decode(args) -> dict:
-    """A D record. `compile_s`: the first calls (compiling included) less, where the decoder
-    reads the prompt in one call, that call's and the decoding steps' timed run; where it
-    reads it in chunks, the first calls are a prefill of the first chunk and a short
-    generation, counted whole. `first_token_s`: time to the
-    first new token, the prefill plus one decoding step (the per-token time of the first
-    timed block). `prefill_floor_s`: `prefill_flops` at the peak matmul rate, with
-    `prefill_tokens_per_s` against `prefill_floor_tokens_per_s`; `s_per_token`: the latency
-    of a token after the prompt, against `floor_s_per_token`, the weight bytes a token reads
-    at the peak read bandwidth (both floors from `bench peak`'s record). `prefill_chunk`:
-    prompt tokens per prefill call (the start token included when the prompt is read whole:
-    `--prefill_chunk` unset and an LSH model, see `decoding.Decoder`)."""
+    """A D record.
+
+    `compile_s`: the first calls, compiling included, less their run time where the decoder
+    reads the prompt in one call (the warm-up then prefills the whole prompt: its timed run's
+    prefill and steps are taken out); where it reads the prompt in chunks, the warm-up is a
+    prefill of the first chunk and a short generation, counted whole. `prefill_chunk`: prompt
+    tokens per prefill call (the prompt and start token when read whole: `--prefill_chunk`
+    unset and an LSH model, see `decoding.Decoder`). `first_token_s`: time to the first new
+    token, the prefill plus one decoding step (the per-token time of the first timed block).
+    `prefill_floor_s`: `prefill_flops` at the peak matmul rate, with `prefill_tokens_per_s`
+    against `prefill_floor_tokens_per_s`; `s_per_token`: the latency of a token after the
+    prompt, against `floor_s_per_token`, the weight bytes a token reads at the peak read
+    bandwidth (both floors from `bench peak`'s record)."""
     max_len = args.prompt_len + args.new_tokens + 8
     decoder, params = d_workload_decoder(args.model, args.n_layers, max_len, args.prefill_chunk,
                                          args.dtype, args.output_dtype)
