@@ -99,9 +99,10 @@ class Decoder:
       prefill_chunk: prompt tokens fed per call while prefilling (at most two compiled
         shapes: the remainder chunk first, then full chunks). None (default): the whole prompt
         in one call when `model.prefill_in_one_call()` (LSH attention then reads it with its
-        eval forward pass, O(L log L), where pieces would each scan the whole cache), else
-        PREFILL_CHUNK. Each prefill call computes the output layer on its last position only
-        when the model ends in its output Dense and LogSoftmax (`_last_position_apply`).
+        eval forward pass, O(L log L), where pieces would each scan the whole cache; a prompt
+        longer than the caches in pieces of their length), else PREFILL_CHUNK. Each prefill
+        call computes the output layer on its last position only when the model ends in its
+        output Dense and LogSoftmax (`_last_position_apply`).
       rng: key for the model's own init (e.g. LSH hash seeds); use the training init key so
         predict-mode hashing matches eval.
       max_len: the longest prompt + generation the model's caches hold exactly (e.g. the
@@ -193,7 +194,9 @@ class Decoder:
         inputs = jnp.concatenate(
             [jnp.full((self.batch_size, 1), START_ID, jnp.int32), prompt], axis=1)
         total = inputs.shape[1]
-        chunk = self.prefill_chunk or total
+        # Whole (prefill_chunk None), unless the caches hold fewer positions: then pieces of
+        # what they hold, the oldest dropped as they go (a layer takes at most that a call).
+        chunk = self.prefill_chunk or min(total, self.context or total)
         first = total % chunk or chunk
         bounds = [0, first] + list(range(first + chunk, total + 1, chunk))
         log_probs = None
