@@ -27,6 +27,7 @@ import numpy as np
 
 from terraformer.checks import check_choice, check_int, check_number
 from terraformer.layers.base import Layer
+from terraformer.layers.combinators import Serial
 from terraformer.layers.core import DECODE_DTYPES, Dense, argmax
 from terraformer.parallel.distributed import put
 from terraformer.parallel.sharding import replicated, tree_shardings
@@ -36,6 +37,8 @@ START_ID = 0
 # Tokens per call of the compiled loop when streaming: a call's dispatch cost is shared by
 # this many tokens, and the first of them still shows up after one block.
 STREAM_BLOCK = 16
+# Prompt tokens per call while prefilling a model that does not read prompts in one call.
+PREFILL_CHUNK = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +97,12 @@ class Decoder:
       weights: its weights (the same pytree a train/eval model of the same config has).
       batch_size: sequences decoded together.
       prefill_chunk: prompt tokens fed per call while prefilling (at most two compiled
-        shapes: the remainder chunk first, then full chunks).
+        shapes: the remainder chunk first, then full chunks). None (default): the whole prompt
+        in one call when `model.prefill_in_one_call()` (LSH attention then reads it with its
+        eval forward pass, O(L log L), where pieces would each scan the whole cache; a prompt
+        longer than the caches in pieces of their length), else PREFILL_CHUNK. Each prefill
+        call computes the output layer on its last position only when the model ends in its
+        output Dense and LogSoftmax (`_last_position_apply`).
       rng: key for the model's own init (e.g. LSH hash seeds); use the training init key so
         predict-mode hashing matches eval.
       max_len: the longest prompt + generation the model's caches hold exactly (e.g. the
@@ -114,10 +122,14 @@ class Decoder:
         replicated, and the compiled steps run across the mesh. None: one device.
     """
 
-    def __init__(self, model: Layer, weights, batch_size: int = 1, prefill_chunk: int = 1024,
+    def __init__(self, model: Layer, weights, batch_size: int = 1,
+                 prefill_chunk: int | None = None,
                  rng=None, max_len: int | None = None, weight_dtype: str | None = "float32",
                  output_dtype: str | None = None, mesh=None):
-        check_int("prefill_chunk", prefill_chunk, 1, "Decoder")
+        if prefill_chunk is not None:
+            check_int("prefill_chunk", prefill_chunk, 1, "Decoder")
+        elif not model.prefill_in_one_call():
+            prefill_chunk = PREFILL_CHUNK
         self.max_len = max_len
         self.model = model
         self.context = model.predict_context()
@@ -129,6 +141,8 @@ class Decoder:
         self.prefill_chunk = prefill_chunk
         self._init_rng = jax.random.PRNGKey(0) if rng is None else rng
         self._apply = jax.jit(model.apply, donate_argnums=(2,))
+        self._prefill_apply = jax.jit(_last_position_apply(model) or model.apply,
+                                      donate_argnums=(2,))
         self._loops = {}
         self._is_encoder_decoder = model.n_in == 2
 
@@ -180,13 +194,15 @@ class Decoder:
         inputs = jnp.concatenate(
             [jnp.full((self.batch_size, 1), START_ID, jnp.int32), prompt], axis=1)
         total = inputs.shape[1]
-        first = total % self.prefill_chunk or self.prefill_chunk
-        bounds = [0, first] + list(range(first + self.prefill_chunk, total + 1,
-                                         self.prefill_chunk))
+        # Whole (prefill_chunk None), unless the caches hold fewer positions: then pieces of
+        # what they hold, the oldest dropped as they go (a layer takes at most that a call).
+        chunk = self.prefill_chunk or min(total, self.context or total)
+        first = total % chunk or chunk
+        bounds = [0, first] + list(range(first + chunk, total + 1, chunk))
         log_probs = None
         for start, stop in zip(bounds[:-1], bounds[1:]):
-            log_probs, state = self._apply(self._model_inputs(inputs[:, start:stop], enc),
-                                           self.weights, state, None)
+            log_probs, state = self._prefill_apply(
+                self._model_inputs(inputs[:, start:stop], enc), self.weights, state, None)
         return log_probs[:, -1], state
 
     def _check_length(self, total: int, new_tokens: int = 0) -> None:
@@ -295,6 +311,38 @@ class Decoder:
                 return
 
 
+def _last_position_apply(model: Layer):
+    """`model.apply` with its output layers on the last position only, or None.
+
+    For a `Serial` whose top-level layers end in the output `Dense` and a `LogSoftmax`: the
+    layers before them run on every position (filling the caches), the output layers on the
+    last one, so that a prefill computes [batch, 1, vocab] log-probs instead of [batch,
+    length, vocab] (a gigabyte for 8K tokens of a 32K vocabulary, and as many FLOPs as the
+    vocabulary's matrix times the length). Returns `(log_probs [batch, 1, vocab], state)`.
+    """
+    layers = model.sublayers
+    dense_at = [i for i, sub in enumerate(layers) if isinstance(sub, Dense)]
+    if not isinstance(model, Serial) or not dense_at:
+        return None
+    head = dense_at[-1]
+    if head == 0 or any(sub.name != "LogSoftmax" for sub in layers[head + 1:]):
+        return None
+    body = Serial(*layers[:head])
+    if body.n_in != model.n_in or body.n_out != 1:
+        return None
+
+    def apply(x, weights, state, rng):
+        y, body_state = body.apply(x, tuple(weights[:head]), tuple(state[:head]), rng)
+        y = y[:, -1:]
+        tail_states = []
+        for sub, w, st in zip(layers[head:], weights[head:], state[head:]):
+            y, st = sub.apply(y, w, st, None)
+            tail_states.append(st)
+        return y, tuple(body_state) + tuple(tail_states)
+
+    return apply
+
+
 def _decoding_weights(model: Layer, weights, weight_dtype: str | None,
                       output_dtype: str | None):
     """`weights` packed by `model.pack_for_decoding(weights, weight_dtype)`; with an
@@ -350,7 +398,7 @@ def time_per_token(decoder: Decoder, prompt_ids, new_tokens: int,
 def generate(model_fn, weights, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              eos_id: int | None = None, max_len: int | None = None,
-             prefill_chunk: int = 1024) -> np.ndarray:
+             prefill_chunk: int | None = None) -> np.ndarray:
     """Continues `prompt_ids` ((n,) or (batch, n)) with `model_fn(mode='predict')`.
 
     Returns int32 new ids of shape (max_new_tokens,) or (batch, max_new_tokens); after

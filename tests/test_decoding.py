@@ -260,3 +260,33 @@ def test_predict_context_is_the_least_cache_of_the_model():
     assert ReformerLM(vocab_size=19, d_model=16, d_ff=32, n_layers=2, n_heads=2, max_len=24,
                       attention_type=attn, mode="predict").predict_context() is None
     assert _lm("terraformer", "predict").predict_context() == 24
+
+
+def test_lsh_prompt_read_in_one_call_equals_the_eval_forward(np_rng):
+    """A Reformer with LSH attention (several buckets) reads the whole prompt in one call: the
+    next-token log-probs equal the eval forward pass's, computed on the last position only."""
+    import functools
+
+    from terraformer.layers.lsh import LSHSelfAttention
+    from terraformer.models import ReformerLM
+
+    attn = functools.partial(LSHSelfAttention, chunk_len=4, n_buckets=4, n_hashes=2,
+                             predict_mem_len=32)
+
+    def lm(mode):
+        return ReformerLM(vocab_size=19, d_model=16, d_ff=32, n_layers=2, n_heads=2,
+                          d_attention_key=4, d_attention_value=4, attention_type=attn,
+                          max_len=32, dropout=0.0, mode=mode)
+
+    key = jax.random.PRNGKey(int(np_rng.integers(1 << 20)))
+    prompt = np_rng.integers(1, 19, size=(1, 13)).astype(np.int32)
+    model = lm("eval")
+    weights, state = model.init(ShapeDtype((1, 14), jnp.int32), key)
+    want, _ = model.apply(jnp.asarray(np.pad(prompt, [(0, 0), (0, 1)])), weights, state, None)
+    dec = Decoder(lm("predict"), weights, rng=key)
+    assert dec.prefill_chunk is None  # the model asks for one call
+    log_probs, pstate = dec.prefill(prompt)
+    np.testing.assert_allclose(log_probs, want[:, -1], atol=1e-4)
+    assert int(jax.tree.leaves(pstate)[0].size) > 0
+    chunked = Decoder(lm("predict"), weights, rng=key, prefill_chunk=5)
+    assert np.abs(chunked.prefill(prompt)[0] - want[:, -1]).max() > 1e-3  # pieces: own bucket

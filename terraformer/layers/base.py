@@ -144,6 +144,14 @@ class Layer:
         limits = [c for c in (sub.predict_context() for sub in self._sublayers) if c is not None]
         return min(limits) if limits else None
 
+    def prefill_in_one_call(self) -> bool:
+        """Whether a predict-mode model reads a prompt on empty caches best in one call rather
+        than in pieces (`decoding.Decoder` then feeds it whole): True when a layer's one-call
+        prefill is cheaper than pieces that each read the whole cache, as LSH attention's eval
+        forward pass is. The default is any sublayer's; such a layer overrides this.
+        """
+        return any(sub.prefill_in_one_call() for sub in self._sublayers)
+
     def init(self, input_signature, rng=None):
         """Infers weight shapes from `input_signature`; returns `(weights, state)`.
 

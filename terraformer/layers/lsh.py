@@ -51,7 +51,7 @@ from jax import lax
 
 from terraformer.checks import ArgumentError, check_int, check_rate
 from terraformer.layers import initializers as init_lib
-from terraformer.layers import kv_cache
+from terraformer.layers import kv_cache, lsh_cache
 from terraformer.layers.attention_core import MASK_VALUE, blocked_attention
 from terraformer.layers.base import Layer, as_items, check_mode
 from terraformer.layers.core import dropout as dropout_fn
@@ -626,18 +626,34 @@ class LSHSelfAttention(Layer):
     `kv_cache`, `k_mem [batch, n_heads, predict_mem_len, d_qk]` (unit-length keys),
     `v_mem [..., d_v]`, `buckets [batch, n_heads, n_hashes, predict_mem_len]`,
     `valid [batch, predict_mem_len]`, `fill` (cached positions) and `pos` (the next absolute
-    position). Each call writes its new tokens at `fill` (`kv_cache.write_at`: a linear buffer,
-    not a ring, since old positions leave it in blocks); every new query attends, in each hash
-    round, to the cached and new keys at earlier-or-equal positions that fall in its own bucket
-    (same rotations as eval), and the rounds are merged as in eval. This equals the eval forward
-    whenever each query's chunk window in eval holds exactly its bucket's earlier keys, e.g.
-    `n_buckets=1` and `chunk_len >= length`, and feeding tokens one at a time equals feeding them
-    in one call. When the new tokens do not fit, the oldest positions are dropped in multiples
+    position), and the bucket index of `lsh_cache` (`bucket_index [batch, n_heads, n_hashes,
+    n_buckets, predict_bucket_capacity]`, `bucket_count`): per bucket, the positions of its
+    last `predict_bucket_capacity` tokens. Each call writes its new tokens at `fill`
+    (`kv_cache.write_at`: a linear buffer, not a ring, since old positions leave it in blocks)
+    and adds them to the index. The same rotations as eval hash them. What the new queries see:
+
+    - A call of several tokens on an empty cache (`fill == 0`: a prompt) is the eval forward
+      pass on those tokens (`lsh_attention`, causal: hash, sort, chunk, O(T log T)), and fills
+      the cache and the index from them. Feed a long prompt in one call: `decoding.Decoder`
+      does, as `prefill_in_one_call()` says.
+    - Every later query ("own bucket") attends, in each hash round, to the cached and new keys
+      at earlier-or-equal positions that fall in its own bucket, and the rounds are merged as
+      in eval. One token reads only its buckets' index entries, `n_hashes *
+      predict_bucket_capacity` cached keys whatever the cache length; several tokens on a
+      non-empty cache scan the whole cache (O(T * predict_mem_len) per head and round). The two
+      agree while no bucket holds more than `predict_bucket_capacity` cached positions; beyond,
+      a one-token query forgets its bucket's oldest ones.
+
+    The prompt's outputs thus equal the eval forward's, and later tokens equal it whenever each
+    query's chunk window in eval holds exactly its bucket's earlier keys, e.g. `n_buckets=1` and
+    `chunk_len >= length`; with a single bucket feeding tokens one at a time equals any split
+    into calls. When the new tokens do not fit, the oldest positions are dropped in multiples
     of `predict_drop_len` (clipped to `predict_mem_len`), as few as make room;
     `predict_drop_len=0` drops none, and an overflowing call then raises a ValueError (or, when
     the state is traced under jit, returns NaN outputs). One call may feed at most
-    `predict_mem_len` tokens, else a ValueError. A call of T tokens costs O(T * predict_mem_len)
-    per head and round.
+    `predict_mem_len` tokens, else a ValueError. `predict_bucket_capacity` (default
+    `4 * chunk_len`, at most `predict_mem_len`) sizes the index: buckets hold about
+    `chunk_len` tokens each when `n_buckets` follows the length (`resolve_n_buckets`).
     """
 
     def __init__(
@@ -662,6 +678,7 @@ class LSHSelfAttention(Layer):
         chunks_per_block: int | None = None,
         qk_scale: float = 1.0,
         hash_per_example: bool = True,
+        predict_bucket_capacity: int | None = None,
     ):
         who = "LSHSelfAttention"
         for name, value in (
@@ -672,6 +689,8 @@ class LSHSelfAttention(Layer):
         ):
             check_int(name, value, 1, who)
         check_int("predict_drop_len", predict_drop_len, 0, who)
+        if predict_bucket_capacity is not None:
+            check_int("predict_bucket_capacity", predict_bucket_capacity, 1, who)
         _check_lsh_args(chunk_len, n_chunks_before, n_chunks_after, n_hashes, who)
         check_rate("attention_dropout", attention_dropout, who)
         check_rate("output_dropout", output_dropout, who)
@@ -692,6 +711,10 @@ class LSHSelfAttention(Layer):
         self.chunks_per_block = chunks_per_block
         self.qk_scale = check_qk_scale(qk_scale, who)
         self.hash_per_example = bool(hash_per_example)
+        self.predict_bucket_capacity = min(
+            self.predict_mem_len,
+            4 * self.chunk_len if predict_bucket_capacity is None
+            else int(predict_bucket_capacity))
 
     # -- projections (override to use other layers) ------------------------------------------
     def init_projections(self, d_model: int, rng) -> dict:
@@ -751,8 +774,22 @@ class LSHSelfAttention(Layer):
                 valid=jnp.zeros((batch, mem), bool),
                 fill=jnp.zeros((), jnp.int32),
                 pos=jnp.zeros((), jnp.int32),
+                **lsh_cache.new_index(batch, self.n_heads, self.n_hashes,
+                                      total_buckets(self._predict_n_buckets()),
+                                      self.predict_bucket_capacity),
             )
         return weights, state
+
+    def _predict_n_buckets(self):
+        """The bucket count of a causal predict-mode layer (from `_bucket_length`, which does not
+        depend on a call's length)."""
+        return resolve_n_buckets(self.n_buckets, 1, self.chunk_len, self._bucket_length(1))
+
+    def prefill_in_one_call(self) -> bool:
+        """True for a causal predict-mode layer: a prompt fed in one call on an empty cache is
+        read by the eval forward pass, O(T log T), while a prompt fed in pieces makes every
+        piece after the first scan the whole cache."""
+        return self.mode == "predict" and self.causal
 
     def predict_context(self) -> int | None:
         """`predict_mem_len` for a causal predict-mode layer: beyond it the oldest positions
@@ -837,15 +874,12 @@ class LSHSelfAttention(Layer):
                 )
 
         qk, v = self.project_qk_v(x, weights)  # (B, H, T, d)
-        n_buckets = resolve_n_buckets(
-            self.n_buckets, n_new, self.chunk_len, self._bucket_length(n_new)
-        )
+        n_buckets = self._predict_n_buckets()
         rotations = random_rotations(
             state["hash_rng"], self.d_qk, n_buckets, self.n_hashes, self.n_heads
         )
         q_buckets = hash_vectors(qk, n_buckets, rotations=rotations)  # (B, H, R, T)
-        if mask is None:
-            mask = jnp.ones((batch, n_new), bool)
+        keep = jnp.ones((batch, n_new), bool) if mask is None else mask
 
         mem = {k: state[k] for k in _MEMORY_POSITION_AXIS}
         overflow = fill + n_new > mem_len
@@ -864,16 +898,38 @@ class LSHSelfAttention(Layer):
             fill = fill - n_drop
             overflow = fill + n_new > mem_len
 
-        new = {"k_mem": length_normalized(qk), "v_mem": v, "buckets": q_buckets, "valid": mask}
+        new = {"k_mem": length_normalized(qk), "v_mem": v, "buckets": q_buckets, "valid": keep}
         mem = {name: kv_cache.write_at(mem[name], new[name], fill, _MEMORY_POSITION_AXIS[name])
                for name in mem}
+        # The index holds absolute positions: dropping old positions only raises `base`.
+        base = pos - fill
+        index = lsh_cache.insert({k: state[k] for k in (lsh_cache.INDEX, lsh_cache.COUNT)},
+                                 q_buckets, pos + jnp.arange(n_new, dtype=jnp.int32), keep)
 
-        o = _predict_attention(qk, q_buckets, fill + jnp.arange(n_new, dtype=jnp.int32),
-                               mem["k_mem"], mem["v_mem"], mem["buckets"], mem["valid"],
-                               self.qk_scale)
+        if n_new == 1:
+            o = _indexed_attention(qk, q_buckets, fill, base, mem["k_mem"], mem["v_mem"], index,
+                                   self.qk_scale)
+        else:
+            def scan_cache():
+                return _predict_attention(
+                    qk, q_buckets, fill + jnp.arange(n_new, dtype=jnp.int32), mem["k_mem"],
+                    mem["v_mem"], mem["buckets"], mem["valid"], self.qk_scale)
+
+            def eval_forward():  # a prompt on an empty cache
+                o, _ = lsh_attention(
+                    qk, v, rotations=rotations, n_buckets=n_buckets, chunk_len=self.chunk_len,
+                    n_chunks_before=self.n_chunks_before, n_chunks_after=self.n_chunks_after,
+                    causal=True, mask=mask, chunks_per_block=self.chunks_per_block,
+                    qk_scale=self.qk_scale)
+                return o.astype(jnp.float32)
+
+            if isinstance(fill, jax.core.Tracer):
+                o = lax.cond(fill == 0, eval_forward, scan_cache)
+            else:
+                o = eval_forward() if int(fill) == 0 else scan_cache()
         y = self.project_output(o.astype(x.dtype), weights)
         y = jnp.where(overflow, jnp.nan, y)
-        new_state = dict(state, **mem, fill=fill + n_new, pos=pos + n_new)
+        new_state = dict(state, **mem, **index, fill=fill + n_new, pos=pos + n_new)
         return y, new_state
 
 
@@ -934,6 +990,34 @@ def _predict_attention(q, q_buckets, q_slots, k_mem, v_mem, k_buckets, valid, qk
     out = lax.map(lambda a: attend(*a), (jnp.moveaxis(qp, 2, 0), jnp.moveaxis(bp, 3, 0), sp))
     out = jnp.moveaxis(out, 0, 2)  # (B, H, nb, blk, dv)
     return out.reshape(batch, n_heads, n_blocks * block, -1)[:, :, :n_new]
+
+
+def _indexed_attention(q, q_buckets, q_slot, base, k_mem, v_mem, index, qk_scale):
+    """One decoding query on the cached keys of its own buckets, read through the bucket index.
+
+    q: (B, H, 1, d); q_buckets: (B, H, R, 1); q_slot: int32, the query's memory slot (its own
+    entry is in `index` already); base: the absolute position of slot 0; k_mem: (B, H, M, d)
+    unit-length keys; v_mem: (B, H, M, dv); index: `lsh_cache`'s. Reads R * capacity cached
+    keys and values; returns (B, H, 1, dv) float32, as `_predict_attention` does when no bucket
+    holds more than `capacity` cached positions.
+    """
+    batch, n_heads, _, _ = q.shape
+    slots, live = lsh_cache.lookup(index, q_buckets[..., 0], base, k_mem.shape[2])  # (B,H,R,C)
+    n_rounds, capacity = slots.shape[2:]
+    b = jnp.arange(batch)[:, None, None]
+    h = jnp.arange(n_heads)[None, :, None]
+    flat = slots.reshape(batch, n_heads, n_rounds * capacity)
+    keys = k_mem[b, h, flat].reshape(batch, n_heads, n_rounds, capacity, -1)
+    values = v_mem[b, h, flat].reshape(batch, n_heads, n_rounds, capacity, -1)
+    s = jnp.einsum("bhd,bhrcd->bhrc", q[:, :, 0], keys,
+                   preferred_element_type=jnp.float32) * qk_scale
+    s = jnp.where(slots == q_slot, SELF_ATTENTION_VALUE, s)
+    s = jnp.where(live, s, MASK_VALUE)
+    lse = jax.nn.logsumexp(s, axis=-1)  # (B, H, R)
+    p = jnp.exp(s - lse[..., None])
+    o = jnp.einsum("bhrc,bhrcd->bhrd", p, values.astype(jnp.float32))
+    out, _ = _merge_rounds(o[:, :, :, None], lse[..., None], jnp.float32)
+    return out
 
 
 # -- permutations with gather-only gradients --------------------------------------------------

@@ -526,8 +526,9 @@ def _feed(pr, weights, pstate, x, sizes):
     return np.concatenate(ys, axis=1), pstate
 
 
-def _bucket_reference(layer, x, weights, state, seen):
-    """The predict-mode rule: per round, a query sees the `seen[t]` keys in its own bucket."""
+def _bucket_reference(layer, x, weights, state, seen, capacity=None):
+    """The predict-mode rule: per round, a query sees the `seen[t]` keys in its own bucket (the
+    last `capacity` of them when given)."""
     qk, v = layer.project_qk_v(jnp.asarray(x), weights)
     n_buckets = layer.n_buckets
     rot = random_rotations(state["hash_rng"], layer.d_qk, n_buckets, layer.n_hashes,
@@ -537,6 +538,9 @@ def _bucket_reference(layer, x, weights, state, seen):
     window = np.zeros(buckets.shape + (length,), bool)
     for t in range(length):
         window[..., t, seen[t]] = buckets[..., seen[t]] == buckets[..., t : t + 1]
+    if capacity is not None:  # count the allowed keys from the newest back
+        newer = np.cumsum(window[..., ::-1], axis=-1)[..., ::-1]
+        window &= newer <= capacity
     o, _ = dense_reference(qk, v, window, np.ones(x.shape[:2], bool), True, layer.qk_scale)
     return layer.project_output(o, weights)
 
@@ -560,8 +564,46 @@ def test_predict_with_buckets_matches_bucket_reference(rng):
     y_tok, _ = _feed(pr, weights, pstate, x, [1] * 12)
     want = _bucket_reference(pr, x, weights, pstate, [np.arange(t + 1) for t in range(12)])
     assert _max_diff(y_tok, want) < TOL
-    y_chunks, _ = _feed(pr, weights, pstate, x, [6, 6])
+    # After a first call, calls of several tokens scan the whole cache by the same rule.
+    y_chunks, _ = _feed(pr, weights, pstate, x, [1, 5, 6])
     assert _max_diff(y_chunks, y_tok) < TOL
+
+
+def test_predict_prompt_is_the_eval_forward_then_own_bucket(rng):
+    """A prompt on an empty cache reads as eval does (chunk windows, not buckets); the tokens
+    after it follow the own-bucket rule, and the caches it leaves equal token-by-token ones."""
+    ev, pr, weights, state, pstate = _predict_pair(
+        rng, chunk_len=4, n_buckets=4, n_hashes=2, predict_mem_len=16)
+    x = _normal(rng, 2, 11, D_MODEL)
+    y, s_prompt = _feed(pr, weights, pstate, x, [7] + [1] * 4)
+    y_eval, _ = ev.apply(x[:, :7], weights, state, None)
+    assert _max_diff(y[:, :7], y_eval) < TOL
+    want = _bucket_reference(pr, x, weights, pstate, [np.arange(t + 1) for t in range(11)])
+    assert _max_diff(y[:, 7:], want[:, 7:]) < TOL
+    y_eager, _ = pr.apply(x[:, :7], weights, pstate, None)  # fill concrete: no lax.cond
+    assert _max_diff(y_eager, y_eval) < TOL
+    _, s_tok = _feed(pr, weights, pstate, x, [1] * 11)
+    for name in ("k_mem", "v_mem", "buckets", "valid", "bucket_index", "bucket_count", "fill"):
+        assert _max_diff(s_prompt[name], s_tok[name]) < 1e-6, name
+
+
+@pytest.mark.parametrize("drop_len", [0, 3])
+def test_predict_bucket_index_forgets_the_oldest_beyond_capacity(rng, drop_len):
+    """With 2 buckets and room for 3 keys each, a decoding query sees the last 3 cached keys
+    of its bucket; old positions leaving the cache leave the index too."""
+    _, pr, weights, _, pstate = _predict_pair(
+        rng, chunk_len=4, n_buckets=2, n_hashes=2, predict_mem_len=8 if drop_len else 16,
+        predict_drop_len=drop_len, predict_bucket_capacity=3)
+    x = _normal(rng, 2, 14, D_MODEL)
+    y_tok, _ = _feed(pr, weights, pstate, x, [1] * 14)
+    seen, memory = [], []
+    for t in range(14):
+        if drop_len and len(memory) + 1 > 8:
+            memory = memory[drop_len:]
+        memory.append(t)
+        seen.append(np.array(memory))
+    want = _bucket_reference(pr, x, weights, pstate, seen, capacity=3)
+    assert _max_diff(y_tok, want) < TOL
 
 
 def test_predict_attention_blocks_of_queries(rng):
