@@ -33,6 +33,7 @@ import optax
 from terraformer.layers.losses import accuracy, cross_entropy, sequence_accuracy
 from terraformer.memory.placement import to_device
 from terraformer.parallel.distributed import global_batch, put
+from terraformer.parallel.mesh import mesh_context
 from terraformer.parallel.sharding import replicated, train_shardings
 from terraformer.training.batches import as_batch, log_probs_of, model_input, open_stream
 from terraformer.training.memory_efficient import MemoryEfficientTrainer
@@ -99,13 +100,9 @@ class TrainStep:
         self.optimizer = optimizer
         self.mesh = _mesh_of_many(mesh)
         self.shardings = None
-        if memory_efficient and self.mesh is not None:
-            raise ValueError(
-                "make_train_step: memory_efficient=True runs on one device (its per-block "
-                "pieces place arrays on one device's host and device memory); got a mesh of "
-                f"{self.mesh.size} devices {dict(self.mesh.shape)}")
         if memory_efficient:
-            self.trainer = MemoryEfficientTrainer(model, optimizer, **memory_options)
+            self.trainer = MemoryEfficientTrainer(model, optimizer, mesh=self.mesh,
+                                                  **memory_options)
             self._step = self.trainer.step
         else:
             if memory_options:
@@ -122,9 +119,13 @@ class TrainStep:
                           else None)  # on a mesh: built once the shardings are known
 
     def _shard(self, weights, state, opt_state, batch):
-        """Finds the shardings of these trees (arrays or abstract) once, and builds the step."""
+        """Finds the shardings of these trees (arrays or abstract) once, and builds the step
+        (the batch's from this batch: `layout` knew only its rank-2 stand-in)."""
         if self.shardings is None:
             self.shardings = train_shardings(self.mesh, weights, opt_state, batch, state)
+        else:
+            w, o, _, s = self.shardings
+            self.shardings = (w, o, train_shardings(self.mesh, (), (), batch)[2], s)
         if self._step is None:
             self._step = _plain_step(self.model, self.optimizer, self._donate,
                                      self.shardings + (replicated(self.mesh),))
@@ -133,15 +134,19 @@ class TrainStep:
         """A batch signature for the shardings before a batch is seen: its sharding is fixed
         by the mesh alone, so any row count the mesh divides will do."""
         n = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        return tuple(jax.ShapeDtypeStruct((n, 1), jnp.int32) for _ in range(3))
+        return tuple(jax.ShapeDtypeStruct((n, self.mesh.shape["sequence"]), jnp.int32)
+                     for _ in range(3))
 
     def place(self, weights, state, opt_state):
         """``(weights, state, opt_state)`` laid out as the step takes them: on a mesh, as
-        global arrays with `shardings`; else unchanged (the memory-efficient trainer places
-        its own)."""
+        global arrays with `shardings` (the memory-efficient trainer's stack in host memory);
+        else unchanged (the memory-efficient trainer places its own)."""
         if self.mesh is None:
             return weights, state, opt_state
         w, o, _, s = self.layout(weights, state, opt_state)
+        if self.trainer is not None:
+            weights, opt_state = self.trainer.place(weights, opt_state)
+            return weights, put(state, s), opt_state
         return put(weights, w), put(state, s), put(opt_state, o)
 
     def layout(self, weights, state, opt_state):
@@ -153,12 +158,13 @@ class TrainStep:
         return self.shardings
 
     def __call__(self, weights, state, opt_state, batch, rng):
-        if self.mesh is not None:
+        if self.mesh is not None and self.trainer is None:  # (the trainer lays out its own)
             if self._step is None:
                 self._shard(weights, state, opt_state, batch)
             batch = global_batch(batch, train_shardings(self.mesh, (), (), batch)[2])
             rng = put(rng, replicated(self.mesh))
-        return self._step(weights, state, opt_state, batch, rng)
+        with mesh_context(self.mesh):  # (for layers that read it: ring attention)
+            return self._step(weights, state, opt_state, batch, rng)
 
     def init_opt_state(self, weights):
         """The optimizer state for ``weights`` (the memory-efficient one keeps the stack's
@@ -183,7 +189,8 @@ class TrainStep:
                             "pieces, not one function")
         if self.mesh is not None and self._step is None:
             self._shard(weights, state, opt_state, batch)
-        return self._step.lower(weights, state, opt_state, batch, rng)
+        with mesh_context(self.mesh):
+            return self._step.lower(weights, state, opt_state, batch, rng)
 
 
 def make_train_step(model, optimizer, *, memory_efficient: bool = False,
@@ -229,7 +236,8 @@ def make_eval_step(model, mesh=None) -> Callable:
 
     def sharded(weights, state, batch):
         sh = train_shardings(mesh, (), (), batch)[2]
-        return jitted(weights, state, global_batch(batch, sh))
+        with mesh_context(mesh):
+            return jitted(weights, state, global_batch(batch, sh))
 
     return sharded
 
