@@ -16,8 +16,11 @@ per-block pieces (a model with one reversible stack; see `training.memory_effici
 
 On a mesh of several devices (``make_train_step(..., mesh=make_mesh(data=2, model=2))``) the
 plain step is one `jax.jit` with in and out shardings from `parallel.sharding` (weights and
-slots by their paths, batch rows over ``data`` and ``fsdp``): `TrainStep.place` lays the
-weights and slots out, and the batch (host arrays) is laid out on each call.
+slots by their paths, batch rows over ``data`` and ``fsdp``, its length over ``sequence``):
+`TrainStep.place` lays the weights and slots out, and the batch (host arrays) is laid out on
+each call. The memory-efficient step runs on a mesh too (its pieces partitioned from the same
+layouts, the stack's shards in each device's host memory). Steps trace and run with the mesh
+in effect (``jax.set_mesh``), which `parallel.ring.RingSelfAttention` reads.
 """
 
 from __future__ import annotations
@@ -204,9 +207,9 @@ def make_train_step(model, optimizer, *, memory_efficient: bool = False,
         ``clip_grad_norm``, ``offload``, ``loss_chunk_len``, ``chunk_head``).
       donate: let the plain step reuse the memory of its weights, state and optimizer
         state (the caller must not use them after the call); None: on accelerators only.
-      mesh: a `jax.sharding.Mesh` (`parallel.make_mesh`) to run on; None or one device: the
-        single-device step. Place the weights with `TrainStep.place` (or make the slots with
-        `init_opt_state`, which places them).
+      mesh: a `jax.sharding.Mesh` (`parallel.make_mesh`) to run on, for either step; None
+        or one device: the single-device step. Place the weights with `TrainStep.place` (or
+        make the slots with `init_opt_state`, which places them).
     """
     return TrainStep(model, optimizer, memory_efficient, donate, mesh, **memory_options)
 
