@@ -24,12 +24,14 @@ from terraformer.layers.efficient.sinkhorn import SinkhornAttention
 from terraformer.layers.efficient.sparse_transformer import SparseTransformerAttention
 from terraformer.layers.efficient.synthesizer import SynthesizerAttention
 from terraformer.layers.lsh import LSHSelfAttention
+from terraformer.parallel.ring import RingSelfAttention  # (a layer over parallel's shard_map)
 
 ATTENTION_TYPES: dict[str, Callable] = {
     "full": SelfAttention,
     "blockwise": BlockwiseAttention,
     "local": functools.partial(SelfAttention, chunk_len=128, n_chunks_before=1),
     "lsh": LSHSelfAttention,
+    "ring": RingSelfAttention,
     "sparse_transformer": SparseTransformerAttention,
     "longformer": LongformerAttention,
     "bigbird": BigBirdAttention,

@@ -69,18 +69,25 @@ def _sharding(kind: str, device=None):
 
 
 def to_host(tree, device=None):
-    """`tree` with every array in the device's pinned_host memory (unchanged without one).
+    """`tree` with every array in pinned_host memory (unchanged without one).
 
+    Without ``device``, each array keeps its layout (one device, or its shards over a mesh:
+    each device's shard goes to that device's host memory) and only its memory kind changes;
+    a host value goes to the first device's. With ``device``, everything goes to that one.
     Works outside and inside `jax.jit` (inside, it marks a transfer the compiler schedules).
     """
     kind = host_memory_kind(device)
     if kind is None:
         return tree
+    if device is None:
+        return jax.device_put(tree, jax.memory.Space.Host)
     return jax.device_put(tree, _sharding(kind, device))
 
 
 def to_device(tree, device=None):
-    """`tree` with every array in the device's default (device) memory."""
+    """`tree` with every array in device (default) memory; the layout as in `to_host`."""
+    if device is None:
+        return jax.device_put(tree, jax.memory.Space.Device)
     return jax.device_put(tree, _sharding(device_memory_kind(device), device))
 
 

@@ -13,6 +13,7 @@ leave. The default is one device: a mesh of size 1, on which every program runs 
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import gin
@@ -22,7 +23,7 @@ from jax.sharding import Mesh
 
 from terraformer.checks import ArgumentError, check_int
 
-__all__ = ["AXES", "make_mesh", "mesh", "mesh_sizes", "parse_mesh_spec"]
+__all__ = ["AXES", "make_mesh", "mesh", "mesh_context", "mesh_sizes", "parse_mesh_spec"]
 
 AXES = ("data", "fsdp", "model", "sequence")
 
@@ -96,3 +97,10 @@ def parse_mesh_spec(text: str) -> dict[str, int]:
         except ValueError:
             raise ArgumentError(f"mesh: {name} must be an int, got {value.strip()!r}") from None
     return out
+
+
+def mesh_context(mesh):
+    """``jax.set_mesh(mesh)``: the mesh in effect while a step traces and runs, which layers
+    read (`parallel.ring.RingSelfAttention` splits its sequence over its ``sequence`` axis);
+    nothing for None."""
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)

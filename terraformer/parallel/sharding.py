@@ -157,14 +157,22 @@ def tree_shardings(tree, mesh: Mesh, rules: tuple[Rule, ...] = WEIGHT_RULES,
 
 
 def batch_sharding(mesh: Mesh, shape: tuple[int, ...], who: str = "batch") -> NamedSharding:
-    """Rows of a ``[batch, ...]`` array over ``data`` and ``fsdp``; ValueError when the batch
-    is not a multiple of their product."""
+    """Rows of a ``[batch, ...]`` array over ``data`` and ``fsdp``, and with a ``sequence``
+    axis of several devices the length of a ``[batch, length, ...]`` array over it (each
+    device a contiguous shard of every document); ValueError when the batch is not a
+    multiple of data * fsdp or the length not of sequence."""
     n = _axis_size(mesh, "data") * _axis_size(mesh, "fsdp")
     if not shape or shape[0] % n:
         raise ValueError(
             f"{who}: the batch ({shape[0] if shape else 'a scalar'}) must be a multiple of "
             f"data * fsdp = {n} to split its rows over the mesh {dict(mesh.shape)}")
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    n_seq = _axis_size(mesh, "sequence")
+    if n_seq == 1 or len(shape) < 2:
+        return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    if shape[1] % n_seq:
+        raise ValueError(f"{who}: the length ({shape[1]}) must be a multiple of sequence = "
+                         f"{n_seq} to split it over the mesh {dict(mesh.shape)}")
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, "sequence"))
 
 
 def train_shardings(mesh: Mesh, weights, opt_state, batch, state=None):

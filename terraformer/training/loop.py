@@ -633,10 +633,12 @@ def train_config() -> dict:
 
 
 def evaluate_checkpoint(output_dir, model=None, eval_inputs=None, eval_steps=None,
-                        checkpoint: str = "latest") -> dict:
+                        checkpoint: str = "latest", mesh=None) -> dict:
     """Evaluates a run's checkpoint on its held-out stream; arguments left None come from the
-    gin config (``train.model``, ``train.eval_inputs``, ``train.eval_steps``). Returns the
-    metrics dict of :func:`evaluate` plus ``step``."""
+    gin config (``train.model``, ``train.eval_inputs``, ``train.eval_steps``, ``mesh.*``).
+    On a mesh of several devices the weights are read straight into their layout and each
+    batch's rows split over ``data`` and ``fsdp``. Returns the metrics dict of
+    :func:`evaluate` plus ``step``."""
     config = train_config() if None in (model, eval_inputs, eval_steps) else {}
     model = model if model is not None else config.get("model")
     eval_inputs = eval_inputs if eval_inputs is not None else config.get("eval_inputs")
@@ -645,7 +647,9 @@ def evaluate_checkpoint(output_dir, model=None, eval_inputs=None, eval_steps=Non
         raise ValueError("evaluate: no model (gin: train.model)")
     if eval_inputs is None:
         raise ValueError("evaluate: no held-out stream (gin: train.eval_inputs)")
-    weights, state, meta = load_weights(output_dir, model, checkpoint)
-    metrics = evaluate(make_eval_step(model(mode="eval")), weights, state, eval_inputs,
+    if mesh is None:
+        mesh = configured_mesh()  # gin: mesh.data = 2, ...; default one device
+    weights, state, meta = load_weights(output_dir, model, checkpoint, mesh=mesh)
+    metrics = evaluate(make_eval_step(model(mode="eval"), mesh), weights, state, eval_inputs,
                        eval_steps)
     return {"step": int(meta["step"]), **metrics}

@@ -71,6 +71,8 @@ from terraformer.memory.placement import (
     to_device,
     to_host,
 )
+from terraformer.parallel.distributed import put
+from terraformer.parallel.sharding import batch_sharding, replicated, tree_shardings
 from terraformer.training.batches import model_input
 from terraformer.training.optimizers import reported_learning_rate
 
@@ -365,13 +367,19 @@ class MemoryEfficientTrainer:
         run whole and their output is offloaded to host memory between the head's passes.
       loss_chunk_len: positions per chunk of the chunked cross-entropy (when the model ends
         in Dense + LogSoftmax; other heads are scored whole).
+      mesh: a `jax.sharding.Mesh` to run on (None or one device: the first device). Weights
+        and slots are laid out by `parallel.sharding.WEIGHT_RULES` (the stack's in each
+        device's host memory, shard by shard), batch rows over ``data`` and ``fsdp``; every
+        piece is the same program, partitioned by the compiler from those layouts.
     """
 
     def __init__(self, model: Layer, optimizer, clip_grad_norm: float | None = None,
                  offload: bool = True, loss_chunk_len: int = DEFAULT_CHUNK_LEN,
-                 chunk_head: bool = True):
+                 chunk_head: bool = True, mesh=None):
         self.model = model
         self.optimizer = optimizer
+        self.mesh = mesh if mesh is not None and mesh.size > 1 else None
+        self._mesh_layout = None  # (weights, opt_state) shardings, found from the first trees
         self.k = _find_stack(model)
         layers = model.sublayers
         self.pre, self.stack, self.post = layers[: self.k], layers[self.k], layers[self.k + 1:]
@@ -413,7 +421,16 @@ class MemoryEfficientTrainer:
         return tuple(outer[: self.k]) + (stack_part,) + tuple(outer[self.k + 1:])
 
     def init_opt_state(self, weights) -> MemoryEfficientOptState:
-        """The optimizer state for `weights` (the model's weight pytree), stack part on host."""
+        """The optimizer state for `weights` (the model's weight pytree), stack part on host
+        (on a mesh: each slot laid out as its weight)."""
+        if self.mesh is not None:
+            def init(w):
+                outer, stack_w = self._split_weights(w)
+                return MemoryEfficientOptState(self.blocks.init_opt(stack_w),
+                                               self.optimizer.init(outer))
+
+            w_sh, o_sh = self._layout(weights, jax.eval_shape(init, weights), host=False)
+            return self.place(weights, jax.jit(init, out_shardings=o_sh)(put(weights, w_sh)))[1]
         outer, stack_w = self._split_weights(weights)
         stack_opt = self.blocks.init_opt(stack_w)
         return MemoryEfficientOptState(self._host(stack_opt), jax.jit(self.optimizer.init)(outer))
@@ -426,19 +443,37 @@ class MemoryEfficientTrainer:
             return tree
         return to_host(tree)
 
+    def _layout(self, weights, opt_state, host: bool = True):
+        """On the mesh: the shardings of (weights, opt_state) by `WEIGHT_RULES`, the stack's
+        part in host memory when ``host`` and offloading."""
+        if self._mesh_layout is None:
+            w = tree_shardings(tuple(weights), self.mesh)
+            self._mesh_layout = (w, tree_shardings(opt_state, self.mesh))
+        w, o = self._mesh_layout
+        if host and self.offload:
+            kind = host_memory_kind()
+            on_host = functools.partial(jax.tree.map, lambda s: s.with_memory_kind(kind))
+            w = self._join(self._split_weights(w)[0], on_host(w[self.k]))
+            o = MemoryEfficientOptState(on_host(o.stack), o.outer)
+        return w, o
+
     def place(self, weights, opt_state):
-        """(weights, opt_state) with the stack's weights and slots in host memory.
+        """(weights, opt_state) with the stack's weights and slots in host memory (on a mesh,
+        every array in its layout, see `_layout`).
 
         A no-op for arrays already there; `step` calls it first, so weights restored from a
         checkpoint (in device memory) are moved back.
         """
-        outer, stack_w = self._split_weights(weights)
-        weights = self._join(outer, self._host(stack_w))
         if not isinstance(opt_state, MemoryEfficientOptState):
             raise TypeError(
                 "MemoryEfficientTrainer: opt_state must come from init_opt_state, got "
                 f"{type(opt_state).__name__}"
             )
+        if self.mesh is not None:
+            w, o = self._layout(weights, opt_state)
+            return put(tuple(weights), w), put(opt_state, o)
+        outer, stack_w = self._split_weights(weights)
+        weights = self._join(outer, self._host(stack_w))
         return weights, MemoryEfficientOptState(self._host(opt_state.stack), opt_state.outer)
 
     # -- the compiled pieces -------------------------------------------------------------------
@@ -519,6 +554,11 @@ class MemoryEfficientTrainer:
         The stack's host-resident arrays passed in are donated (updated in place).
         """
         # Everything committed to its memory once, so every piece compiles once.
+        if self.mesh is not None:  # batch rows over data and fsdp, the rest replicated
+            batch = put(tuple(batch), tuple(batch_sharding(self.mesh, np.shape(a), "batch")
+                                            for a in batch))
+            state, rng = put((tuple(state), rng),
+                             jax.tree.map(lambda _: replicated(self.mesh), (tuple(state), rng)))
         batch, state, rng = to_device((tuple(jnp.asarray(a) for a in batch), tuple(state), rng))
         weights, opt_state = self.place(weights, opt_state)
         outer_w, stack_w = self._split_weights(weights)

@@ -20,6 +20,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from terraformer.parallel.sharding import replicated, tree_shardings
 from terraformer.shapes import ShapeDtype
 from terraformer.training.batches import check_model_fn, init_signature, output_vocab
 from terraformer.training.checkpoints import Checkpointer, NoCheckpointError
@@ -81,7 +82,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def load_weights(output_dir, model, checkpoint: str = "latest"):
+def load_weights(output_dir, model, checkpoint: str = "latest", mesh=None):
     """``(weights, model_state, meta)`` of a run's newest (or best) checkpoint; ``meta`` holds
     ``step``, ``input_signature``, ``vocab_size`` (the model's output vocabulary) and the eval
     metrics of that step.
@@ -90,6 +91,9 @@ def load_weights(output_dir, model, checkpoint: str = "latest"):
       output_dir: the run directory.
       model: function of ``mode`` returning the Layer the run trained.
       checkpoint: ``'latest'`` or ``'best'``.
+      mesh: a `jax.sharding.Mesh` of several devices to read the weights straight into, laid
+        out by `parallel.sharding.WEIGHT_RULES` (the state replicated); None or one device:
+        the first device.
 
     Raises:
       CheckpointError: no checkpoint there, or one of another model.
@@ -115,10 +119,16 @@ def load_weights(output_dir, model, checkpoint: str = "latest"):
             "weights": jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), weights),
             "model_state": jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), state),
         }
-        # read into one device, whatever mesh (or processes) wrote the arrays
-        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        trees, meta, _ = ckpt.restore(templates, shardings={
-            name: jax.tree_util.tree_map(lambda _: one, tree) for name, tree in templates.items()})
+        # read into one device or this mesh, whatever mesh (or processes) wrote the arrays
+        if mesh is not None and mesh.size > 1:
+            shardings = {"weights": tree_shardings(templates["weights"], mesh),
+                         "model_state": jax.tree_util.tree_map(lambda _: replicated(mesh),
+                                                               templates["model_state"])}
+        else:
+            one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            shardings = {name: jax.tree_util.tree_map(lambda _: one, tree)
+                         for name, tree in templates.items()}
+        trees, meta, _ = ckpt.restore(templates, shardings=shardings)
     finally:
         ckpt.close()
     meta["vocab_size"] = output_vocab(train_model, weights, state, batch_sig)

@@ -16,8 +16,11 @@ per-block pieces (a model with one reversible stack; see `training.memory_effici
 
 On a mesh of several devices (``make_train_step(..., mesh=make_mesh(data=2, model=2))``) the
 plain step is one `jax.jit` with in and out shardings from `parallel.sharding` (weights and
-slots by their paths, batch rows over ``data`` and ``fsdp``): `TrainStep.place` lays the
-weights and slots out, and the batch (host arrays) is laid out on each call.
+slots by their paths, batch rows over ``data`` and ``fsdp``, its length over ``sequence``):
+`TrainStep.place` lays the weights and slots out, and the batch (host arrays) is laid out on
+each call. The memory-efficient step runs on a mesh too (its pieces partitioned from the same
+layouts, the stack's shards in each device's host memory). Steps trace and run with the mesh
+in effect (``jax.set_mesh``), which `parallel.ring.RingSelfAttention` reads.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import optax
 from terraformer.layers.losses import accuracy, cross_entropy, sequence_accuracy
 from terraformer.memory.placement import to_device
 from terraformer.parallel.distributed import global_batch, put
+from terraformer.parallel.mesh import mesh_context
 from terraformer.parallel.sharding import replicated, train_shardings
 from terraformer.training.batches import as_batch, log_probs_of, model_input, open_stream
 from terraformer.training.memory_efficient import MemoryEfficientTrainer
@@ -99,13 +103,9 @@ class TrainStep:
         self.optimizer = optimizer
         self.mesh = _mesh_of_many(mesh)
         self.shardings = None
-        if memory_efficient and self.mesh is not None:
-            raise ValueError(
-                "make_train_step: memory_efficient=True runs on one device (its per-block "
-                "pieces place arrays on one device's host and device memory); got a mesh of "
-                f"{self.mesh.size} devices {dict(self.mesh.shape)}")
         if memory_efficient:
-            self.trainer = MemoryEfficientTrainer(model, optimizer, **memory_options)
+            self.trainer = MemoryEfficientTrainer(model, optimizer, mesh=self.mesh,
+                                                  **memory_options)
             self._step = self.trainer.step
         else:
             if memory_options:
@@ -122,9 +122,13 @@ class TrainStep:
                           else None)  # on a mesh: built once the shardings are known
 
     def _shard(self, weights, state, opt_state, batch):
-        """Finds the shardings of these trees (arrays or abstract) once, and builds the step."""
+        """Finds the shardings of these trees (arrays or abstract) once, and builds the step
+        (the batch's from this batch: `layout` knew only its rank-2 stand-in)."""
         if self.shardings is None:
             self.shardings = train_shardings(self.mesh, weights, opt_state, batch, state)
+        else:
+            w, o, _, s = self.shardings
+            self.shardings = (w, o, train_shardings(self.mesh, (), (), batch)[2], s)
         if self._step is None:
             self._step = _plain_step(self.model, self.optimizer, self._donate,
                                      self.shardings + (replicated(self.mesh),))
@@ -133,15 +137,19 @@ class TrainStep:
         """A batch signature for the shardings before a batch is seen: its sharding is fixed
         by the mesh alone, so any row count the mesh divides will do."""
         n = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        return tuple(jax.ShapeDtypeStruct((n, 1), jnp.int32) for _ in range(3))
+        return tuple(jax.ShapeDtypeStruct((n, self.mesh.shape["sequence"]), jnp.int32)
+                     for _ in range(3))
 
     def place(self, weights, state, opt_state):
         """``(weights, state, opt_state)`` laid out as the step takes them: on a mesh, as
-        global arrays with `shardings`; else unchanged (the memory-efficient trainer places
-        its own)."""
+        global arrays with `shardings` (the memory-efficient trainer's stack in host memory);
+        else unchanged (the memory-efficient trainer places its own)."""
         if self.mesh is None:
             return weights, state, opt_state
         w, o, _, s = self.layout(weights, state, opt_state)
+        if self.trainer is not None:
+            weights, opt_state = self.trainer.place(weights, opt_state)
+            return weights, put(state, s), opt_state
         return put(weights, w), put(state, s), put(opt_state, o)
 
     def layout(self, weights, state, opt_state):
@@ -153,12 +161,13 @@ class TrainStep:
         return self.shardings
 
     def __call__(self, weights, state, opt_state, batch, rng):
-        if self.mesh is not None:
+        if self.mesh is not None and self.trainer is None:  # (the trainer lays out its own)
             if self._step is None:
                 self._shard(weights, state, opt_state, batch)
             batch = global_batch(batch, train_shardings(self.mesh, (), (), batch)[2])
             rng = put(rng, replicated(self.mesh))
-        return self._step(weights, state, opt_state, batch, rng)
+        with mesh_context(self.mesh):  # (for layers that read it: ring attention)
+            return self._step(weights, state, opt_state, batch, rng)
 
     def init_opt_state(self, weights):
         """The optimizer state for ``weights`` (the memory-efficient one keeps the stack's
@@ -183,7 +192,8 @@ class TrainStep:
                             "pieces, not one function")
         if self.mesh is not None and self._step is None:
             self._shard(weights, state, opt_state, batch)
-        return self._step.lower(weights, state, opt_state, batch, rng)
+        with mesh_context(self.mesh):
+            return self._step.lower(weights, state, opt_state, batch, rng)
 
 
 def make_train_step(model, optimizer, *, memory_efficient: bool = False,
@@ -197,9 +207,9 @@ def make_train_step(model, optimizer, *, memory_efficient: bool = False,
         ``clip_grad_norm``, ``offload``, ``loss_chunk_len``, ``chunk_head``).
       donate: let the plain step reuse the memory of its weights, state and optimizer
         state (the caller must not use them after the call); None: on accelerators only.
-      mesh: a `jax.sharding.Mesh` (`parallel.make_mesh`) to run on; None or one device: the
-        single-device step. Place the weights with `TrainStep.place` (or make the slots with
-        `init_opt_state`, which places them).
+      mesh: a `jax.sharding.Mesh` (`parallel.make_mesh`) to run on, for either step; None
+        or one device: the single-device step. Place the weights with `TrainStep.place` (or
+        make the slots with `init_opt_state`, which places them).
     """
     return TrainStep(model, optimizer, memory_efficient, donate, mesh, **memory_options)
 
@@ -229,7 +239,8 @@ def make_eval_step(model, mesh=None) -> Callable:
 
     def sharded(weights, state, batch):
         sh = train_shardings(mesh, (), (), batch)[2]
-        return jitted(weights, state, global_batch(batch, sh))
+        with mesh_context(mesh):
+            return jitted(weights, state, global_batch(batch, sh))
 
     return sharded
 

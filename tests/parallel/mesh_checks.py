@@ -30,8 +30,12 @@ VOCAB, LENGTH, BATCH = 32, 16, 4
 
 
 def tiny_model(kind: str, mode: str, n_layers: int = 2):
+    """``kind``: 'transformer' or 'reformer', optionally ':ATTENTION_TYPE' ('reformer:ring')."""
+    kind, _, attention = kind.partition(":")
     common = dict(vocab_size=VOCAB, d_model=16, d_ff=32, n_layers=n_layers, n_heads=2,
                   max_len=LENGTH, dropout=0.0, mode=mode)
+    if attention:
+        common["attention_type"] = attention
     return TransformerLM(**common) if kind == "transformer" else ReformerLM(**common)
 
 
@@ -48,28 +52,43 @@ def _spec_text(tree):
     return [str(getattr(leaf.sharding, "spec", "one device")) for leaf in jax.tree.leaves(tree)]
 
 
-def train(seed: int, kind: str, meshes: str, n_steps: int = 3, n_layers: int = 2):
+def _memory_kinds(tree):
+    return sorted({str(leaf.sharding.memory_kind) for leaf in jax.tree.leaves(tree)})
+
+
+def train(seed: int, kind: str, meshes: str, n_steps: int = 3, n_layers: int = 2,
+          memory_efficient: int = 0):
     """``n_steps`` on one device, then on each mesh of ``meshes`` ('data=4;fsdp=4'): the
-    losses, the weights' and slots' layouts and bytes per device."""
+    losses, the weights' and slots' layouts and bytes per device. ``memory_efficient``: with
+    `MemoryEfficientTrainer` (the reversible stack's weights and slots in host memory)."""
     model = tiny_model(kind, "train", n_layers)
     w0, s0 = model.init(ShapeDtype((BATCH, LENGTH), jnp.int32), jax.random.PRNGKey(seed))
     data = batches(seed, n_steps)
 
     def run(mesh):
-        step = make_train_step(model, Adam(learning_rate=0.01), mesh=mesh)
+        step = make_train_step(model, Adam(learning_rate=0.01), mesh=mesh,
+                               memory_efficient=bool(memory_efficient))
         w, s, o = step.place(w0, s0, step.init_opt_state(w0))
         losses = []
         for i, batch in enumerate(data):
             w, s, o, m = step(w, s, o, batch, jax.random.fold_in(jax.random.PRNGKey(seed), i))
             losses.append(float(m["loss"]))
-        return losses, w, o
+        return losses, w, o, step
 
-    ref, w1, o1 = run(None)
+    ref, w1, o1, _ = run(None)
     record = {"one_device": ref, "bytes_one": max(bytes_per_device(w1).values()),
               "slot_bytes_one": max(bytes_per_device(o1).values())}
     for text in meshes.split(";"):
-        losses, w, o = run(make_mesh(**parse_mesh_spec(text)))
+        losses, w, o, step = run(make_mesh(**parse_mesh_spec(text)))
         mu = o[0].mu if isinstance(o, tuple) and hasattr(o[0], "mu") else None
+        if memory_efficient:  # the stack's weights and slots: where, and laid out how
+            stack_w = w[step.trainer.k]
+            stack_mu = [s.mu for s in jax.tree.leaves(o.stack, is_leaf=lambda x: hasattr(
+                x, "mu")) if hasattr(s, "mu")]  # (one per block of a ReversibleSerial)
+            record[text + ":stack"] = {
+                "kinds": _memory_kinds(stack_w), "slot_kinds": _memory_kinds(o.stack),
+                "outer_kinds": _memory_kinds(o.outer),
+                "weight_specs": _spec_text(stack_w), "mu_specs": _spec_text(stack_mu)}
         record[text] = {
             "losses": losses,
             "weight_specs": _spec_text(w),
@@ -136,8 +155,47 @@ def ring(seed: int, mesh: str, causal: int):
             "scale": float(jnp.max(jnp.abs(ref)))}
 
 
+def ring_layer(seed: int, mesh: str, causal: int):
+    """`RingSelfAttention` inside jit on ``mesh`` (its sequence axis in effect, the input's
+    length split over it) against `SelfAttention`'s full attention on one device with the same
+    weights: the largest differences in value and in the gradients of the input and weights."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from terraformer.layers.attention import SelfAttention
+    from terraformer.parallel.mesh import mesh_context
+    from terraformer.parallel.ring import RingSelfAttention
+
+    rng = np.random.default_rng(seed)
+    b, length, d = 4, 64, 16
+    args = dict(n_heads=2, d_qk=8, d_v=8, causal=bool(causal), mode="train")
+    x = jnp.asarray(rng.normal(size=(b, length, d)), jnp.float32)
+    ct = jnp.asarray(rng.normal(size=(b, length, d)), jnp.float32)
+    ring = RingSelfAttention(chunk_len=8, **args)  # 16 positions a shard: two chunks
+    weights, state = ring.init(ShapeDtype(x.shape, jnp.float32), jax.random.PRNGKey(seed))
+
+    def loss(layer, x, w):
+        return jnp.sum(layer.apply(x, w, state, None)[0] * ct)
+
+    full = SelfAttention(**args)
+    ref = full.apply(x, weights, state, None)[0]
+    ref_g = jax.grad(functools.partial(loss, full), (0, 1))(x, weights)
+    m = make_mesh(**parse_mesh_spec(mesh))
+    x_sharded = jax.device_put(x, NamedSharding(m, PartitionSpec(("data", "fsdp"), "sequence")))
+    with mesh_context(m):
+        got = jax.jit(lambda x, w: ring.apply(x, w, state, None)[0])(x_sharded, weights)
+        got_g = jax.jit(jax.grad(functools.partial(loss, ring), (0, 1)))(x_sharded, weights)
+        text = jax.jit(lambda x, w: ring.apply(x, w, state, None)[0]).lower(
+            x_sharded, weights).as_text()
+    return {"value": float(jnp.max(jnp.abs(got - ref))),
+            "grads": [float(jnp.max(jnp.abs(a - b_)))
+                      for a, b_ in zip(jax.tree.leaves(got_g), jax.tree.leaves(ref_g))],
+            "scale": float(jnp.max(jnp.abs(ref))),
+            "out_spec": str(got.sharding.spec), "ppermute": "collective_permute" in text}
+
+
 if __name__ == "__main__":
     check, seed, *rest = sys.argv[1:]
-    fn = {"train": train, "run_dir": run_dir, "decode": decode, "ring": ring}[check]
+    fn = {"train": train, "run_dir": run_dir, "decode": decode, "ring": ring,
+          "ring_layer": ring_layer}[check]
     args = [int(a) if a.isdigit() else a for a in rest]
     print(json.dumps(fn(int(seed), *args)), flush=True)

@@ -124,3 +124,12 @@ def test_gin_binds_the_mesh():
             mesh()
     finally:
         gin.clear_config()
+
+
+def test_a_sequence_axis_splits_the_length_of_the_batch():
+    mesh = _mesh(data=2, sequence=2)
+    assert batch_sharding(mesh, (4, 16)).spec == PartitionSpec(("data", "fsdp"), "sequence")
+    # a classifier's targets, one per sequence: rows only
+    assert batch_sharding(mesh, (4,)).spec == PartitionSpec(("data", "fsdp"))
+    with pytest.raises(ValueError, match="length \\(15\\) must be a multiple of sequence = 2"):
+        batch_sharding(mesh, (4, 15))

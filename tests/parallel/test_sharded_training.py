@@ -158,9 +158,81 @@ def test_two_processes_train_together(seed, tmp_path):
     assert (tmp_path / "together" / "checkpoints" / "2" / "commit_success.txt").is_file()
 
 
+EVAL_GIN = TWO_PROCESS_GIN + """
+train.eval_inputs = @eval/copy_task
+eval/copy_task.seed = {eval_seed}
+train.eval_steps = 2
+"""
+
+
+@pytest.mark.slow
+def test_eval_on_a_mesh_gives_the_metrics_of_one_device(seed, tmp_path):
+    """`terraformer eval` of a run trained on one device, on 4 devices with the weights over
+    fsdp and model and the batch rows over fsdp: the metrics of one device."""
+    config = tmp_path / "tiny.gin"
+    config.write_text(EVAL_GIN.format(seed=seed % 1000, eval_seed=seed % 1000 + 1))
+    run = tmp_path / "run"
+    cli = [sys.executable, "-m", "terraformer.cli"]
+    trained = subprocess.run(cli + ["train", "--config", str(config), "--output_dir", str(run)],
+                             env=_env(1), capture_output=True, text=True, timeout=TIMEOUT)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    metrics = {}
+    for n, params in ((1, []), (4, ["mesh.fsdp = 2", "mesh.model = 2"])):
+        cmd = cli + ["eval", "--output_dir", str(run)]
+        for param in params:
+            cmd += ["--gin_param", param]
+        out = subprocess.run(cmd, env=_env(n), capture_output=True, text=True, timeout=TIMEOUT)
+        assert out.returncode == 0, out.stderr[-3000:]
+        metrics[n] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert metrics[4]["step"] == metrics[1]["step"] == 2
+    for key in ("loss", "accuracy", "bits_per_token"):
+        assert abs(metrics[4][key] - metrics[1][key]) <= TOL * max(1.0, metrics[1][key]), key
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh, causal", [("sequence=4", 1), ("data=2,sequence=2", 0)])
 def test_ring_attention_equals_full_attention_in_value_and_gradient(seed, mesh, causal):
     r = _check(4, "ring", seed, mesh, causal)
     assert r["value"] < 1e-5 * max(1.0, r["scale"])
     assert max(r["grads"]) < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh, causal", [("sequence=4", 1), ("data=2,sequence=2", 0)])
+def test_ring_attention_layer_equals_full_attention(seed, mesh, causal):
+    """attention_type='ring' on a mesh with a sequence axis: SelfAttention's full attention
+    (same weights, one device) in value and in the gradients of input and weights, the
+    output left split over the sequence, keys and values passed round by collective permutes."""
+    r = _check(4, "ring_layer", seed, mesh, causal)
+    assert r["value"] < 1e-5 * max(1.0, r["scale"])
+    assert max(r["grads"]) < 1e-4
+    assert "sequence" in r["out_spec"] and r["ppermute"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["transformer:ring", "reformer:ring"])
+def test_one_document_over_the_sequence_axis_trains_as_on_one_device(seed, kind):
+    """A model with ring attention, its batch's length split over sequence=4 (and over
+    data=2 x sequence=2): the losses of one device."""
+    meshes = ["sequence=4", "data=2,sequence=2"]
+    r = _check(4, "train", seed, kind, ";".join(meshes))
+    for mesh in meshes:
+        assert _rel(r[mesh]["losses"], r["one_device"]) < TOL, mesh
+
+
+@pytest.mark.slow
+def test_memory_efficient_trainer_on_a_mesh_matches_one_device(seed):
+    """The memory-efficient trainer on fsdp=4 and data=2 x model=2: the losses of the
+    trainer on one device; the stack's weights and slots in host memory, sharded as the
+    plain step shards them, each slot as its weight; fsdp keeps a quarter per device."""
+    meshes = ["fsdp=4", "data=2,model=2"]
+    r = _check(4, "train", seed, "reformer", ";".join(meshes), 3, 2, 1)
+    for mesh in meshes:
+        got, stack = r[mesh], r[mesh + ":stack"]
+        assert _rel(got["losses"], r["one_device"]) < TOL, mesh
+        assert stack["kinds"] == stack["slot_kinds"] == ["pinned_host"], mesh
+        assert stack["outer_kinds"] == ["device"], mesh
+        assert stack["mu_specs"] == stack["weight_specs"], mesh
+    assert all("fsdp" in spec for spec in r["fsdp=4"]["weight_specs"])
+    assert any("model" in spec for spec in r["data=2,model=2:stack"]["weight_specs"])
+    assert max(r["fsdp=4"]["bytes"]) <= 1.1 * r["bytes_one"] / 4
