@@ -394,6 +394,31 @@ def test_layer_weight_gradients_match_reference(rng):
         assert _max_diff(g[name], g_ref[name]) < 1e-4
 
 
+def test_layer_one_head_at_a_time_equals_all_heads(rng, monkeypatch):
+    """The long-input path of the layer (projections, rounds and output projection one head
+    at a time, rounds merged as they come, a hand-written round-by-round gradient) gives the
+    all-heads path's output and gradients, attention dropout and a mask included."""
+    layer = _layer("train", causal=True, chunk_len=4, n_buckets=4, n_hashes=3, use_mask=True,
+                   attention_dropout=0.3, use_bias=True)
+    weights, state = _init(layer, rng, length=24)
+    x, valid = _normal(rng, 2, 24, D_MODEL), rng.random((2, 24)) > 0.2
+    ct, key = _normal(rng, 2, 24, D_MODEL), _key(rng)
+
+    def run(rows):
+        monkeypatch.setattr(lsh, "_HEAD_LOOP_ROWS", rows)
+        assert layer._projects_by_head(x) == (rows == 0)
+
+        def loss(w, x_):
+            return jnp.sum(layer.apply((x_, valid), w, state, key)[0] * ct)
+
+        return layer.apply((x, valid), weights, state, key)[0], jax.grad(loss, (0, 1))(weights, x)
+
+    (y_all, g_all), (y_one, g_one) = run(1 << 30), run(0)
+    assert _max_diff(y_one, y_all) < 1e-5
+    for a, b in zip(jax.tree.leaves(g_one), jax.tree.leaves(g_all), strict=True):
+        assert _max_diff(a, b) < 1e-4
+
+
 # -- modes, rng, jit ------------------------------------------------------------------------------
 def test_rng_in_train_and_eval(rng):
     kw = dict(chunk_len=4, n_buckets=8, n_hashes=2, causal=True, attention_dropout=0.5)
