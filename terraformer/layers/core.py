@@ -341,7 +341,17 @@ class LayerNorm(Layer):
 
 
 def layer_norm(x, scale, bias, epsilon: float = 1e-6):
-    """Functional layer norm over the last axis (statistics in float32)."""
+    """Functional layer norm over the last axis (statistics in float32).
+
+    Rematerialised: its gradient keeps only the inputs and recomputes the statistics, so
+    that a long sequence's backward pass holds no [length, d] intermediates of it (the
+    centred input, the normalised one) beside the input it already has.
+    """
+    return _layer_norm(x, scale, bias, epsilon)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(3,))
+def _layer_norm(x, scale, bias, epsilon):
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)

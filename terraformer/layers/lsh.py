@@ -44,9 +44,11 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from terraformer.checks import ArgumentError, check_int, check_rate
@@ -465,34 +467,126 @@ def _lsh_attention(
     if n_heads == 1 or batch * n_heads * n_rounds * length <= _HEAD_LOOP_ROWS:
         return _lsh_attention_heads(qk, v, mask, rotations, dropout_rng, **config)
 
-    def one_round(qk_h, v_h, rotations_hr, round_rng):
-        out, lse = _lsh_attention_heads(qk_h[:, None], v_h[:, None], mask,
-                                        tuple(r[None, None] for r in rotations_hr), round_rng,
-                                        merge=False, **config)
-        return out[:, 0, 0], lse[:, 0, 0]
-
-    one_round = jax.checkpoint(one_round, prevent_cse=False)
-
     def one_head(args):
-        # Each round is its own rematerialised region: the backward pass rebuilds and
-        # differentiates one round of one head at a time.
         qk_h, v_h, rotations_h, index = args
-        outs, lses = [], []
-        for r in range(n_rounds):
-            round_rng = (None if dropout_rng is None else
-                         jax.random.fold_in(dropout_rng, index * n_rounds + r))
-            out, lse = one_round(qk_h, v_h, tuple(a[r] for a in rotations_h), round_rng)
-            outs.append(out)
-            lses.append(lse)
-        out, lse = _merge_rounds(jnp.stack(outs, 1)[:, None], jnp.stack(lses, 1)[:, None],
-                                 v.dtype)
-        return out[:, 0], lse[:, 0]
+        return _one_head(qk_h, v_h, mask, rotations_h, dropout_rng, index, v.dtype, config)
 
     out, lse = lax.map(
         jax.checkpoint(one_head, prevent_cse=False),
         (jnp.moveaxis(qk, 1, 0), jnp.moveaxis(v, 1, 0), rotations,
          jnp.arange(n_heads, dtype=jnp.int32)))
     return jnp.moveaxis(out, 0, 1), jnp.moveaxis(lse, 0, 1)
+
+
+def _one_head(qk_h, v_h, mask, rotations_h, dropout_rng, index, dtype, config):
+    """LSH attention of one head, `qk_h (B, L, d_qk)`, `v_h (B, L, d_v)`, rotations
+    `(R, d_qk, f/2)` per factor -> `(out (B, L, d_v) in dtype, lse (B, L))`.
+
+    The hash rounds run one after the other (a `lax.scan`, so that no scheduler overlaps
+    them) and are merged as they come (a running log-sum-exp), so no `(R, B, L, d_v)` stack
+    of round outputs exists. The gradient (`_rounds_bwd`) walks the rounds again, rebuilding
+    and differentiating one round at a time: only that round's sorted copies are alive.
+    Round r of head `index` draws its attention dropout from
+    `fold_in(dropout_rng, index * R + r)`.
+    """
+    key = jax.random.PRNGKey(0) if dropout_rng is None else dropout_rng
+    out, lse = _rounds(_RoundsConfig(tuple(sorted(config.items())), dropout_rng is not None),
+                       qk_h, v_h, mask, rotations_h, key, index)
+    return out.astype(dtype), lse
+
+
+class _RoundsConfig(NamedTuple):
+    """Static settings of `_rounds`: `_lsh_attention_heads`' keywords, and whether the
+    rounds draw dropout."""
+
+    items: tuple
+    has_rng: bool
+
+
+def _round(config, qk, v, mask, rotations_h, rng, index, r):
+    """Round `r` of one head: `(out (B, L, d_v) float32, lse (B, L))`."""
+    n_rounds = rotations_h[0].shape[0]
+    round_rng = jax.random.fold_in(rng, index * n_rounds + r) if config.has_rng else None
+    rot = tuple(lax.dynamic_index_in_dim(a, r, keepdims=False)[None, None] for a in rotations_h)
+    out, lse = _lsh_attention_heads(qk[:, None], v[:, None], mask, rot, round_rng, merge=False,
+                                    **dict(config.items))
+    return out[:, 0, 0].astype(jnp.float32), lse[:, 0, 0]
+
+
+def _rounds_forward(config, qk, v, mask, rotations_h, rng, index):
+    """The rounds merged as they come: out = sum_r softmax_r(lse_r) * out_r; also every
+    round's lse `(R, B, L)` (for the gradient) and the merged lse."""
+    n_rounds = rotations_h[0].shape[0]
+    batch, length = qk.shape[:2]
+
+    def step(carry, r):
+        top, total, acc = carry
+        out_r, lse_r = _round(config, qk, v, mask, rotations_h, rng, index, r)
+        new_top = jnp.maximum(top, lse_r)
+        old, this = jnp.exp(top - new_top), jnp.exp(lse_r - new_top)
+        acc = acc * old[..., None] + out_r * this[..., None]
+        return (new_top, total * old + this, acc), lse_r
+
+    init = (jnp.full((batch, length), -jnp.inf, jnp.float32),
+            jnp.zeros((batch, length), jnp.float32),
+            jnp.zeros((batch, length, v.shape[-1]), jnp.float32))
+    (top, total, acc), lses = lax.scan(step, init, jnp.arange(n_rounds, dtype=jnp.int32))
+    return acc / total[..., None], top + jnp.log(total), lses
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _rounds(config, qk, v, mask, rotations_h, rng, index):
+    out, lse, _ = _rounds_forward(config, qk, v, mask, rotations_h, rng, index)
+    return out, lse
+
+
+def _rounds_fwd(config, qk, v, mask, rotations_h, rng, index):
+    out, lse, lses = _rounds_forward(config, qk, v, mask, rotations_h, rng, index)
+    return (out, lse), (qk, v, mask, rotations_h, rng, index, out, lse, lses)
+
+
+def _rounds_bwd(config, residuals, cotangents):
+    """Round by round: rebuild the round, and pull back d out_r = w_r d_out and
+    d lse_r = w_r (d_out . (out_r - out) + d_lse), w_r = softmax_r(lse_r) its merge weight."""
+    qk, v, mask, rotations_h, rng, index, out, _, lses = residuals
+    d_out, d_lse = cotangents
+    d_out = d_out.astype(jnp.float32)
+    delta = jnp.sum(d_out * out, axis=-1)
+
+    def step(carry, r_and_w):
+        d_qk, d_v = carry
+        r, w = r_and_w
+        (out_r, _), vjp = jax.vjp(
+            lambda q_, v_: _round(config, q_, v_, mask, rotations_h, rng, index, r), qk, v)
+        d_lse_r = w * (jnp.sum(d_out * out_r, axis=-1) - delta + d_lse)
+        g_qk, g_v = vjp((w[..., None] * d_out, d_lse_r))
+        return (d_qk + g_qk.astype(jnp.float32), d_v + g_v.astype(jnp.float32)), None
+
+    zeros = (jnp.zeros(qk.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    # softmax, not exp(lse_r - lse): lse can be about -1e5 (self-only queries), where its
+    # float32 rounding would leave weights that do not sum to one.
+    weights = jax.nn.softmax(lses, axis=0)
+    (d_qk, d_v), _ = lax.scan(step, zeros, (jnp.arange(lses.shape[0], dtype=jnp.int32), weights))
+    return (d_qk.astype(qk.dtype), d_v.astype(v.dtype), _no_grad(mask), _no_grad(rotations_h),
+            _no_grad(rng), _no_grad(index))
+
+
+def _no_grad(tree):
+    """Zero cotangents of inputs that are not differentiated (masks, rotations, keys)."""
+    def zero(a):
+        if jnp.issubdtype(a.dtype, jnp.inexact):
+            return jnp.zeros_like(a)
+        return np.zeros(a.shape, dtype=jax.dtypes.float0)
+
+    return jax.tree.map(zero, tree)
+
+
+_rounds.defvjp(_rounds_fwd, _rounds_bwd)
+
+
+def by_head_applies(batch: int, n_heads: int, n_rounds: int, length: int) -> bool:
+    """Whether inputs of this size run one head at a time (`_HEAD_LOOP_ROWS`)."""
+    return n_heads > 1 and batch * n_heads * n_rounds * length > _HEAD_LOOP_ROWS
 
 
 def _lsh_attention_heads(qk, v, mask, rotations, dropout_rng, *, n_buckets, chunk_len,
@@ -828,11 +922,21 @@ class LSHSelfAttention(Layer):
             r_hash, r_attn, r_out = jax.random.split(rng, 3)
         else:
             r_hash, r_attn, r_out = state["hash_rng"], None, None
-        qk, v = self.project_qk_v(x, weights)
         n_buckets = resolve_n_buckets(
             self.n_buckets, x.shape[1], self.chunk_len, self._bucket_length(x.shape[1])
         )
         attn_rate = self.attention_dropout if self.mode == "train" else 0.0
+        # Trax's training hashes each example with its own rotations; a batch of one needs
+        # no vmap for that.
+        per_example = self.mode == "train" and self.hash_per_example and x.shape[0] > 1
+        if self._projects_by_head(x):
+            def by_head(x, mask, r_hash, r_attn):
+                return self._apply_by_head(x, mask, weights, r_hash, r_attn, n_buckets,
+                                           attn_rate)
+
+            y = (_per_example(by_head, (x,), mask, r_hash, r_attn) if per_example
+                 else by_head(x, mask, r_hash, r_attn))
+            return dropout_fn(y, self.output_dropout, r_out, self.mode), state
 
         def attend(qk, v, mask, r_hash, r_attn):
             # The rotations, random_rotations(r_hash, d_qk, n_buckets, n_hashes, n_heads), are
@@ -845,12 +949,62 @@ class LSHSelfAttention(Layer):
                 chunks_per_block=self.chunks_per_block, qk_scale=self.qk_scale,
             )[0]
 
-        if self.mode == "train" and self.hash_per_example:
-            o = _per_example(attend, qk, v, mask, r_hash, r_attn)
-        else:
-            o = attend(qk, v, mask, r_hash, r_attn)
+        qk, v = self.project_qk_v(x, weights)
+        o = (_per_example(attend, (qk, v), mask, r_hash, r_attn) if per_example
+             else attend(qk, v, mask, r_hash, r_attn))
         y = self.project_output(o, weights)
         return dropout_fn(y, self.output_dropout, r_out, self.mode), state
+
+    def _projects_by_head(self, x) -> bool:
+        """Whether `apply` runs projections and attention one head at a time: for inputs long
+        enough that `lsh_attention` would loop over heads anyway (`by_head_applies`), when the
+        projections are this class's own (a subclass's may not split by head)."""
+        cls = type(self)
+        return (cls.project_qk_v is LSHSelfAttention.project_qk_v
+                and cls.project_output is LSHSelfAttention.project_output
+                and by_head_applies(x.shape[0], self.n_heads, self.n_hashes, x.shape[1]))
+
+    def _apply_by_head(self, x, mask, weights, r_hash, r_attn, n_buckets, attn_rate):
+        """`project_output(lsh_attention(*project_qk_v(x)))`, one head at a time.
+
+        A `lax.scan` over heads adds each head's `o_h @ w_o[h]` to the output; its body (the
+        head's QK and V projections, its hash rounds one at a time, its output projection)
+        is rematerialised in the backward pass. So no `(batch, heads, length, d)` array
+        exists in either pass: per head, only `(batch, length, d_qk or d_v)` ones. The hash
+        rotations and dropout keys are those of `lsh_attention`'s head loop, so the result
+        equals the all-heads path up to float round-off (the output projection is summed
+        head by head).
+        """
+        batch, length, d_model = x.shape
+        if d_model != weights["w_qk"].shape[0]:
+            raise ValueError(
+                f"{self.name}: expected inputs with last axis {weights['w_qk'].shape[0]}, "
+                f"got shape {tuple(x.shape)}"
+            )
+        h = self.n_heads
+        rotations = random_rotations(r_hash, self.d_qk, n_buckets, self.n_hashes, h)
+        config = dict(n_buckets=n_buckets, chunk_len=self.chunk_len,
+                      n_chunks_before=self.n_chunks_before, n_chunks_after=self.n_chunks_after,
+                      causal=self.causal, dropout_rate=float(attn_rate),
+                      chunks_per_block=self.chunks_per_block, qk_scale=self.qk_scale)
+        dropout_rng = r_attn if attn_rate > 0.0 else None
+        per_head = (weights["w_qk"].reshape(d_model, h, self.d_qk).transpose(1, 0, 2),
+                    weights["w_v"].reshape(d_model, h, self.d_v).transpose(1, 0, 2),
+                    weights["w_o"].reshape(h, self.d_v, d_model), rotations,
+                    jnp.arange(h, dtype=jnp.int32))
+
+        @functools.partial(jax.checkpoint, prevent_cse=False)
+        def head(y, args):
+            w_qk, w_v, w_o, rotations_h, index = args
+            qk = jnp.dot(x, w_qk.astype(x.dtype))
+            v = jnp.dot(x, w_v.astype(x.dtype))
+            out, _ = _one_head(qk, v, mask, rotations_h, dropout_rng, index, x.dtype, config)
+            return y + jnp.dot(out, w_o.astype(out.dtype)), None
+
+        y, _ = lax.scan(head, jnp.zeros((batch, length, d_model), x.dtype), per_head)
+        if "b_o" in weights:
+            y = y + lax.broadcast_to_rank(weights["b_o"].astype(y.dtype), y.ndim)
+        return y
 
     def _apply_predict(self, x, mask, weights, state):
         batch, n_new = x.shape[:2]
@@ -933,19 +1087,20 @@ class LSHSelfAttention(Layer):
         return y, new_state
 
 
-def _per_example(attend, qk, v, mask, r_hash, r_attn):
-    """`attend(qk, v, mask, r_hash, r_attn)` on each batch element with its own keys (as one
-    vmapped program): every example is hashed with its own rotations and dropout draws."""
-    batch = qk.shape[0]
+def _per_example(fn, arrays, mask, r_hash, r_attn):
+    """`fn(*arrays, mask, r_hash, r_attn)` on each batch element (as one vmapped program), each
+    with its own hashing and dropout keys: every example is hashed with its own rotations.
+    `arrays` have the batch as their first axis; the result is batched the same way."""
+    batch = arrays[0].shape[0]
 
-    def one(qk_b, v_b, mask_b, r_hash_b, r_attn_b):
+    def one(arrays_b, mask_b, r_hash_b, r_attn_b):
         mask_b = None if mask_b is None else mask_b[None]
-        return attend(qk_b[None], v_b[None], mask_b, r_hash_b, r_attn_b)[0]
+        return fn(*(a[None] for a in arrays_b), mask_b, r_hash_b, r_attn_b)[0]
 
     r_attn = None if r_attn is None else jax.random.split(r_attn, batch)
-    return jax.vmap(one, in_axes=(0, 0, None if mask is None else 0, 0,
+    return jax.vmap(one, in_axes=(0, None if mask is None else 0, 0,
                                   None if r_attn is None else 0))(
-        qk, v, mask, jax.random.split(r_hash, batch), r_attn)
+        tuple(arrays), mask, jax.random.split(r_hash, batch), r_attn)
 
 
 # The position axis of each predict-mode buffer of LSHSelfAttention.

@@ -82,11 +82,18 @@ __all__ = [
     "MemoryEfficientOptState",
     "MemoryEfficientTrainer",
     "check_separable",
+    "is_positionwise",
 ]
 
 HEAD_HIDDEN = "head_hidden"
 # Layers (by name) that act on each position alone: the head runs them inside the loss's chunks.
 _POSITIONWISE = ("Concatenate", "XYAvg")
+
+
+def is_positionwise(layer) -> bool:
+    """Whether `layer` acts on each position alone (LayerNorm, the merge of the two streams),
+    so that it may run inside the chunks of a chunked loss."""
+    return isinstance(layer, LayerNorm) or layer.name in _POSITIONWISE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,7 +497,7 @@ class MemoryEfficientTrainer:
         if not (self.chunk_head and self.chunked_head):
             return False
         body = self.post[:-2]
-        if not all(isinstance(layer, LayerNorm) or layer.name in _POSITIONWISE for layer in body):
+        if not all(is_positionwise(layer) for layer in body):
             return False
         out = jax.eval_shape(
             lambda xs, w, s: self._body_layers.apply(xs, w, s, None)[0],

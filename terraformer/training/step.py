@@ -39,6 +39,7 @@ from terraformer.parallel.distributed import global_batch, put
 from terraformer.parallel.mesh import mesh_context
 from terraformer.parallel.sharding import replicated, train_shardings
 from terraformer.training.batches import as_batch, log_probs_of, model_input, open_stream
+from terraformer.training.chunked_head import chunked_loss, head_split
 from terraformer.training.memory_efficient import MemoryEfficientTrainer
 from terraformer.training.optimizers import reported_learning_rate
 
@@ -48,6 +49,13 @@ LN2 = math.log(2.0)
 
 
 def _loss_and_metrics(model, weights, state, batch, rng):
+    # A language model's merge, LayerNorm, output layer and loss run by chunks of positions
+    # (training.chunked_head): no [length, vocab] log-probabilities, nor their gradient.
+    split = head_split(model)
+    if split is not None:
+        chunked = chunked_loss(model, split, weights, state, batch, rng)
+        if chunked is not None:
+            return chunked
     out, new_state = model.apply(model_input(model, batch), weights, state, rng)
     log_probs = log_probs_of(out)
     _, targets, mask = batch

@@ -394,6 +394,38 @@ def test_layer_weight_gradients_match_reference(rng):
         assert _max_diff(g[name], g_ref[name]) < 1e-4
 
 
+def test_layer_one_head_at_a_time_equals_all_heads(rng, monkeypatch):
+    """The long-input path of the layer (projections, rounds and output projection one head
+    at a time, rounds merged as they come, a hand-written round-by-round gradient) gives what
+    the projections around `lsh_attention`'s head loop give: output and gradients, with
+    attention dropout (the same per head and round keys) and a mask."""
+    layer = _layer("train", causal=True, chunk_len=4, n_buckets=4, n_hashes=3, use_mask=True,
+                   attention_dropout=0.3, use_bias=True)
+    weights, state = _init(layer, rng, length=24)
+    x, valid = _normal(rng, 2, 24, D_MODEL), rng.random((2, 24)) > 0.2
+    ct, key = _normal(rng, 2, 24, D_MODEL), _key(rng)
+    monkeypatch.setattr(lsh, "_HEAD_LOOP_ROWS", 0)
+    assert layer._projects_by_head(x)
+
+    def by_head(w, x_):
+        return layer.apply((x_, valid), w, state, key)[0]
+
+    def around_lsh_attention(w, x_):  # lsh_attention's own head loop
+        r_hash, r_attn, _ = jax.random.split(key, 3)
+        qk, v = layer.project_qk_v(x_, w)
+        o, _ = lsh_attention(qk, v, r_hash, n_hashes=3, n_buckets=4, chunk_len=4,
+                             causal=True, mask=valid, dropout_rate=0.3, dropout_rng=r_attn)
+        return layer.project_output(o, w)
+
+    def grads(f):
+        return jax.grad(lambda w, x_: jnp.sum(f(w, x_) * ct), (0, 1))(weights, x)
+
+    assert _max_diff(by_head(weights, x), around_lsh_attention(weights, x)) < 1e-5
+    for a, b in zip(jax.tree.leaves(grads(by_head)), jax.tree.leaves(grads(around_lsh_attention)),
+                    strict=True):
+        assert _max_diff(a, b) < 1e-4
+
+
 # -- modes, rng, jit ------------------------------------------------------------------------------
 def test_rng_in_train_and_eval(rng):
     kw = dict(chunk_len=4, n_buckets=8, n_hashes=2, causal=True, attention_dropout=0.5)
