@@ -24,7 +24,7 @@ from terraformer.layers.efficient.sinkhorn import SinkhornAttention
 from terraformer.layers.efficient.sparse_transformer import SparseTransformerAttention
 from terraformer.layers.efficient.synthesizer import SynthesizerAttention
 from terraformer.layers.lsh import LSHSelfAttention
-from terraformer.parallel.ring import RingSelfAttention  # (a layer over parallel's shard_map)
+from terraformer.layers.ring import RingSelfAttention
 
 ATTENTION_TYPES: dict[str, Callable] = {
     "full": SelfAttention,

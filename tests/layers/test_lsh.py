@@ -399,8 +399,9 @@ def test_layer_one_head_at_a_time_equals_all_heads(rng, monkeypatch):
     at a time, rounds merged as they come, a hand-written round-by-round gradient) gives what
     the projections around `lsh_attention`'s head loop give: output and gradients, with
     attention dropout (the same per head and round keys) and a mask."""
+    # One set of rotations for the batch, as lsh_attention draws them.
     layer = _layer("train", causal=True, chunk_len=4, n_buckets=4, n_hashes=3, use_mask=True,
-                   attention_dropout=0.3, use_bias=True)
+                   attention_dropout=0.3, use_bias=True, hash_per_example=False)
     weights, state = _init(layer, rng, length=24)
     x, valid = _normal(rng, 2, 24, D_MODEL), rng.random((2, 24)) > 0.2
     ct, key = _normal(rng, 2, 24, D_MODEL), _key(rng)
@@ -474,6 +475,25 @@ def test_train_hashes_each_example_with_its_own_rotations(rng):
     np.testing.assert_allclose(v1, v2, rtol=1e-5)
     for name in g1:
         assert _max_diff(g1[name], g2[name]) < 1e-4
+
+
+def test_per_example_hashing_one_head_at_a_time(rng, monkeypatch):
+    # The long-input path (one head at a time) hashes each example with the same keys as the
+    # all-heads path: equal outputs and gradients.
+    layer = _layer("train", causal=True, chunk_len=4, n_buckets=4, n_hashes=2)
+    weights, state = _init(layer, rng, length=16)
+    x, key = _normal(rng, 2, 16, D_MODEL), _key(rng)
+
+    def loss(w):
+        return jnp.sum(layer.apply(x, w, state, key)[0] ** 2)
+
+    want = jax.value_and_grad(loss)(weights)
+    monkeypatch.setattr(lsh, "_HEAD_LOOP_ROWS", 0)
+    assert layer._projects_by_head(x)
+    got = jax.value_and_grad(loss)(weights)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
+        assert _max_diff(a, b) < 1e-4
 
 
 def test_jit_and_shapes(rng):
