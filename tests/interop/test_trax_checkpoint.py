@@ -93,22 +93,33 @@ def test_imported_weights_decode_trax_greedy_tokens(ckpt_dir):
 
 
 def test_import_then_cli_decode_gives_trax_greedy_tokens(ckpt_dir, tmp_path):
+    ref = outputs(ckpt_dir, "reformer_saved")
+    run = cli_import(ckpt_dir, "reformer_saved", "reformer_lm.gin", tmp_path / "run")
+    tokens = cli_decode(run, ref["prompt"], len(ref["greedy_eval"]))
+    np.testing.assert_array_equal(tokens, ref["greedy_eval"])
+
+
+def cli_import(ckpt_dir, name: str, config: str, run):
+    """`terraformer import-trax` of `<name>.pkl.gz` with `config` into `run`; returns `run`."""
     from terraformer import cli
 
-    ref = outputs(ckpt_dir, "reformer_saved")
-    run = tmp_path / "run"
     with contextlib.redirect_stdout(io.StringIO()):
-        rc = cli.main(["import-trax", "--checkpoint", str(ckpt_dir / "reformer_saved.pkl.gz"),
-                       "--config", str(ckpt_dir / "reformer_lm.gin"), "--output_dir", str(run)])
+        rc = cli.main(["import-trax", "--checkpoint", str(ckpt_dir / f"{name}.pkl.gz"),
+                       "--config", str(ckpt_dir / config), "--output_dir", str(run)])
     assert rc == 0
+    return run
+
+
+def cli_decode(run, prompt, n_new: int) -> list[int]:
+    """The tokens `terraformer decode` prints for `prompt` from the run directory `run`."""
+    from terraformer import cli
+
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         rc = cli.main(["decode", "--output_dir", str(run), "--prompt",
-                       " ".join(map(str, ref["prompt"])),
-                       "--max_new_tokens", str(len(ref["greedy_eval"]))])
+                       " ".join(map(str, prompt)), "--max_new_tokens", str(n_new)])
     assert rc == 0
-    tokens = [int(t) for t in out.getvalue().split()]
-    np.testing.assert_array_equal(tokens, ref["greedy_eval"])
+    return [int(t) for t in out.getvalue().split()]
 
 
 # -- bad inputs: one-line errors ---------------------------------------------------------------
@@ -295,27 +306,17 @@ def test_loop_layout_with_bfloat16_weights(tmp_path):
 def test_terraformer_import_then_eval_and_cli_decode_give_trax_outputs(ckpt_dir, tmp_path):
     """`import-trax` of trax's sparse ReformerLM into our TerraformerLM: eval gives trax's
     outputs, `decode` trax's greedy tokens (its predict mode's and its eval's)."""
-    from terraformer import cli
 
     ref = outputs(ckpt_dir, "terraformer_saved")
-    run = tmp_path / "run"
-    with contextlib.redirect_stdout(io.StringIO()):
-        rc = cli.main(["import-trax", "--checkpoint", str(ckpt_dir / "terraformer_saved.pkl.gz"),
-                       "--config", str(ckpt_dir / "terraformer_lm.gin"), "--output_dir", str(run)])
-    assert rc == 0
+    run = cli_import(ckpt_dir, "terraformer_saved", "terraformer_lm.gin", tmp_path / "run")
     model = model_from_gin([run / "config.gin"])(mode="eval")
     w, s, _, _ = restore_run(run, model)
     y, _ = model.apply(ref["tokens"], w, s, None)
-    # weights with noise 1.0: log-probs reach -25 (see test_trax_models.RTOL; open)
+    # weights with noise 1.0: log-probs reach -25, where trax's float32 forward carries its own
+    # rounding (see test_trax_models.RTOL)
     np.testing.assert_allclose(np.asarray(y), jax.nn.log_softmax(ref["logits"]), atol=ATOL,
                                rtol=1e-4)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        rc = cli.main(["decode", "--output_dir", str(run), "--prompt",
-                       " ".join(map(str, ref["prompt"])),
-                       "--max_new_tokens", str(len(ref["greedy"]))])
-    assert rc == 0
-    tokens = [int(t) for t in out.getvalue().split()]
+    tokens = cli_decode(run, ref["prompt"], len(ref["greedy"]))
     np.testing.assert_array_equal(tokens, ref["greedy"])
     np.testing.assert_array_equal(tokens, ref["greedy_eval"])
 
