@@ -108,7 +108,8 @@ def lookup(index: dict, q_buckets, base, mem_len: int):
     capacity = table.shape[-1]
     positions = jnp.take_along_axis(table, q_buckets[..., None, None], axis=3)[..., 0, :]
     n = jnp.take_along_axis(count, q_buckets[..., None], axis=3)  # [B, H, R, 1]
-    live = (jnp.arange(capacity, dtype=jnp.int32) < n) & (positions >= base)
+    slot = lax.broadcast_to_rank(jnp.arange(capacity, dtype=jnp.int32), n.ndim)
+    live = (slot < n) & (positions >= base)
     return jnp.clip(positions - base, 0, mem_len - 1), live
 
 
