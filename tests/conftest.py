@@ -65,6 +65,13 @@ def np_rng(seed):
 # family, a parameter of the same check, a subprocess around an in-process check): they run in
 # the slow job, so that the default run stays under 8 minutes on the 2-core CI machine.
 SLOW_DUPLICATES = {
+    # The one-head-at-a-time LSH path is also checked against the all-heads path under
+    # per-example hashing (test_per_example_hashing_one_head_at_a_time) in the default run.
+    "tests/layers/test_lsh.py::test_layer_one_head_at_a_time_equals_all_heads",
+    # Attention dropout: the other six mechanisms share this code path (block_sparse) and are
+    # in the slow job already; the dropout of SelfAttention stays in the default run.
+    "tests/layers/efficient/test_attention_dropout.py::test_attention_dropout"
+    "[sparse_transformer]",
     "tests/parallel/test_sharded_training.py::test_data_and_model_parallel_steps_match_one_device",
     "tests/test_decoding.py::test_step_by_step_log_probs_equal_eval[transformer]",
     "tests/test_decoding.py::test_quantized_decoding_weights_within_tolerance"
