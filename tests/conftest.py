@@ -69,7 +69,7 @@ SLOW_DUPLICATES = {
     # per-example hashing (test_per_example_hashing_one_head_at_a_time) in the default run.
     "tests/layers/test_lsh.py::test_layer_one_head_at_a_time_equals_all_heads",
     # Attention dropout: the other six mechanisms share this code path (block_sparse) and are
-    # in the slow job already; the dropout of SelfAttention stays in the default run.
+    # in the slow job already; LSH and blockwise attention dropout stay in the default run.
     "tests/layers/efficient/test_attention_dropout.py::test_attention_dropout"
     "[sparse_transformer]",
     "tests/parallel/test_sharded_training.py::test_data_and_model_parallel_steps_match_one_device",
