@@ -35,7 +35,7 @@ from terraformer import bench_attention, flops, peak
 from terraformer.arguments import ArgumentParser, integer
 from terraformer.checks import check_int
 from terraformer.decoding import STREAM_BLOCK, Decoder, time_per_token
-from terraformer.layers.attention import SelfAttention
+from terraformer.layers.attention import CausalAttention, SelfAttention
 from terraformer.layers.attention_types import ATTENTION_TYPES, attention_constructor
 from terraformer.layers.blockwise import BlockwiseAttention
 from terraformer.layers.core import Dense
@@ -89,6 +89,9 @@ def t_workload_model(seq_len: int, n_layers: int, attention: str, mode: str = "t
                   dropout=0.0, mode=mode)
     if attention == "full":
         return TransformerLM(max_len=seq_len, **common)
+    if attention == "dense":   # full attention that never runs blockwise: its L x L scores
+        return TransformerLM(max_len=seq_len, **common, attention_type=functools.partial(
+            CausalAttention, blockwise_min_len=None))
     if attention == "lsh":
         attn = functools.partial(
             LSHSelfAttention, chunk_len=LSH_CHUNK_LEN, n_hashes=2,
@@ -333,7 +336,10 @@ def build_parser() -> ArgumentParser:
     train = sub.add_parser("train", help="T workloads: a training step on one sequence")
     train.add_argument("--seq_len", type=integer(1), default=16384)
     train.add_argument("--n_layers", type=integer(1), default=2)
-    train.add_argument("--attention", default="lsh", choices=list(ATTENTION_TYPES))
+    train.add_argument("--attention", default="lsh", choices=[*ATTENTION_TYPES, "dense"],
+                       help="a mechanism of the registry, or 'dense': full attention with its "
+                            "length x length scores at every length (the T-full model without "
+                            "its blockwise path)")
     train.add_argument("--repeats", type=integer(1), default=3)
     train.add_argument("--ff_chunk_size", type=integer(0), default=None,
                        help="feed-forward positions per chunk (0: whole length); default: "

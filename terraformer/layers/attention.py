@@ -102,6 +102,9 @@ class SelfAttention(Layer):
       attention_dropout, output_dropout: dropout rates on attention weights / the output.
       use_bias: biases in the Q/K/V/output projections.
       predict_mem_len: size of the predict-mode key/value ring buffer.
+      blockwise_min_len: full attention over at least this many positions runs
+        `blockwise_attention`; None always materialises the length x length scores (the plain
+        attention the blockwise one is measured against).
     Weights: {'wq','wk','wv': [d_model, n_heads*d], 'wo': [n_heads*d_v, d_model]} (+ biases).
     """
 
@@ -120,6 +123,7 @@ class SelfAttention(Layer):
         use_bias: bool = False,
         mode: str = "train",
         predict_mem_len: int = 2048,
+        blockwise_min_len: int | None = BLOCKWISE_MIN_LEN,
     ):
         n = 2 if masked else 1
         super().__init__(n_in=n, n_out=n)
@@ -129,6 +133,9 @@ class SelfAttention(Layer):
             )
         if chunk_len is not None and chunk_len < 1:
             raise ValueError(f"SelfAttention: chunk_len must be None or >= 1, got {chunk_len}")
+        if blockwise_min_len is not None and blockwise_min_len < 1:
+            raise ValueError("SelfAttention: blockwise_min_len must be None (never blockwise) or"
+                             f" >= 1, got {blockwise_min_len}")
         if causal and n_chunks_after:
             raise ValueError("SelfAttention: a causal layer cannot look at n_chunks_after > 0")
         self._n_heads, self._d_qk, self._d_v = n_heads, d_qk, d_v
@@ -139,7 +146,8 @@ class SelfAttention(Layer):
         self._use_bias = use_bias
         self._mode = check_mode(mode)
         self._mem_len = predict_mem_len
-        self._blockwise_min_len, self._block_len = BLOCKWISE_MIN_LEN, BLOCKWISE_BLOCK_LEN
+        self._blockwise_min_len = float("inf") if blockwise_min_len is None else blockwise_min_len
+        self._block_len = BLOCKWISE_BLOCK_LEN
         if mode == "predict":
             if not causal:
                 raise ValueError("SelfAttention: predict mode needs causal=True")
@@ -276,10 +284,12 @@ def CausalAttention(  # noqa: N802
     dropout: float = 0.0,
     max_inference_length: int = 2048,
     mode: str = "train",
+    blockwise_min_len: int | None = BLOCKWISE_MIN_LEN,
 ) -> SelfAttention:
     """Trax's CausalAttention: full causal multi-head attention with biases.
 
     (batch, length, d_feature) -> same; heads of width d_feature // n_heads.
+    `blockwise_min_len`: as `SelfAttention`'s.
     """
     if d_feature % n_heads:
         raise ValueError(
@@ -289,4 +299,5 @@ def CausalAttention(  # noqa: N802
     return SelfAttention(
         n_heads=n_heads, d_qk=d_head, d_v=d_head, causal=True, attention_dropout=dropout,
         output_dropout=0.0, use_bias=True, mode=mode, predict_mem_len=max_inference_length,
+        blockwise_min_len=blockwise_min_len,
     )

@@ -156,14 +156,15 @@ def test_predict_chunked_prefill_equals_eval(np_rng):
 
 
 def test_self_attention_runs_blockwise_from_the_threshold(np_rng, monkeypatch):
-    """From BLOCKWISE_MIN_LEN positions on, SelfAttention (so CausalAttention) computes
-    blockwise; it and BlockwiseAttention, padding mask and biases included, equal the dense
-    layer with the same weights."""
+    """From `blockwise_min_len` positions on (BLOCKWISE_MIN_LEN by default), SelfAttention (so
+    CausalAttention) computes blockwise; it and BlockwiseAttention, padding mask and biases
+    included, equal the layer that never does (`blockwise_min_len=None`) with the same
+    weights, and the default threshold leaves 10 positions dense."""
     x = _normal(np_rng, 2, 10, 8)
     mask = jnp.asarray(np_rng.random((2, 10)) > 0.25)
     kwargs = dict(n_heads=2, d_qk=4, d_v=3, causal=True, masked=True, use_bias=True,
                   mode="eval")
-    dense = SelfAttention(**kwargs)
+    dense = SelfAttention(**kwargs, blockwise_min_len=None)
     w, s = dense.init((ShapeDtype(x.shape), ShapeDtype(mask.shape, bool)),
                       jax.random.PRNGKey(int(np_rng.integers(2**31))))
     w = jax.tree.map(lambda a: a + 0.1 * _normal(np_rng, *a.shape), w)
@@ -174,15 +175,17 @@ def test_self_attention_runs_blockwise_from_the_threshold(np_rng, monkeypatch):
         return blockwise_attention(*args, **kwargs)
 
     monkeypatch.setattr(attention_lib, "blockwise_attention", spy)
-    monkeypatch.setattr(attention_lib, "BLOCKWISE_MIN_LEN", 10)
     monkeypatch.setattr(attention_lib, "BLOCKWISE_BLOCK_LEN", 4)
-    layers = (dense, SelfAttention(**kwargs), BlockwiseAttention(block_len=3, **kwargs))
+    layers = (dense, SelfAttention(**kwargs), SelfAttention(**kwargs, blockwise_min_len=10),
+              BlockwiseAttention(block_len=3, **kwargs))
     want, *got = jax.jit(lambda w: [lyr.apply((x, mask), w, s, None)[0][0]
                                     for lyr in layers])(w)
-    assert calls == [4, 3]  # the layer built before the threshold was lowered stays dense
+    assert calls == [4, 3]  # None and the default threshold stay dense at 10 positions
     for y in got:
         np.testing.assert_allclose(y, want, atol=1e-5)
-    assert layers[2].name == "BlockwiseAttention"
+    assert layers[3].name == "BlockwiseAttention"
+    with pytest.raises(ValueError, match="blockwise_min_len must be None"):
+        SelfAttention(blockwise_min_len=0)
 
 
 def test_registered_by_name():
@@ -212,3 +215,26 @@ def test_bad_knobs_give_one_line_errors(build, match):
     with pytest.raises(ValueError, match=match) as info:
         build()
     assert "\n" not in str(info.value)
+
+
+def test_bench_dense_keeps_the_scores(monkeypatch):
+    """`bench train --attention dense` is T-full's model without the blockwise path: at 4,096
+    positions 'full' runs blockwise_attention and 'dense' does not."""
+    from terraformer.bench import build_parser, t_workload_model
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["block_len"])
+        return blockwise_attention(*args, **kwargs)
+
+    monkeypatch.setattr(attention_lib, "blockwise_attention", spy)
+    assert build_parser().parse_args(["train", "--attention", "dense"]).attention == "dense"
+    tokens = ShapeDtype((1, 4096), jnp.int32)
+    for name, n_calls in (("full", 1), ("dense", 0)):
+        calls.clear()
+        model = t_workload_model(4096, 1, name, mode="eval")
+        w, s = jax.eval_shape(lambda m=model: m.init(tokens, jax.random.PRNGKey(0)))
+        jax.eval_shape(lambda w, s, x, m=model: m.apply(x, w, s, None)[0], w, s,
+                       jax.ShapeDtypeStruct(tokens.shape, jnp.int32))
+        assert len(calls) == n_calls, name
