@@ -43,9 +43,10 @@ def _parameters(constructor) -> dict:
 
 
 def _attention_block(attention_type, d_model: int, n_heads: int, dropout: float,
-                     mode: str) -> tl.Layer:
+                     mode: str, max_len: int) -> tl.Layer:
     """(x, mask) -> (x + attention(LayerNorm(x)), mask), the mask passed to the mechanism when
-    it takes one."""
+    it takes one, and the classifier's `max_len` to a mechanism whose weights are sized by the
+    longest input (Linformer's projections, Synthesizer's scores, Sinkhorn's sorting net)."""
     constructor = attention_constructor(attention_type)
     params = _parameters(constructor)
     if "d_feature" in params:
@@ -57,6 +58,7 @@ def _attention_block(attention_type, d_model: int, n_heads: int, dropout: float,
     mask_arg = next((name for name in ("masked", "use_mask") if name in params), None)
     if mask_arg is not None:
         kwargs[mask_arg] = True
+    kwargs.update({name: max_len for name in ("max_len", "max_length") if name in params})
     attention = constructor(**kwargs)
     if mask_arg is None:                          # x mask -> x x mask
         before, after = tl.Select([0, 0, 1], n_in=2), []
@@ -93,7 +95,8 @@ def Classifier(  # noqa: N802
         ...), a Reformer-convention constructor called as `f(n_heads=, d_qk=, d_v=,
         causal=False, output_dropout=, mode=)` with d_qk = d_v = d_model / n_heads, or a list
         of either, cycled over the layers.
-      max_len: the longest input (sinusoidal positions).
+      max_len: the longest input (sinusoidal positions, and the size of the weights of
+        mechanisms that have one per position: Linformer, Synthesizer, Sinkhorn).
       mode: 'train' or 'eval'.
     """
     who = "Classifier"
@@ -107,7 +110,7 @@ def Classifier(  # noqa: N802
                          f"and n_heads={n_heads}")
     blocks = [
         tl.Serial(
-            _attention_block(attn, d_model, n_heads, dropout, mode),
+            _attention_block(attn, d_model, n_heads, dropout, mode, max_len),
             tl.Residual(FeedForward(d_ff, dropout=dropout, activation=ff_activation, mode=mode)),
             name="EncoderBlock",
         )

@@ -132,3 +132,16 @@ def test_bad_arguments_are_one_line_errors():
         Classifier(attention_type="nonesuch", **TINY)
     with pytest.raises(ValueError, match="mode"):
         Classifier(mode="predict", **TINY)
+
+
+@pytest.mark.parametrize("name", ["linformer", "synthesizer", "sinkhorn"])
+def test_max_len_reaches_mechanisms_sized_by_length(name):
+    """A classifier's max_len sizes the per-position weights of Linformer, Synthesizer and
+    Sinkhorn, so inputs longer than those layers' own defaults (2,048 / 512 / 8,192) run."""
+    length = 8320  # a multiple of every block length, above every default
+    model = Classifier(attention_type=name, mode="eval", **dict(TINY, max_len=length))
+    tokens = jax.ShapeDtypeStruct((1, length), jnp.int32)
+    w, s = jax.eval_shape(lambda: model.init(ShapeDtype(tokens.shape, jnp.int32),
+                                             jax.random.PRNGKey(0)))
+    out = jax.eval_shape(lambda w, s, x: model.apply(x, w, s, None)[0], w, s, tokens)
+    assert out.shape == (1, TINY["n_classes"])
