@@ -39,23 +39,41 @@ from terraformer.layers.efficient.linear import LinearAttention
 KEY_LOG_BOUND = 60.0
 
 
+def orthonormal_rows(a):
+    """Gram-Schmidt on the rows of `a` `[..., d, d]` (each row orthogonalised twice against
+    the ones before it, which keeps float32 orthogonal to ~1e-6): the Q of a QR decomposition
+    whose R has a positive diagonal, so Haar-distributed when `a` is Gaussian.
+
+    Written with matmuls rather than `jnp.linalg.qr`: XLA:CPU's LAPACK calls, several in one
+    training step (a redraw per layer), hung the whole step in jax 0.10.2.
+    """
+    d = a.shape[-1]
+
+    def one_row(i, q):
+        row = lax.dynamic_index_in_dim(a, i, axis=-2, keepdims=False)        # [..., d]
+        for _ in range(2):   # rows from i on are still zero, so only earlier ones count
+            row = row - jnp.einsum("...k,...kd->...d", jnp.einsum("...kd,...d->...k", q, row), q)
+        row = row / jnp.linalg.norm(row, axis=-1, keepdims=True)
+        return lax.dynamic_update_index_in_dim(q, row, i, axis=-2)
+
+    return lax.fori_loop(0, d, one_row, jnp.zeros_like(a))
+
+
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def random_features(rng, n_features: int, d: int, orthogonal: bool = True):
     """The FAVOR+ projection: `[n_features, d]` float32, each row marginally N(0, I_d).
 
-    `orthogonal`: rows in blocks of `d` mutually orthogonal directions (Haar-distributed, from
-    the QR decomposition of a Gaussian matrix), each scaled by the norm of an independent
-    Gaussian vector so its length is chi-distributed as a Gaussian row's; else i.i.d. Gaussian
-    rows. Compiled as one program (drawn eagerly at init, it would be a dozen).
+    `orthogonal`: rows in blocks of `d` mutually orthogonal directions (Haar-distributed: the
+    Gram-Schmidt orthonormalisation of a Gaussian matrix), each scaled by the norm of an
+    independent Gaussian vector so its length is chi-distributed as a Gaussian row's; else
+    i.i.d. Gaussian rows. Compiled as one program (drawn eagerly at init, it would be a dozen).
     """
     if not orthogonal:
         return jax.random.normal(rng, (n_features, d), jnp.float32)
     r_dirs, r_norms = jax.random.split(rng)
     n_blocks = -(-n_features // d)
-    q, r = jnp.linalg.qr(jax.random.normal(r_dirs, (n_blocks, d, d), jnp.float32))
-    # Signs from R's diagonal make the orthogonal factor Haar-distributed.
-    q = q * jnp.sign(jnp.diagonal(r, axis1=-2, axis2=-1))[..., None, :]
-    directions = jnp.swapaxes(q, -1, -2).reshape(n_blocks * d, d)[:n_features]
+    q = orthonormal_rows(jax.random.normal(r_dirs, (n_blocks, d, d), jnp.float32))
+    directions = q.reshape(n_blocks * d, d)[:n_features]
     norms = jnp.linalg.norm(jax.random.normal(r_norms, (n_features, d), jnp.float32), axis=-1)
     return directions * norms[:, None]
 

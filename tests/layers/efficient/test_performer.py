@@ -10,6 +10,7 @@ from terraformer.layers.efficient.linear import linear_attention
 from terraformer.layers.efficient.performer import (
     PerformerAttention,
     favor_features,
+    orthonormal_rows,
     random_features,
 )
 from terraformer.models import ReformerLM
@@ -217,3 +218,33 @@ def test_reformer_lm_with_performer_by_name_decodes_like_eval(np_rng):
         y, pstate = step(inputs[:, t:t + 1], weights, pstate, None)
         outs.append(y)
     np.testing.assert_allclose(jnp.concatenate(outs, axis=1), want, atol=1e-4)
+
+
+def test_orthonormal_rows_is_the_q_of_qr_with_a_positive_diagonal(np_rng):
+    """Gram-Schmidt on the rows equals LAPACK's QR of the transpose, signs fixed so that R's
+    diagonal is positive (the Haar-distributed factor)."""
+    a = np_rng.normal(size=(3, 32, 32)).astype(np.float32)
+    q, r = np.linalg.qr(np.swapaxes(a, -1, -2).astype(np.float64))
+    want = np.swapaxes(q * np.sign(np.diagonal(r, axis1=-2, axis2=-1))[..., None, :], -1, -2)
+    got = np.asarray(jax.jit(orthonormal_rows)(a))
+    np.testing.assert_allclose(got, want, atol=2e-4)
+    np.testing.assert_allclose(got @ np.swapaxes(got, -1, -2), np.broadcast_to(np.eye(32),
+                               got.shape), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_deep_train_step_with_redrawn_features_runs(np_rng):
+    """The LRA classifier's shape (4 layers, d_model 256), each layer redrawing its features
+    in one jitted training step: with `jnp.linalg.qr` this program hung XLA:CPU (jax 0.10.2)."""
+    import optax
+
+    from terraformer.models.classifier import Classifier
+    from terraformer.training.step import make_train_step
+
+    model = Classifier(256, attention_type="performer", max_len=256, dropout=0.1)
+    tokens = jnp.asarray(np_rng.integers(1, 256, size=(2, 256)), jnp.int32)
+    w, s = model.init(ShapeDtype(tokens.shape, jnp.int32), jax.random.PRNGKey(0))
+    step = make_train_step(model, optax.adam(1e-3), donate=False)
+    data = (tokens, jnp.asarray(np_rng.integers(0, 10, size=(2,)), jnp.int32), jnp.ones((2,)))
+    *_, metrics = step(w, s, step.init_opt_state(w), data, jax.random.PRNGKey(1))
+    assert np.isfinite(float(metrics["loss"]))
