@@ -267,9 +267,34 @@ def sequence_layers(seed: int, mesh: str, names: str = "all"):
     return record
 
 
+def lagging_device(seed: int, seconds: int):
+    """A psum over 4 devices whose device 0 arrives ``seconds`` late (a host callback sleeps):
+    with the runtime's settings the others wait instead of XLA:CPU aborting the process."""
+    import time
+
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    mesh = make_mesh(data=4)
+
+    def late(x):
+        if float(x[0]) == 0.0:
+            time.sleep(seconds)
+        return x
+
+    def body(x):
+        x = jax.pure_callback(late, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
+        return jax.lax.psum(x, "data")
+
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=PartitionSpec("data"),
+                              out_specs=PartitionSpec()))
+    x = jax.device_put(jnp.arange(4.0), NamedSharding(mesh, PartitionSpec("data")))
+    return {"sum": float(f(x)[0]), "expected": 6.0}
+
+
 if __name__ == "__main__":
     check, seed, *rest = sys.argv[1:]
     fn = {"train": train, "run_dir": run_dir, "decode": decode, "ring": ring,
-          "ring_layer": ring_layer, "sequence_layers": sequence_layers}[check]
+          "ring_layer": ring_layer, "sequence_layers": sequence_layers,
+          "lagging_device": lagging_device}[check]
     args = [int(a) if a.isdigit() else a for a in rest]
     print(json.dumps(fn(int(seed), *args)), flush=True)
