@@ -9,9 +9,11 @@
    `--seq_len` tokens): for every device count N of `--devices`, a fresh process started with
    ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` runs ``terraformer bench train
    --mesh M`` for M = data=N and fsdp=N (a batch of N sequences, one per device), model=N and
-   sequence=N (one sequence; sequence parallelism with ring attention, `layers/ring.py`), and
-   ``--memory_efficient`` rows (the per-block trainer; on N > 1 devices over fsdp=N). One
-   device runs LSH and ring (= full) attention, the references of the rows above. Each row
+   sequence=N (one sequence; sequence parallelism with ring attention and with chunked local
+   attention's halo exchange, `layers/ring.py`), ``--memory_efficient`` rows (the per-block
+   trainer; on N > 1 devices over fsdp=N), and on the most devices LSH over sequence=N (as
+   XLA partitions it: LSH has no sequence-parallel form). One device runs LSH, ring (= full)
+   and local attention, the references of the rows above. Each row
    gives the step time (median of `--repeats` steps after a compiling one), tokens per second,
    the per-device peak (XLA's memory analysis of the compiled per-device SPMD program:
    arguments + outputs + temporaries - donated aliases, as `bench train --mesh` reports it; the
@@ -81,22 +83,34 @@ def _run(cmd: list[str], n_devices: int, timeout: float) -> tuple[dict | None, s
     return record, ""
 
 
+def _append(path, record: dict):
+    """Appends ``record`` to the JSONL file at ``path`` (if any) as soon as it is measured."""
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
 def table_rows(devices, seq_len: int) -> list[dict]:
     """The rows of table 1: device count, the kind of parallelism, bench arguments."""
     rows = []
     for n in devices:
         if n == 1:
-            rows += [dict(n=1, kind="one device", mesh="data=1", attention="lsh"),
-                     dict(n=1, kind="one device", mesh="data=1", attention="ring"),
-                     dict(n=1, kind="memory-efficient", mesh="", attention="lsh",
-                          memory_efficient=True)]
+            rows += [dict(n=1, kind="one device", mesh="data=1", attention=a)
+                     for a in ("lsh", "ring", "local")]
+            rows.append(dict(n=1, kind="memory-efficient", mesh="", attention="lsh",
+                             memory_efficient=True))
             continue
         rows += [dict(n=n, kind="data", mesh=f"data={n}", attention="lsh"),
                  dict(n=n, kind="fsdp", mesh=f"fsdp={n}", attention="lsh"),
                  dict(n=n, kind="model", mesh=f"model={n}", attention="lsh"),
                  dict(n=n, kind="sequence (ring)", mesh=f"sequence={n}", attention="ring"),
+                 dict(n=n, kind="sequence (local: halo)", mesh=f"sequence={n}",
+                      attention="local"),
                  dict(n=n, kind="memory-efficient fsdp", mesh=f"fsdp={n}", attention="lsh",
                       memory_efficient=True)]
+        if n == max(devices):  # LSH has no sequence-parallel form: as XLA partitions it
+            rows.append(dict(n=n, kind="sequence (lsh: XLA-partitioned)",
+                             mesh=f"sequence={n}", attention="lsh"))
     for row in rows:
         row["seq_len"] = seq_len
         row["batch"] = math.prod(int(part.split("=")[1]) for part in row["mesh"].split(",")
@@ -120,6 +134,7 @@ def run_table(args) -> list[dict]:
         row.update(record or {}, failed=why, wall_s=time.perf_counter() - start,
                    command=" ".join(cmd[1:]))
         records.append(row)
+        _append(args.out, row)
         print(f"# {row['n']} device(s) {row['kind']} {row['mesh']} {row['attention']}: "
               f"{'ok' if record else why} ({row['wall_s']:.0f} s)", file=sys.stderr, flush=True)
     return records
@@ -214,6 +229,7 @@ def run_search(args) -> list[dict]:
                             "steps": steps or [], "failed": why,
                             "longest": max((s["seq_len"] for s in fits), default=None),
                             "wall_s": time.perf_counter() - start})
+            _append(args.out, results[-1])
             print(f"# search {attention} on {n} device(s): "
                   f"{results[-1]['longest'] or why} ({results[-1]['wall_s']:.0f} s)",
                   file=sys.stderr, flush=True)
@@ -266,7 +282,8 @@ def main(argv=None) -> int:
                         help="seconds each process may take")
     parser.add_argument("--skip_table", action="store_true")
     parser.add_argument("--skip_search", action="store_true")
-    parser.add_argument("--out", default=None, help="append every record to this JSONL file")
+    parser.add_argument("--out", default=None,
+                        help="append each record to this JSONL file as it is measured")
     args = parser.parse_args(argv)
     print(f"# python benchmarks/mesh_table.py {' '.join(argv)}".rstrip())
     records = [] if args.skip_table else run_table(args)
@@ -277,10 +294,6 @@ def main(argv=None) -> int:
         print_search(results, args.budget_gib, args.search_max)
     print("\nStep times: simulated devices share this machine's cores; indicative only. "
           "Memory: XLA's compiled per-device plan (independent of the load).")
-    if args.out:
-        with open(args.out, "a") as f:
-            for item in records + results:
-                f.write(json.dumps(item) + "\n")
     return 0
 
 
