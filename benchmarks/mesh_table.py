@@ -121,7 +121,10 @@ def table_rows(devices, seq_len: int) -> list[dict]:
 
 def run_table(args) -> list[dict]:
     records = []
-    for row in table_rows(args.devices, args.seq_len):
+    rows = table_rows(args.devices, args.seq_len)
+    if args.kinds:
+        rows = [r for r in rows if any(k in r["kind"] for k in args.kinds)]
+    for row in rows:
         cmd = [sys.executable, "-m", "terraformer.cli", "bench", "train", "--seq_len",
                str(row["seq_len"]), "--attention", row["attention"], "--n_layers",
                str(args.n_layers), "--repeats", str(args.repeats)]
@@ -272,6 +275,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seq_len", type=int, default=4096)
     parser.add_argument("--n_layers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--kinds", type=lambda t: [k for k in t.split(",") if k],
+                        default=[], help="only the table rows whose kind contains one of "
+                        "these words, comma-separated (e.g. 'sequence,one device')")
     parser.add_argument("--budget_gib", type=float, default=1.0)
     parser.add_argument("--search_devices", type=int, default=4)
     parser.add_argument("--search_attention", type=lambda t: t.split(","), default=["ring"],
