@@ -134,8 +134,9 @@ def run_table(args) -> list[dict]:
             cmd.append("--memory_efficient")
         start = time.perf_counter()
         record, why = _run(cmd, row["n"], args.timeout)
-        row.update(record or {}, failed=why, wall_s=time.perf_counter() - start,
-                   command=" ".join(cmd[1:]))
+        # (the record's own 'mesh' is the axis sizes: kept as 'mesh_shape')
+        row.update({("mesh_shape" if k == "mesh" else k): v for k, v in (record or {}).items()},
+                   failed=why, wall_s=time.perf_counter() - start, command=" ".join(cmd[1:]))
         records.append(row)
         _append(args.out, row)
         print(f"# {row['n']} device(s) {row['kind']} {row['mesh']} {row['attention']}: "
