@@ -4,7 +4,7 @@ They change the whole process, so a library must not apply them on import: the p
 ``tune_cpu_runtime()`` explicitly (``terraformer`` on the command line and ``terraformer bench``
 before JAX creates its backend, the benchmark scripts, the notebooks' first cell).
 
-Three measured problems, three settings (see benchmarks/RESULTS.md for the figures):
+Four measured problems, four settings (see benchmarks/RESULTS.md for the figures):
 
 - XLA:CPU in jax 0.10 routes dots and reductions through YNNPACK fusions by default; on the
   batched chunk-by-chunk products of chunked and LSH attention those ran slower than XLA's own
@@ -17,6 +17,13 @@ Three measured problems, three settings (see benchmarks/RESULTS.md for the figur
 - glibc's malloc hands buffers above 32 MiB back to the kernel when XLA frees them, so every
   step page-faults its large temporaries in again. Raising the mmap and trim thresholds
   (`mallopt`) keeps that memory in the process for the next step.
+
+- XLA:CPU aborts the process (SIGABRT, nothing on stdout) when a device waits at a collective
+  for more than 20 + 40 seconds for the others. The simulated devices of
+  `--xla_force_host_platform_device_count` share the machine's cores, so on a loaded machine one
+  device can lag that far behind in a long step (`terraformer bench train --mesh data=4` at
+  4,096 tokens died so). `--xla_cpu_collective_call_terminate_timeout_seconds` gives them an
+  hour, and the "stuck" warning comes after ten minutes instead of twenty seconds.
 
 None is applied when the environment sets `TERRAFORMER_CPU_TUNING=0`, and a flag already
 present in `XLA_FLAGS` is left as it is. The XLA flags take effect only if set before JAX
@@ -32,6 +39,8 @@ import sys
 _XLA_FLAGS = {
     "--xla_cpu_experimental_ynn_fusion_type": "",
     "--xla_cpu_copy_insertion_use_region_analysis": "true",
+    "--xla_cpu_collective_call_warn_stuck_timeout_seconds": "600",
+    "--xla_cpu_collective_call_terminate_timeout_seconds": "3600",
 }
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _KEEP_BYTES = 1 << 30

@@ -393,3 +393,4 @@ def test_the_command_line_tunes_the_runtime(tmp_path):
     assert code == "2"
     assert "--xla_cpu_experimental_ynn_fusion_type=" in flags
     assert "--xla_cpu_copy_insertion_use_region_analysis=true" in flags
+    assert "--xla_cpu_collective_call_terminate_timeout_seconds=3600" in flags

@@ -1,5 +1,8 @@
 """Dense attention layers: full causal attention and chunked local attention.
 
+On a mesh with a ``sequence`` axis of several devices both run sequence-parallel
+(`ring.ring_attention`, `ring.halo_attention`); see `SelfAttention`.
+
 Functional pieces (`local_attention`, `split_heads`, `merge_heads`) work on per-head arrays
 `[batch, n_heads, length, d]`; the layers (`SelfAttention`, `CausalAttention`) add the
 projections, masks, dropout and the decoding cache. The softmax and its masks are those of
@@ -26,6 +29,12 @@ from terraformer.layers.attention_core import (
 )
 from terraformer.layers.base import EMPTY, Layer, as_items, check_mode
 from terraformer.layers.core import check_feature_dim, dropout, matmul, pack_kernel
+from terraformer.layers.ring import (
+    RING_CHUNK_LEN,
+    halo_attention,
+    ring_attention,
+    sequence_shards,
+)
 
 # Full attention over at least this many positions runs `blockwise_attention`: the same result
 # without the length x length scores (4 GiB a layer at 16K positions and 4 heads).
@@ -106,6 +115,12 @@ class SelfAttention(Layer):
         `blockwise_attention`; None always materialises the length x length scores (the plain
         attention the blockwise one is measured against).
     Weights: {'wq','wk','wv': [d_model, n_heads*d], 'wo': [n_heads*d_v, d_model]} (+ biases).
+
+    On a mesh whose ``sequence`` axis has several devices (the mesh in effect while train and
+    eval steps trace), train and eval modes keep each device's shard of the positions and
+    attend across shards with `ring.ring_attention` (full attention) or `ring.halo_attention`
+    (chunked: only neighbouring chunks travel): the one-device result, in memory per device
+    that shrinks with the axis. Decoding (predict mode) is unchanged.
     """
 
     def __init__(
@@ -148,6 +163,7 @@ class SelfAttention(Layer):
         self._mem_len = predict_mem_len
         self._blockwise_min_len = float("inf") if blockwise_min_len is None else blockwise_min_len
         self._block_len = BLOCKWISE_BLOCK_LEN
+        self._ring_chunk_len = RING_CHUNK_LEN  # queries per chunk of a ring round
         if mode == "predict":
             if not causal:
                 raise ValueError("SelfAttention: predict mode needs causal=True")
@@ -223,6 +239,8 @@ class SelfAttention(Layer):
         return ((y, mask) if self._masked else y), state
 
     def _attend(self, q, k, v, mask, rng):
+        if sequence_shards() > 1:
+            return self._attend_over_sequence(q, k, v, mask, rng)
         length = q.shape[2]
         common = dict(dropout_rate=self._attention_dropout, rng=rng, mode=self._mode)
         if self._chunk_len is None or self._chunk_len >= length:
@@ -248,6 +266,20 @@ class SelfAttention(Layer):
             key_mask=key_mask if (pad or mask is not None) else None, **common,
         )
         return out[:, :, :length]
+
+    def _attend_over_sequence(self, q, k, v, mask, rng):
+        """`_attend` with the length split over the mesh's ``sequence`` axis."""
+        mesh = jax.sharding.get_abstract_mesh()
+        rate = self._attention_dropout if self._mode == "train" else 0.0
+        if rate > 0.0 and rng is None:
+            raise ValueError("Dropout in train mode needs an rng; pass rng= to apply")
+        common = dict(causal=self._causal, key_mask=None if mask is None else mask.astype(bool),
+                      dropout_rate=rate, dropout_rng=rng)
+        if self._chunk_len is None or self._chunk_len >= q.shape[2]:
+            return ring_attention(q, k, v, mesh, chunk_len=self._ring_chunk_len, **common)
+        return halo_attention(q, k, v, mesh, chunk_len=self._chunk_len,
+                              n_chunks_before=self._n_before, n_chunks_after=self._n_after,
+                              **common)
 
     def _attend_cached(self, q, k, v, mask, state):
         n_new = q.shape[2]
@@ -276,6 +308,32 @@ class SelfAttention(Layer):
             q, q_pos, k, v, state["k"], state["v"], key_mask, lo,
             kv_cache.ring_layout(self._mem_len)[1])
         return out, state
+
+
+class RingSelfAttention(SelfAttention):
+    """Full multi-head self-attention by ring attention over the mesh's ``sequence`` axis:
+    (batch, length, d_model) -> same (``attention_type='ring'``).
+
+    `SelfAttention`'s full attention, which on a mesh with a ``sequence`` axis of several
+    devices already runs `ring.ring_attention` (each device keeps its shard of the positions,
+    only keys and values travel); without one (one device, decoding) it is the one-device
+    full attention, with the same weights and result. This name sets the queries per chunk
+    within a ring round.
+
+    Args: as `SelfAttention` (no chunking), plus ``chunk_len`` (queries per chunk within a
+    ring round).
+    """
+
+    def __init__(self, n_heads: int = 2, d_qk: int = 64, d_v: int = 64, causal: bool = False,
+                 masked: bool = False, attention_dropout: float = 0.0,
+                 output_dropout: float = 0.0, use_bias: bool = False, mode: str = "train",
+                 predict_mem_len: int = 2048, chunk_len: int = RING_CHUNK_LEN):
+        super().__init__(n_heads=n_heads, d_qk=d_qk, d_v=d_v, causal=causal, masked=masked,
+                         attention_dropout=attention_dropout, output_dropout=output_dropout,
+                         use_bias=use_bias, mode=mode, predict_mem_len=predict_mem_len)
+        if chunk_len < 1:
+            raise ValueError(f"RingSelfAttention: chunk_len must be >= 1, got {chunk_len}")
+        self._ring_chunk_len = chunk_len
 
 
 def CausalAttention(  # noqa: N802

@@ -27,6 +27,9 @@ Shapes of `blocked_attention`:
 - Chunk `i` attends to chunks `i + o` for `o` in `offsets`: modulo `n_chunks` with `wrap=True`
   (LSH: the sorted sequence is a ring), else chunks outside `[0, n_chunks)` are masked
   (local attention: the sequence has two ends).
+- `k`, `v` and `k_pos` may have more chunks than `q` (`n_k_chunks`): then chunk `i` attends to
+  key chunks `(i + o) mod n_k_chunks` (`wrap=True`), e.g. a shard's own chunks with its
+  neighbours' edge chunks around them (`ring.halo_attention`).
 - Returns `out: (n, n_chunks, c, d_v)` and `lse: (n, n_chunks, c)`, float32.
 
 Masking: a key with `k_pos < 0`, from a chunk outside the sequence (`wrap=False`), or (causal)
@@ -281,7 +284,7 @@ def _blocked_attention_bwd(config, residuals, cotangents):
         return dq, dk, dv
 
     dq, dk, dv = lax.fori_loop(0, n_chunks // m, body, (dq, dk, dv))
-    dk, dv = (_fold_wrapped(a, before, n_chunks) for a in (dk, dv))
+    dk, dv = (_fold_wrapped(a, before, k.shape[1]) for a in (dk, dv))
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None)
 
 
@@ -293,7 +296,8 @@ def _add_slice(buffer, update, start):
 
 def _fold_wrapped(buffer, before, n_chunks):
     """Adds the extra front/back chunks of a padded gradient buffer onto the chunks they wrap
-    around to: `(n, before + n_chunks + after, ...) -> (n, n_chunks, ...)`."""
+    around to: `(n, before + n_q_chunks + after, ...) -> (n, n_chunks, ...)`, `n_chunks` the
+    keys' chunks (at most `n_q_chunks + after`)."""
     out = buffer[:, before:before + n_chunks]
     for t in range(buffer.shape[1]):
         if before <= t < before + n_chunks:

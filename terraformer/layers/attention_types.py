@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-from terraformer.layers.attention import SelfAttention
+from terraformer.layers.attention import RingSelfAttention, SelfAttention
 from terraformer.layers.blockwise import BlockwiseAttention
 from terraformer.layers.efficient.bigbird import BigBirdAttention
 from terraformer.layers.efficient.linear import LinearAttention
@@ -24,7 +24,6 @@ from terraformer.layers.efficient.sinkhorn import SinkhornAttention
 from terraformer.layers.efficient.sparse_transformer import SparseTransformerAttention
 from terraformer.layers.efficient.synthesizer import SynthesizerAttention
 from terraformer.layers.lsh import LSHSelfAttention
-from terraformer.layers.ring import RingSelfAttention
 
 ATTENTION_TYPES: dict[str, Callable] = {
     "full": SelfAttention,

@@ -9,6 +9,12 @@ predict-mode ring cache are `SelfAttention`'s (`kv_cache`), so decoding is uncha
 
 `SelfAttention` itself (and so `CausalAttention` and `TransformerLM`) switches to the same
 computation from `attention.BLOCKWISE_MIN_LEN` positions on.
+
+On a mesh with a ``sequence`` axis of several devices, train and eval run it as ring attention
+(`ring.ring_attention`, `SelfAttention`'s sequence-parallel path): each device keeps its shard
+of the queries and computes the blockwise algorithm on its shard against each key/value shard
+passed round the ring (chunks of ``block_len`` queries), merging the rounds by log-sum-exp.
+The same layer and weights, so a model runs unchanged on one device or on the sequence axis.
 """
 
 from __future__ import annotations
@@ -66,6 +72,8 @@ class BlockwiseAttention(SelfAttention):
                          attention_dropout=attention_dropout, output_dropout=output_dropout,
                          use_bias=use_bias, mode=mode, predict_mem_len=predict_mem_len)
         self._blockwise_min_len, self._block_len = 1, block_len  # blockwise at every length
+        # Over a sequence axis: ring attention, each round blockwise over chunks of block_len.
+        self._ring_chunk_len = block_len
 
 
 __all__ = ["BlockwiseAttention", "blockwise_attention"]

@@ -38,6 +38,11 @@ are gathers whose gradients are gathers too (`gather_rows`).
 Causal LSH attention masks every key at a later position, but, as in the Reformer paper, *which*
 earlier keys share a query's chunk depends on the buckets of all tokens, later ones included
 (sorting places later tokens between earlier ones). Values never leak; the hash pattern can.
+
+On a mesh's ``sequence`` axis LSH attention is not sequence-parallel: the sort mixes the
+positions of every shard, and XLA's partitioner gathers them (the one-device result, without
+the memory saving). `layers/ring.py` says why no distributed sort is built and what to run
+instead.
 """
 
 from __future__ import annotations

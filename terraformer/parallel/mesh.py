@@ -101,6 +101,6 @@ def parse_mesh_spec(text: str) -> dict[str, int]:
 
 def mesh_context(mesh):
     """``jax.set_mesh(mesh)``: the mesh in effect while a step traces and runs, which layers
-    read (`parallel.ring.RingSelfAttention` splits its sequence over its ``sequence`` axis);
+    read (`layers.attention.SelfAttention` splits its sequence over its ``sequence`` axis);
     nothing for None."""
     return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)

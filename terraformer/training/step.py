@@ -20,7 +20,7 @@ slots by their paths, batch rows over ``data`` and ``fsdp``, its length over ``s
 `TrainStep.place` lays the weights and slots out, and the batch (host arrays) is laid out on
 each call. The memory-efficient step runs on a mesh too (its pieces partitioned from the same
 layouts, the stack's shards in each device's host memory). Steps trace and run with the mesh
-in effect (``jax.set_mesh``), which `parallel.ring.RingSelfAttention` reads.
+in effect (``jax.set_mesh``), which `SelfAttention` reads (sequence-parallel attention).
 """
 
 from __future__ import annotations

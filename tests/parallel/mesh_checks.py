@@ -193,9 +193,108 @@ def ring_layer(seed: int, mesh: str, causal: int):
             "out_spec": str(got.sharding.spec), "ppermute": "collective_permute" in text}
 
 
+def sequence_layers(seed: int, mesh: str, names: str = "all"):
+    """Chunked local attention (halo exchange) and blockwise attention (ring) inside jit on
+    ``mesh`` (its sequence axis in effect, the input's length split over it) against the same
+    layer, same weights, on one device: per case the largest differences in value and in the
+    gradients of the input and weights, and whether neighbours' chunks travelled by
+    collective permutes. ``names``: the cases to run, comma-separated, or 'all' (then also
+    attention dropout, which must run and change the output)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from terraformer.layers.attention import SelfAttention
+    from terraformer.layers.blockwise import BlockwiseAttention
+    from terraformer.parallel.mesh import mesh_context
+
+    rng = np.random.default_rng(seed)
+    b, length, d = 2, 64, 16  # 16 positions a shard on sequence=4: chunks of 8, two a shard
+    head = dict(n_heads=2, d_qk=8, d_v=8, mode="train")
+    cases = {
+        "local_causal": SelfAttention(causal=True, chunk_len=8, n_chunks_before=1, **head),
+        "local_both_ways": SelfAttention(chunk_len=8, n_chunks_before=2, n_chunks_after=1,
+                                         **head),
+        "local_masked": SelfAttention(chunk_len=8, n_chunks_before=1, masked=True, **head),
+        "blockwise_causal": BlockwiseAttention(causal=True, block_len=8, **head),
+        "blockwise": BlockwiseAttention(block_len=8, masked=True, **head),
+    }
+    if names != "all":
+        cases = {name: cases[name] for name in names.split(",")}
+    m = make_mesh(**parse_mesh_spec(mesh))
+    rows = PartitionSpec(("data", "fsdp"), "sequence")
+    x = jnp.asarray(rng.normal(size=(b, length, d)), jnp.float32)
+    ct = jnp.asarray(rng.normal(size=(b, length, d)), jnp.float32)
+    key_mask = jnp.asarray(rng.random((b, length)) > 0.3)
+    record = {}
+    for name, layer in cases.items():
+        masked = layer.n_in == 2
+        sig = ShapeDtype(x.shape, jnp.float32)
+        weights, state = layer.init((sig, ShapeDtype(key_mask.shape, bool)) if masked else sig,
+                                    jax.random.PRNGKey(seed))
+
+        def fwd(x, w, mask, layer=layer, state=state, masked=masked):
+            y = layer.apply((x, mask) if masked else x, w, state, None)[0]
+            return y[0] if masked else y
+
+        def loss(x, w, mask, fwd=fwd):
+            return jnp.sum(fwd(x, w, mask) * ct)
+
+        ref = jax.jit(fwd)(x, weights, key_mask)
+        ref_g = jax.jit(jax.grad(loss, (0, 1)))(x, weights, key_mask)
+        xs = jax.device_put(x, NamedSharding(m, rows))
+        ms = jax.device_put(key_mask, NamedSharding(m, rows))
+        with mesh_context(m):
+            lowered = jax.jit(fwd).lower(xs, weights, ms)
+            got = lowered.compile()(xs, weights, ms)
+            got_g = jax.jit(jax.grad(loss, (0, 1)))(xs, weights, ms)
+        record[name] = {
+            "value": float(jnp.max(jnp.abs(got - ref))), "scale": float(jnp.max(jnp.abs(ref))),
+            "grads": [float(jnp.max(jnp.abs(a - b_)) / jnp.max(jnp.abs(b_)))
+                      for a, b_ in zip(jax.tree.leaves(got_g), jax.tree.leaves(ref_g))],
+            "out_spec": str(got.sharding.spec),
+            "ppermute": "collective_permute" in lowered.as_text()}
+    if names != "all":
+        return record
+    dropped = SelfAttention(causal=True, chunk_len=8, n_chunks_before=1,
+                            attention_dropout=0.5, **head)
+    weights, state = dropped.init(ShapeDtype(x.shape, jnp.float32), jax.random.PRNGKey(seed))
+    with mesh_context(m):
+        y = jax.jit(lambda x, w, r: dropped.apply(x, w, state, r)[0])(
+            jax.device_put(x, NamedSharding(m, rows)), weights, jax.random.PRNGKey(seed + 1))
+    plain = SelfAttention(causal=True, chunk_len=8, n_chunks_before=1, **head)
+    y0 = plain.apply(x, weights, state, None)[0]
+    record["dropout"] = {"finite": bool(jnp.all(jnp.isfinite(y))),
+                         "changed": float(jnp.max(jnp.abs(y - y0)))}
+    return record
+
+
+def lagging_device(seed: int, seconds: int):
+    """A psum over 4 devices whose device 0 arrives ``seconds`` late (a host callback sleeps):
+    with the runtime's settings the others wait instead of XLA:CPU aborting the process."""
+    import time
+
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    mesh = make_mesh(data=4)
+
+    def late(x):
+        if float(x[0]) == 0.0:
+            time.sleep(seconds)
+        return x
+
+    def body(x):
+        x = jax.pure_callback(late, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
+        return jax.lax.psum(x, "data")
+
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=PartitionSpec("data"),
+                              out_specs=PartitionSpec()))
+    x = jax.device_put(jnp.arange(4.0), NamedSharding(mesh, PartitionSpec("data")))
+    return {"sum": float(f(x)[0]), "expected": 6.0}
+
+
 if __name__ == "__main__":
     check, seed, *rest = sys.argv[1:]
     fn = {"train": train, "run_dir": run_dir, "decode": decode, "ring": ring,
-          "ring_layer": ring_layer}[check]
+          "ring_layer": ring_layer, "sequence_layers": sequence_layers,
+          "lagging_device": lagging_device}[check]
     args = [int(a) if a.isdigit() else a for a in rest]
     print(json.dumps(fn(int(seed), *args)), flush=True)

@@ -236,3 +236,37 @@ def test_memory_efficient_trainer_on_a_mesh_matches_one_device(seed):
     assert all("fsdp" in spec for spec in r["fsdp=4"]["weight_specs"])
     assert any("model" in spec for spec in r["data=2,model=2:stack"]["weight_specs"])
     assert max(r["fsdp=4"]["bytes"]) <= 1.1 * r["bytes_one"] / 4
+
+
+def _assert_sequence_parallel(record: dict):
+    for name, got in record.items():
+        if name == "dropout":
+            assert got["finite"] and got["changed"] > 1e-3
+            continue
+        assert got["value"] < 1e-5 * max(1.0, got["scale"]), name
+        assert max(got["grads"]) < 1e-5, name  # relative to the largest gradient entry
+        assert "sequence" in got["out_spec"] and got["ppermute"], name
+
+
+def test_local_attention_over_the_sequence_axis_equals_one_device(seed):
+    """Chunked local attention (non-causal, two chunks back, one ahead: a whole shard and the
+    next one's first chunk) over sequence=4: one device's layer in value and in the gradients
+    of input and weights, only neighbours' chunks passed by collective permutes."""
+    _assert_sequence_parallel(_check(4, "sequence_layers", seed, "sequence=4",
+                                     "local_both_ways"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", ["sequence=4", "data=2,sequence=2"])
+def test_local_and_blockwise_attention_over_the_sequence_axis_equal_one_device(seed, mesh):
+    """Local (halo exchange) and blockwise (ring) attention, causal and not, with padding,
+    and attention dropout: one device's layer in value and gradient."""
+    _assert_sequence_parallel(_check(4, "sequence_layers", seed, mesh))
+
+
+@pytest.mark.slow
+def test_a_device_a_minute_late_at_a_collective_does_not_abort_the_process(seed):
+    """Simulated devices share the cores: one may reach a collective 75 s after the others
+    (XLA:CPU's default aborts after 20 + 40 s); with `tune_cpu_runtime` the step completes."""
+    r = _check(4, "lagging_device", seed, 75)
+    assert r["sum"] == r["expected"]
