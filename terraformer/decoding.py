@@ -144,6 +144,7 @@ class Decoder:
         self._prefill_apply = jax.jit(_last_position_apply(model) or model.apply,
                                       donate_argnums=(2,))
         self._loops = {}
+        self._initial_states = {}
         self._is_encoder_decoder = model.n_in == 2
 
     def _model_inputs(self, tokens, encoder_inputs):
@@ -170,7 +171,12 @@ class Decoder:
         sig = token_sig
         if self._is_encoder_decoder:
             sig = (ShapeDtype(encoder_inputs.shape, jnp.int32), token_sig)
-        _, state = self.model.init(sig, self._init_rng)
+        if sig not in self._initial_states:
+            # Compiled, with the weights left out: XLA drops their (random) initialisation, so
+            # a prefill pays for the caches only, not for drawing the whole model eagerly.
+            self._initial_states[sig] = jax.jit(
+                lambda rng: self.model.init_weights_and_state(sig, rng)[1])
+        state = self._initial_states[sig](self._init_rng)
         if self.mesh is not None:
             state = put(state, jax.tree.map(lambda _: replicated(self.mesh), state))
         return state

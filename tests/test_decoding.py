@@ -290,3 +290,21 @@ def test_lsh_prompt_read_in_one_call_equals_the_eval_forward(np_rng):
     assert int(jax.tree.leaves(pstate)[0].size) > 0
     chunked = Decoder(lm("predict"), weights, rng=key, prefill_chunk=5)
     assert np.abs(chunked.prefill(prompt)[0] - want[:, -1]).max() > 1e-3  # pieces: own bucket
+
+
+def test_initial_state_equals_the_models_init_state(np_rng):
+    """The compiled initial state (weights left out) is the state `model.init` returns, for a
+    fresh key (LSH attention's state holds random hash seeds)."""
+    from terraformer.models import ReformerLM
+
+    key = jax.random.PRNGKey(int(np_rng.integers(1 << 20)))
+    model = ReformerLM(vocab_size=11, d_model=8, d_ff=16, n_layers=1, n_heads=2,
+                       d_attention_key=4, d_attention_value=4, max_len=16, dropout=0.0,
+                       attention_type="lsh", mode="predict")
+    dec = Decoder(model, None, batch_size=2, rng=key, weight_dtype=None)
+    _, want = model.init(ShapeDtype((2, 1), jnp.int32), key)
+    got = dec.initial_state()
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
