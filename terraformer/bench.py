@@ -81,8 +81,13 @@ def default_ff_chunk_size(seq_len: int) -> int:
 
 
 def t_workload_model(seq_len: int, n_layers: int, attention: str, mode: str = "train",
-                     ff_chunk_size: int | None = None):
-    """The model of the T workloads (vocab 256, d_model 256, d_ff 512, 4 heads of 64)."""
+                     ff_chunk_size: int | None = None, dense_attention: bool = False):
+    """The model of the T workloads (vocab 256, d_model 256, d_ff 512, 4 heads of 64).
+
+    `dense_attention`: 'full' and 'blockwise' build their full attention with the whole
+    length x length scores (the same function and weights; for counting FLOPs)."""
+    if dense_attention and attention == "full":
+        attention = "dense"
     if ff_chunk_size is None:
         ff_chunk_size = default_ff_chunk_size(seq_len)
     common = dict(vocab_size=256, d_model=256, d_ff=512, n_layers=n_layers, n_heads=4,
@@ -100,7 +105,8 @@ def t_workload_model(seq_len: int, n_layers: int, attention: str, mode: str = "t
     elif attention == "local":
         attn = functools.partial(SelfAttention, chunk_len=LSH_CHUNK_LEN, n_chunks_before=1)
     elif attention == "blockwise":
-        attn = BlockwiseAttention
+        attn = (functools.partial(SelfAttention, blockwise_min_len=None)
+                if dense_attention else BlockwiseAttention)
     else:
         attn = attention_constructor(attention)
     return ReformerLM(d_attention_key=64, d_attention_value=64, attention_type=attn,
@@ -143,7 +149,13 @@ def bench_train(args) -> dict:
     per_device = ({} if args.memory_efficient or not args.mesh else mesh_memory(
         step.lower(weights, state, opt_state, batch, jax.random.PRNGKey(1)).compile(), mesh))
     rng = jax.random.PRNGKey(1)
-    model_flops = flops.train_flops(model, batch[0], weights, state, rng)  # traced, not run
+    # Traced, not run. Blockwise attention's causal key loop has a trip count per query block
+    # that jaxpr_flops cannot read; its model FLOPs are those of the same attention with the
+    # whole L x L scores (flops.py counts full attention whole), so count that twin.
+    flops_model = (t_workload_model(length, args.n_layers, args.attention,
+                                    ff_chunk_size=ff_chunk_size, dense_attention=True)
+                   if args.attention in ("full", "blockwise") else model)
+    model_flops = flops.train_flops(flops_model, batch[0], weights, state, rng)
     carry = {"w": weights, "s": state, "o": opt_state}
 
     def run():

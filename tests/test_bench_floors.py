@@ -52,6 +52,22 @@ def test_transformer_flops_equal_the_hand_count():
     assert count(train_model, length, train=True) == 3 * hand
 
 
+def test_blockwise_full_attention_is_counted_as_its_dense_twin():
+    """From 4,096 positions 'full' runs blockwise attention, whose causal key loop jaxpr_flops
+    cannot count; `bench train` counts the same model with the whole L x L scores instead,
+    which equals the hand count of T-full at 4,096 tokens."""
+    from terraformer.bench import t_workload_model
+
+    length, d, d_ff, vocab, layers = 4096, 256, 512, 256, 2
+    with pytest.raises(ValueError, match="while_loop"):
+        count(t_workload_model(length, layers, "full"), length, train=True)
+    per_token = layers * (4 * 2 * d * d + 2 * 2 * d * d_ff) + 2 * d * vocab
+    attention = layers * 4 * length * length * d   # scores and values, all heads, whole square
+    hand = 3 * (length * per_token + attention)
+    twin = t_workload_model(length, layers, "full", dense_attention=True)
+    assert count(twin, length, train=True) == hand == 130_459_631_616
+
+
 def test_reformer_lsh_flops_equal_the_hand_count():
     vocab, d, d_ff, layers, heads, d_qk, d_v, length = 16, 8, 12, 2, 2, 4, 6, 32
     chunk, before, hashes, buckets = 4, 1, 2, 4
