@@ -20,6 +20,8 @@ them:
   gradient linear in theirs, so summing per head is exact up to float round-off.
 
 So only the four streams and one head's (or one chunk's) working arrays are alive. The
+forward pass (`lean_apply`: `lsh_forward`, `chunked_forward`) adds each head's or chunk's
+output into `x1`'s buffer the same way, beside only the two streams. The
 results equal the `jax.vjp` path's up to float round-off (summation order); the hash
 rotations, dropout keys and per-chunk keys are the ones the forward pass drew.
 `lean_reverse_and_grad` returns None for any other residual, or when these conditions do not
@@ -43,8 +45,8 @@ from terraformer.layers.lsh import (
     resolve_n_buckets,
 )
 
-__all__ = ["POSITION_CHUNK", "chunked_reverse_and_grad", "lean_reverse_and_grad",
-           "lsh_reverse_and_grad"]
+__all__ = ["POSITION_CHUNK", "chunked_forward", "chunked_reverse_and_grad", "lean_apply",
+           "lean_reverse_and_grad", "lsh_forward", "lsh_reverse_and_grad"]
 
 # Positions per chunk of the per-head projections: [batch, POSITION_CHUNK, d_model] arrays.
 POSITION_CHUNK = 8192
@@ -134,18 +136,13 @@ def _lsh_applies(residual, x2, rng) -> bool:
             and by_head_applies(batch, attn.n_heads, attn.n_hashes, length))
 
 
-def lsh_reverse_and_grad(norm, attn, weights, state, rng, y1, x2, g1, g2):
-    """For the residual `Serial(LayerNorm, LSHSelfAttention, Dropout(0))` on an input that
-    runs one head at a time: `(x1, g2 + dF/dx2^T g1, dF/dw^T g1)`, head by head in place.
-
-    The hash rotations and the attention-dropout key come from `rng` as in
-    `LSHSelfAttention.apply` (train mode), and each head is `lsh._one_head`, as in its
-    by-head forward pass.
-    """
-    (norm_w, attn_w, drop_w), (norm_s, _, _) = weights, state
+def _lsh_setup(norm, attn, norm_w, attn_w, norm_s, rng, x2):
+    """What both walks share: the per-head weights and rotations (scanned over), one head's
+    attention `(q, v, rotations_h, index) -> (out, lse)`, the chunk projection
+    `(norm_w, w_qk_h, w_v_h, x_chunk) -> (q, v)` and the chunk size."""
     r_norm, r_attn_layer, _ = split_rng(rng, 3)
     r_hash, r_attn, _ = jax.random.split(r_attn_layer, 3)
-    batch, length, d_model = x2.shape
+    length, d_model = x2.shape[1:]
     h, d_qk, d_v = attn.n_heads, attn.d_qk, attn.d_v
     n_buckets = resolve_n_buckets(attn.n_buckets, length, attn.chunk_len,
                                   attn._bucket_length(length))
@@ -159,12 +156,82 @@ def lsh_reverse_and_grad(norm, attn, weights, state, rng, y1, x2, g1, g2):
                 attn_w["w_v"].reshape(d_model, h, d_v).transpose(1, 0, 2),
                 attn_w["w_o"].reshape(h, d_v, d_model), rotations,
                 jnp.arange(h, dtype=jnp.int32))
-    size = _position_chunk(length)
-    dtype = x2.dtype
 
     def project(n_w, w_qk, w_v, x):  # x [batch, size, d_model] -> q, v of one head
         xn = norm.apply(x, n_w, norm_s, r_norm)[0]
         return jnp.dot(xn, w_qk.astype(xn.dtype)), jnp.dot(xn, w_v.astype(xn.dtype))
+
+    def one_head(q, v, rotations_h, index):
+        return _one_head(q, v, None, rotations_h, dropout_rng, index, x2.dtype, config)
+
+    return per_head, one_head, project, _position_chunk(length)
+
+
+def lsh_forward(norm, attn, weights, state, rng, x1, x2):
+    """`x1 + F(x2)` for the residual of `lsh_reverse_and_grad`, head by head into `x1`'s
+    buffer: no `[batch, length, d_model]` array beside the two streams (the LayerNorm's
+    output only by chunks of positions)."""
+    (norm_w, attn_w, _), (norm_s, _, _) = weights, state
+    batch, length, _ = x2.shape
+    per_head, one_head, project, size = _lsh_setup(norm, attn, norm_w, attn_w, norm_s, rng,
+                                                   x2)
+    dtype = x2.dtype
+
+    def head(y1, args):
+        w_qk, w_v, w_o, rotations_h, index = args
+
+        def project_chunk(qv, start):
+            q_c, v_c = project(norm_w, w_qk, w_v, _slice(x2, start, size))
+            return _put(qv[0], q_c, start), _put(qv[1], v_c, start)
+
+        qv = (jnp.zeros((batch, length, attn.d_qk), dtype),
+              jnp.zeros((batch, length, attn.d_v), dtype))
+        q, v = _over_chunks(project_chunk, qv, length, size)
+        out, _ = one_head(q, v, rotations_h, index)
+        w_o_c = w_o.astype(out.dtype)
+
+        def output_chunk(y1, start):
+            o_c = _slice(out, start, size)
+            return _put(y1, _slice(y1, start, size) + jnp.dot(o_c, w_o_c).astype(y1.dtype),
+                        start)
+
+        return _over_chunks(output_chunk, y1, length, size), None
+
+    y1, _ = lax.scan(head, x1, per_head)
+    if "b_o" in attn_w:
+        y1 = y1 + lax.broadcast_to_rank(attn_w["b_o"].astype(y1.dtype), y1.ndim)
+    return y1
+
+
+def chunked_forward(chunk: Chunk, weights, state, rng, x1, x2):
+    """`x1 + Chunk(layer)(x2)`, chunk by chunk into `x1`'s buffer (the keys as
+    `Chunk.apply` gives them)."""
+    layer = chunk.sublayers[0]
+    length, size = x2.shape[1], chunk._chunk_size
+    rngs = None if rng is None else jax.random.split(rng, length // size)
+
+    def body(y1, start):
+        r = None if rngs is None else rngs[start // size]
+        res = layer.apply(_slice(x2, start, size), weights, state, r)[0]
+        return _put(y1, _slice(y1, start, size) + res.astype(y1.dtype), start)
+
+    return _over_chunks(body, x1, length, size)
+
+
+def lsh_reverse_and_grad(norm, attn, weights, state, rng, y1, x2, g1, g2):
+    """For the residual `Serial(LayerNorm, LSHSelfAttention, Dropout(0))` on an input that
+    runs one head at a time: `(x1, g2 + dF/dx2^T g1, dF/dw^T g1)`, head by head in place.
+
+    The hash rotations and the attention-dropout key come from `rng` as in
+    `LSHSelfAttention.apply` (train mode), and each head is `lsh._one_head`, as in its
+    by-head forward pass.
+    """
+    (norm_w, attn_w, drop_w), (norm_s, _, _) = weights, state
+    batch, length, d_model = x2.shape
+    h, d_qk, d_v = attn.n_heads, attn.d_qk, attn.d_v
+    per_head, one_head, project, size = _lsh_setup(norm, attn, norm_w, attn_w, norm_s, rng,
+                                                   x2)
+    dtype = x2.dtype
 
     def head(carry, args):
         y1, g2, g_norm = carry
@@ -177,8 +244,7 @@ def lsh_reverse_and_grad(norm, attn, weights, state, rng, y1, x2, g1, g2):
         qv = (jnp.zeros((batch, length, d_qk), dtype), jnp.zeros((batch, length, d_v), dtype))
         q, v = _over_chunks(project_chunk, qv, length, size)
         (out, lse), attend_vjp = jax.vjp(
-            lambda q_, v_: _one_head(q_, v_, None, rotations_h, dropout_rng, index, dtype,
-                                     config), q, v)
+            lambda q_, v_: one_head(q_, v_, rotations_h, index), q, v)
         w_o_c = w_o.astype(out.dtype)
 
         def output_chunk(carry, start):  # y1 -= out @ w_o; g_out = g1 @ w_o^T; d w_o
@@ -220,6 +286,21 @@ def lsh_reverse_and_grad(norm, attn, weights, state, rng, y1, x2, g1, g2):
 
 
 # -- dispatch ----------------------------------------------------------------------------------
+
+
+def lean_apply(residual, weights, state, rng, x1, x2):
+    """`x1 + F(x2)` by one of the in-place forward walks for the residual `Serial` of a
+    `ReversibleHalfResidual` with one context item `x2`, where `lean_reverse_and_grad` walks
+    it backwards; None elsewhere (the caller applies the residual whole)."""
+    if residual.n_in != 1 or residual.n_out != 1 or x2.ndim != 3 or x1.shape != x2.shape:
+        return None
+    if _chunk_applies(residual, x2):
+        return chunked_forward(residual.sublayers[0], weights[0], state[0],
+                               split_rng(rng, 1)[0], x1, x2)
+    if _lsh_applies(residual, x2, rng):
+        norm, attn, _ = residual.sublayers
+        return lsh_forward(norm, attn, weights, state, rng, x1, x2)
+    return None
 
 
 def lean_reverse_and_grad(residual, weights, state, rng, y1, x2, g1, g2):

@@ -41,7 +41,7 @@ from jax import lax
 from terraformer.checks import check_int
 from terraformer.layers.base import EMPTY, Layer, as_items, from_items, split_rng
 from terraformer.layers.combinators import Serial, ensure_layers, serial_arity
-from terraformer.layers.lean_reverse import lean_reverse_and_grad
+from terraformer.layers.lean_reverse import lean_apply, lean_reverse_and_grad
 
 # -- cotangent helpers ----------------------------------------------------------------------
 
@@ -214,6 +214,11 @@ class ReversibleHalfResidual(ReversibleLayer):
 
     def apply(self, x, weights, state, rng):
         x1, *context = as_items(x, self.n_in, self.name)
+        if len(context) == 1:
+            # Long inputs: F(x2) added into x1 head by head or chunk by chunk (lean_reverse).
+            y1 = lean_apply(self.sublayers[0], weights[0], state[0], rng, x1, context[0])
+            if y1 is not None:
+                return (y1, *context), state
         res, new_state = self._residual(tuple(context), weights, state, rng)
         self._check(x1, res)
         return (x1 + res.astype(x1.dtype), *context), new_state

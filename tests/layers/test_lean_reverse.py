@@ -32,11 +32,17 @@ def _check(layer, seed: int):
     key = jax.random.PRNGKey(seed + 1)
     y, _ = layer.apply((x1, x2), weights, state, key)
     residual = layer.sublayers[0]
+
+    def plain(x, w):  # the half-residual without the in-place walks
+        return x[0] + residual.apply(x[1], w[0], state[0], key)[0], x[1]
+
+    assert lean_reverse.lean_apply(residual, weights[0], state[0], key, x1, x2) is not None
+    np.testing.assert_allclose(y[0], plain((x1, x2), weights)[0], atol=1e-5)
     assert lean_reverse.lean_reverse_and_grad(residual, weights[0], state[0], key, y[0], x2,
                                               g1, g2) is not None  # the in-place walk ran
     (rx1, rx2), ((gx1, gx2), gw) = jax.jit(
         lambda y_, g_, w_: layer.reverse_and_grad(y_, g_, w_, state, key))(y, (g1, g2), weights)
-    _, vjp = jax.vjp(lambda x, w: layer.apply(x, w, state, key)[0], (x1, x2), weights)
+    _, vjp = jax.vjp(plain, (x1, x2), weights)
     (ex1, ex2), ew = vjp((g1, g2))
     np.testing.assert_allclose(rx1, x1, atol=2e-5)
     np.testing.assert_array_equal(rx2, x2)
