@@ -41,6 +41,7 @@ from jax import lax
 from terraformer.checks import check_int
 from terraformer.layers.base import EMPTY, Layer, as_items, from_items, split_rng
 from terraformer.layers.combinators import Serial, ensure_layers, serial_arity
+from terraformer.layers.lean_reverse import lean_apply, lean_reverse_and_grad
 
 # -- cotangent helpers ----------------------------------------------------------------------
 
@@ -213,6 +214,11 @@ class ReversibleHalfResidual(ReversibleLayer):
 
     def apply(self, x, weights, state, rng):
         x1, *context = as_items(x, self.n_in, self.name)
+        if len(context) == 1:
+            # Long inputs: F(x2) added into x1 head by head or chunk by chunk (lean_reverse).
+            y1 = lean_apply(self.sublayers[0], weights[0], state[0], rng, x1, context[0])
+            if y1 is not None:
+                return (y1, *context), state
         res, new_state = self._residual(tuple(context), weights, state, rng)
         self._check(x1, res)
         return (x1 + res.astype(x1.dtype), *context), new_state
@@ -227,6 +233,13 @@ class ReversibleHalfResidual(ReversibleLayer):
         y1, *context = as_items(output, self.n_in, self.name)
         g1, *g_context = as_items(grad_output, self.n_in, self.name)
         context = tuple(context)
+        if len(context) == 1 and not _is_float0(g_context[0]):
+            # Long inputs: x1 and the gradient of x2 built in place (layers.lean_reverse).
+            lean = lean_reverse_and_grad(self.sublayers[0], weights[0], state[0], rng, y1,
+                                         context[0], g1, g_context[0])
+            if lean is not None:
+                x1, g2, grad_w = lean
+                return (x1, *context), ((g1, g2), (grad_w,))
 
         def residual_fn(w, ctx):
             return self._residual(ctx, w, state, rng)[0]

@@ -35,7 +35,13 @@ chunks and are recomputed in its backward pass; otherwise the output layer's inp
 
 On CPU, host and device memory are one RAM: the arrays do live in the `pinned_host` space
 between steps, but XLA:CPU compiles the transfers to nothing, so the peak falls because of
-the per-block pieces and the chunked loss, not the offload. The GPU runs the same program.
+the per-block pieces and the chunked loss, not the offload. The GPU runs the same program,
+and there the offload is what keeps the stack off the device: it holds one block's weights,
+slots and gradient at a time (16 bytes a parameter of that block with Adam, in float32)
+instead of every block's. For the D-shaped models (12 blocks of about 12.6M parameters:
+d_model 1,024, d_ff 4,096) that is about 0.2 GB on the device instead of 2.4 GB; for the T
+workload's 2 blocks of 0.46M parameters, 7 MB instead of 15 MB, next to activations of about
+7 KB a token (the four reversible streams and one head's arrays, `layers.lean_reverse`).
 
     step = make_train_step(model, Adam(), memory_efficient=True)   # training.step
     opt_state = step.init_opt_state(weights)

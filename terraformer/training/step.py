@@ -14,6 +14,16 @@ the scalars ``loss`` (mean cross-entropy in nats per weighted token), ``accuracy
 function; ``memory_efficient=True`` runs the same update as `MemoryEfficientTrainer`'s
 per-block pieces (a model with one reversible stack; see `training.memory_efficient`).
 
+``offload=True`` (the plain step on one device) keeps the weights and the optimizer slots in
+host memory (the ``pinned_host`` memory kind) between steps: the step brings the weights in
+at its start and the slots only for the update at its end, and writes both back to host
+memory. On a GPU this frees the device of them between steps (3 x 4 bytes a parameter in
+float32 with Adam's two slots: 2.6 GB for the 220M-parameter D models, 14 MB for the T
+workload's 1.15M) and of the slots (8 bytes a parameter) during the forward and backward
+passes, at the cost of moving them over the host link once a step (each way). On CPU, host
+and device memory are one RAM: the arrays do carry the ``pinned_host`` kind, XLA compiles the
+transfers to nothing and the step computes the same numbers.
+
 On a mesh of several devices (``make_train_step(..., mesh=make_mesh(data=2, model=2))``) the
 plain step is one `jax.jit` with in and out shardings from `parallel.sharding` (weights and
 slots by their paths, batch rows over ``data`` and ``fsdp``, its length over ``sequence``):
@@ -34,7 +44,7 @@ import jax.numpy as jnp
 import optax
 
 from terraformer.layers.losses import accuracy, cross_entropy, sequence_accuracy
-from terraformer.memory.placement import to_device
+from terraformer.memory.placement import host_memory_kind, on_memory_kind, to_device, to_host
 from terraformer.parallel.distributed import global_batch, put
 from terraformer.parallel.mesh import mesh_context
 from terraformer.parallel.sharding import replicated, train_shardings
@@ -63,14 +73,21 @@ def _loss_and_metrics(model, weights, state, batch, rng):
     return loss, (new_state, accuracy(log_probs, targets, mask))
 
 
-def _plain_step(model, optimizer, donate: bool, shardings=None) -> Callable:
+def _plain_step(model, optimizer, donate: bool, shardings=None,
+                offload: bool = False) -> Callable:
     def step(weights, state, opt_state, batch, rng):
+        if offload:  # (host memory between steps; see the module docstring)
+            weights = to_device(weights)
         grad_fn = jax.value_and_grad(
             lambda w: _loss_and_metrics(model, w, state, batch, rng), has_aux=True
         )
         (loss, (new_state, acc)), grads = grad_fn(weights)
+        if offload:
+            opt_state = to_device(opt_state)
         updates, opt_state = optimizer.update(grads, opt_state, weights)
         weights = optax.apply_updates(weights, updates)
+        if offload:
+            weights, opt_state = to_host((weights, opt_state))
         metrics = {
             "loss": loss,
             "accuracy": acc,
@@ -101,6 +118,8 @@ class TrainStep:
       model, optimizer: what it was built from.
       trainer: the `MemoryEfficientTrainer` running it, or None for the plain step.
       mesh: the mesh it runs on (None: one device).
+      offload: whether the plain step keeps its weights and slots in host memory between
+        steps (``offload=True`` where the backend has a pinned_host kind).
       shardings: on a mesh, ``(weights, opt_state, batch, state)`` NamedShardings once
         `init_opt_state` or `place` has seen the trees; else None.
     """
@@ -111,23 +130,32 @@ class TrainStep:
         self.optimizer = optimizer
         self.mesh = _mesh_of_many(mesh)
         self.shardings = None
+        self.offload = False  # the plain step's weights and slots in host memory
         if memory_efficient:
             self.trainer = MemoryEfficientTrainer(model, optimizer, mesh=self.mesh,
                                                   **memory_options)
             self._step = self.trainer.step
         else:
+            offload = bool(memory_options.pop("offload", False))
             if memory_options:
                 raise TypeError(
                     f"make_train_step: {sorted(memory_options)} apply only with "
                     "memory_efficient=True")
+            if offload and self.mesh is not None:
+                raise TypeError("make_train_step: offload=True applies to the plain step on "
+                                "one device or to memory_efficient=True, not to the plain "
+                                "step on a mesh")
+            # where the backend has no pinned_host kind, the arrays stay where they are
+            self.offload = offload and host_memory_kind() is not None
             self.trainer = None
             # On CPU the arrays a caller holds (numpy views, restored checkpoints) may share
             # memory with the step's inputs: donate only where device memory is separate.
             if donate is None:
                 donate = jax.default_backend() != "cpu"
             self._donate = bool(donate)
-            self._step = (_plain_step(model, optimizer, self._donate) if self.mesh is None
-                          else None)  # on a mesh: built once the shardings are known
+            # (on a mesh: built once the shardings are known)
+            self._step = (_plain_step(model, optimizer, self._donate, offload=self.offload)
+                          if self.mesh is None else None)
 
     def _shard(self, weights, state, opt_state, batch):
         """Finds the shardings of these trees (arrays or abstract) once, and builds the step
@@ -153,6 +181,8 @@ class TrainStep:
         global arrays with `shardings` (the memory-efficient trainer's stack in host memory);
         else unchanged (the memory-efficient trainer places its own)."""
         if self.mesh is None:
+            if self.trainer is None and self.offload:
+                return self._to_host(weights), state, self._to_host(opt_state)
             return weights, state, opt_state
         w, o, _, s = self.layout(weights, state, opt_state)
         if self.trainer is not None:
@@ -168,7 +198,13 @@ class TrainStep:
                                              self._batch_like(), state)
         return self.shardings
 
+    def _to_host(self, tree):
+        """`tree` in pinned_host memory (a no-op for arrays already there)."""
+        return tree if on_memory_kind(tree, host_memory_kind()) else to_host(tree)
+
     def __call__(self, weights, state, opt_state, batch, rng):
+        if self.trainer is None and self.offload:  # (arrays restored to device memory)
+            weights, opt_state = self._to_host(weights), self._to_host(opt_state)
         if self.mesh is not None and self.trainer is None:  # (the trainer lays out its own)
             if self._step is None:
                 self._shard(weights, state, opt_state, batch)
@@ -183,14 +219,15 @@ class TrainStep:
         if self.trainer is not None:
             return self.trainer.init_opt_state(weights)
         if self.mesh is None:
-            return jax.jit(self.optimizer.init)(weights)
+            slots = jax.jit(self.optimizer.init)(to_device(weights) if self.offload else weights)
+            return self._to_host(slots) if self.offload else slots
         abstract = jax.eval_shape(self.optimizer.init, weights)
         w, o = train_shardings(self.mesh, weights, abstract, ())[:2]
         return jax.jit(self.optimizer.init, in_shardings=(w,), out_shardings=o)(put(weights, w))
 
     def eval_weights(self, weights):
         """``weights`` as a plain (whole-model) function takes them: all in device memory."""
-        return to_device(weights) if self.trainer is not None else weights
+        return to_device(weights) if self.trainer is not None or self.offload else weights
 
     def lower(self, weights, state, opt_state, batch, rng):
         """The plain step lowered for these (possibly abstract) arguments, to compile it and
@@ -212,7 +249,9 @@ def make_train_step(model, optimizer, *, memory_efficient: bool = False,
       model: the Layer; its first output is taken as log-probabilities.
       optimizer: an optax transformation.
       memory_efficient: run `MemoryEfficientTrainer` (``memory_options`` go to it:
-        ``clip_grad_norm``, ``offload``, ``loss_chunk_len``, ``chunk_head``).
+        ``clip_grad_norm``, ``offload``, ``loss_chunk_len``, ``chunk_head``). Without it,
+        ``offload=True`` keeps the plain step's weights and slots in host memory between
+        steps (see the module docstring); the other options do not apply.
       donate: let the plain step reuse the memory of its weights, state and optimizer
         state (the caller must not use them after the call); None: on accelerators only.
       mesh: a `jax.sharding.Mesh` (`parallel.make_mesh`) to run on, for either step; None
