@@ -1,7 +1,7 @@
 """Old against new in one process: this checkout's `terraformer` against a git ref's.
 
     python benchmarks/ab_against.py --ref baseline-s6 --workload t16k|d-dense|d-sparse
-                                    [--rounds N] [--steps S]
+                                    [--rounds N] [--steps S] [--seq_len L]
 
 The ref's `terraformer/` package is exported (`git archive REF terraformer`) into a temporary
 folder as `terraformer_ref` (its absolute imports and gin module names rewritten), so both
@@ -9,7 +9,8 @@ packages load side by side. The same workload is built with each package's own b
 timed interleaved, new then ref then new ... (ref first in every other round), so that a busy
 or throttled machine slows both alike:
 
-- `t16k`: the T-len training step at 16,384 tokens (ReformerLM with LSH attention, Adam), the
+- `t16k`: the T-len training step at 16,384 tokens (`--seq_len` for another length;
+  ReformerLM with LSH attention, Adam), the
   model of each package's `bench.t_workload_model` and a step written here once for both
   (loss from each package's `cross_entropy`). Each round times `--steps` steps a side.
 - `d-dense`, `d-sparse`: the D workload's per-token decoding (each package's
@@ -97,12 +98,16 @@ def t_side(pkg: dict, seq_len: int):
     rng = jax.random.PRNGKey(1)
 
     def run() -> float:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         carry["w"], carry["o"], loss = step(carry["w"], carry["o"], batch, rng)
         jax.block_until_ready(loss)
+        run.cpu_s.append(time.process_time() - cpu)
         return time.perf_counter() - start
 
-    return run, run()
+    run.cpu_s = []
+    first = run()
+    run.cpu_s.clear()
+    return run, first
 
 
 def time_t(sides: dict, rounds: int, steps: int) -> dict:
@@ -177,6 +182,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workload", required=True, choices=("t16k", "d-dense", "d-sparse"))
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2, help="t16k: steps a side per round")
+    parser.add_argument("--seq_len", type=int, default=16384, help="t16k: the length")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.steps < 1:
         parser.error("--rounds and --steps must be >= 1")
@@ -187,9 +193,9 @@ def main(argv=None) -> int:
     if args.workload == "t16k":
         sides, compile_s = {}, {}
         for name, pkg in packages.items():
-            sides[name], compile_s[name] = t_side(pkg, 16384)
+            sides[name], compile_s[name] = t_side(pkg, args.seq_len)
         times = time_t(sides, args.rounds, args.steps)
-        record.update(seq_len=16384, steps_per_round=args.steps, unit="s/step",
+        record.update(seq_len=args.seq_len, steps_per_round=args.steps, unit="s/step",
                       compile_s=compile_s)
     else:
         kind = args.workload.split("-")[1]
@@ -206,6 +212,12 @@ def main(argv=None) -> int:
         record.update(prompt_len=128, new_tokens=new_tokens, block_size=block,
                       unit="s/token")
     record.update(summary(times))
+    if args.workload == "t16k":
+        # Process CPU seconds a step (all threads): on a machine whose CPU share is capped
+        # (a cgroup quota), a steadier measure of the work than the wall clock.
+        cpu = {name: float(np.median(side.cpu_s)) for name, side in sides.items()}
+        record.update(new_cpu_s=cpu["new"], ref_cpu_s=cpu["ref"],
+                      cpu_ratio_ref_over_new=cpu["ref"] / cpu["new"])
     print(json.dumps(record), flush=True)
     return 0
 

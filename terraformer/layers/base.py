@@ -110,6 +110,26 @@ class Layer:
         """Returns `(y, new_state)`: the pure forward pass."""
         raise TypeError(f"{self._name}: a Layer subclass must override apply")
 
+    def apply_and_save(self, x, weights, state, rng):
+        """`apply`, and what a recomputation of this very call may reuse: `(y, new_state,
+        saved)`.
+
+        `saved` is a pytree of integer arrays (no gradient flows through it), a function of
+        the call's inputs, weights, state and rng, that `apply_with_saved` takes instead of
+        computing it again: the reversible backward pass recomputes each layer's forward
+        from rebuilt inputs and hands it what the forward pass saved (LSH attention keeps its
+        sort order, so that the recomputation neither hashes nor sorts). The default saves
+        nothing, `()`.
+        """
+        y, new_state = self.apply(x, weights, state, rng)
+        return y, new_state, ()
+
+    def apply_with_saved(self, x, weights, state, rng, saved):
+        """`apply(x, weights, state, rng)`, reusing `saved` from `apply_and_save` on the same
+        call; `()` (nothing saved) is always accepted."""
+        del saved
+        return self.apply(x, weights, state, rng)
+
     def pack_for_decoding(self, weights, dtype: str):
         """`weights` stored for decoding: a pytree that this layer's predict-mode `apply`
         takes in place of `weights`, computing the same outputs.

@@ -62,6 +62,10 @@ def ensure_layers(layers, who: str) -> list[Layer]:
     return flat
 
 
+# How `Serial._run` runs its sublayers (a `saved` tuple being the third way).
+_APPLY, _SAVE = "apply", "save"
+
+
 class Serial(Layer):
     """Runs layers one after another on the stack.
 
@@ -87,15 +91,40 @@ class Serial(Layer):
         return tuple(weights), tuple(states)
 
     def apply(self, x, weights, state, rng):
+        y, new_state, _ = self._run(x, weights, state, rng, _APPLY)
+        return y, new_state
+
+    def apply_and_save(self, x, weights, state, rng):
+        """`saved`: a tuple with each sublayer's, or `()` when none saves anything."""
+        if type(self).apply is not Serial.apply:  # a subclass's own apply: save nothing
+            return super().apply_and_save(x, weights, state, rng)
+        y, new_state, saved = self._run(x, weights, state, rng, _SAVE)
+        return y, new_state, saved if jax.tree.leaves(saved) else ()
+
+    def apply_with_saved(self, x, weights, state, rng, saved):
+        if not jax.tree.leaves(saved):
+            return self.apply(x, weights, state, rng)
+        return self._run(x, weights, state, rng, saved)[:2]
+
+    def _run(self, x, weights, state, rng, saved):
+        """The sublayers in turn: `apply` (saved `_APPLY`), `apply_and_save` (`_SAVE`), or
+        `apply_with_saved` on each sublayer's entry of a `saved` tuple."""
         stack = as_items(x, self.n_in, self.name)
-        new_states = []
+        new_states, new_saved = [], []
         rngs = split_rng(rng, len(self.sublayers))
-        for layer, w, s, r in zip(self.sublayers, weights, state, rngs):
+        for i, (layer, w, s, r) in enumerate(zip(self.sublayers, weights, state, rngs)):
             inputs, stack = stack[: layer.n_in], stack[layer.n_in :]
-            y, s = layer.apply(from_items(inputs, layer.n_in), w, s, r)
+            x_in = from_items(inputs, layer.n_in)
+            if saved is _APPLY:
+                y, s = layer.apply(x_in, w, s, r)
+            elif saved is _SAVE:
+                y, s, kept = layer.apply_and_save(x_in, w, s, r)
+                new_saved.append(kept)
+            else:
+                y, s = layer.apply_with_saved(x_in, w, s, r, saved[i])
             stack = _as_out_items(y, layer.n_out, layer.name) + stack
             new_states.append(s)
-        return from_items(stack, self.n_out), tuple(new_states)
+        return from_items(stack, self.n_out), tuple(new_states), tuple(new_saved)
 
 
 class Parallel(Layer):

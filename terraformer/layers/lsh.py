@@ -602,23 +602,48 @@ def _lsh_attention_heads(qk, v, mask, rotations, dropout_rng, *, n_buckets, chun
     Returns the rounds merged, `(B, H, L, d_v), (B, H, L)`, or with `merge=False` each round's
     `(B, H, R, L, d_v)` output and `(B, H, R, L)` log-sum-exp.
     """
-    batch, n_heads, length, d_qk = qk.shape
+    perm = sort_order(qk, mask, rotations, n_buckets=n_buckets, chunk_len=chunk_len)
+    return _attend_sorted(qk, v, mask, perm, dropout_rng, chunk_len=chunk_len,
+                          n_chunks_before=n_chunks_before, n_chunks_after=n_chunks_after,
+                          causal=causal, dropout_rate=dropout_rate,
+                          chunks_per_block=chunks_per_block, qk_scale=qk_scale, merge=merge)
+
+
+def sort_order(qk, mask, rotations, *, n_buckets, chunk_len):
+    """Each hash round's order of the positions: `qk (B, H, L, d_qk)` -> `perm (B, H, R, Lp)`
+    int32, `Lp` the length padded to a multiple of the chunk (`min(chunk_len, L)`).
+
+    Sorted by (bucket, position); padding and masked positions (mask `(B, L)`, False) take
+    the bucket past the last, so they come last. A function of `qk`'s hash buckets only, so
+    a recomputation of the same forward pass may reuse it (`LSHSelfAttention`'s
+    `apply_and_save`).
+    """
+    length = qk.shape[2]
     buckets = hash_vectors(qk, n_buckets, rotations=rotations)  # (B, H, R, L)
-    n_rounds = buckets.shape[2]
     c = min(chunk_len, length)
-    n_chunks = -(-length // c)
-    padded_len = n_chunks * c
-    pad = padded_len - length
+    pad = -(-length // c) * c - length
     pad_bucket = total_buckets(n_buckets)
     if mask is not None:
         buckets = jnp.where(mask.astype(bool)[:, None, None, :], buckets, pad_bucket)
     if pad:
         buckets = jnp.pad(buckets, [(0, 0)] * 3 + [(0, pad)], constant_values=pad_bucket)
+    return lax.stop_gradient(_sort_by_bucket(buckets, pad_bucket)[0])
+
+
+def _attend_sorted(qk, v, mask, perm, dropout_rng, *, chunk_len, n_chunks_before,
+                   n_chunks_after, causal, dropout_rate, chunks_per_block, qk_scale,
+                   merge=True):
+    """`_lsh_attention_heads` given the rounds' order `perm` (`sort_order`'s): sort, chunk,
+    attend, undo the sort, merge the rounds (unless `merge=False`)."""
+    batch, n_heads, length, d_qk = qk.shape
+    n_rounds, padded_len = perm.shape[2:]
+    c = min(chunk_len, length)
+    n_chunks = padded_len // c
+    pad = padded_len - length
+    if pad:
         qk = jnp.pad(qk, [(0, 0), (0, 0), (0, pad), (0, 0)])
         v = jnp.pad(v, [(0, 0), (0, 0), (0, pad), (0, 0)])
 
-    perm, sorted_buckets = _sort_by_bucket(buckets, pad_bucket)
-    perm = lax.stop_gradient(perm)
     inverse = inverse_permutation(perm)
     groups, shape = batch * n_heads, (batch * n_heads * n_rounds, n_chunks, c)
     by_round = (groups, n_rounds, padded_len)
@@ -630,8 +655,15 @@ def _lsh_attention_heads(qk, v, mask, rotations, dropout_rng, *, n_buckets, chun
 
     sq, sv = sort(qk), sort(v)
     spos = perm.reshape(shape)
-    # Keys' positions, with -1 for padding: never equal to, nor after, a query position.
-    skpos = jnp.where(sorted_buckets.reshape(shape) < pad_bucket, spos, -1)
+    # Keys' positions, with -1 for padding and masked positions (sorted last, see
+    # `sort_order`): never equal to, nor after, a query position.
+    valid = spos < length
+    if mask is not None:
+        keep = jnp.broadcast_to(mask.astype(bool)[:, None, None, :],
+                                (batch, n_heads, n_rounds, length))
+        keep = jnp.pad(keep, [(0, 0)] * 3 + [(0, pad)])
+        valid = valid & jnp.take_along_axis(keep, perm, axis=-1).reshape(shape)
+    skpos = jnp.where(valid, spos, -1)
     out, lse = blocked_attention(
         sq, length_normalized(sq), sv, spos, skpos,
         offsets=window_offsets(n_chunks, n_chunks_before, n_chunks_after),
@@ -838,8 +870,10 @@ class LSHSelfAttention(Layer):
                 f"{self.name}: expected inputs with last axis {weights['w_qk'].shape[0]}, "
                 f"got shape {tuple(x.shape)}"
             )
-        qk = jnp.dot(x, weights["w_qk"].astype(x.dtype))
-        v = jnp.dot(x, weights["w_v"].astype(x.dtype))
+        # One product for both: the backward pass then also makes one [length, d_model]
+        # gradient of x (no second product and sum) and one weight gradient.
+        w = jnp.concatenate([weights["w_qk"], weights["w_v"]], axis=1).astype(x.dtype)
+        qk, v = jnp.split(jnp.dot(x, w), [weights["w_qk"].shape[1]], axis=-1)
         return self._split_heads(qk, self.d_qk), self._split_heads(v, self.d_v)
 
     def project_output(self, o, weights):
@@ -921,19 +955,10 @@ class LSHSelfAttention(Layer):
         x, mask = self._inputs(x)
         if self.mode == "predict" and self.causal:
             return self._apply_predict(x, mask, weights, state)
-        if self.mode == "train":
-            if rng is None:
-                raise ValueError(f"{self.name} in train mode needs an rng; pass rng= to apply")
-            r_hash, r_attn, r_out = jax.random.split(rng, 3)
-        else:
-            r_hash, r_attn, r_out = state["hash_rng"], None, None
-        n_buckets = resolve_n_buckets(
-            self.n_buckets, x.shape[1], self.chunk_len, self._bucket_length(x.shape[1])
-        )
-        attn_rate = self.attention_dropout if self.mode == "train" else 0.0
+        r_hash, r_attn, r_out, n_buckets, attn_rate = self._call_settings(x, state, rng)
         # Trax's training hashes each example with its own rotations; a batch of one needs
         # no vmap for that.
-        per_example = self.mode == "train" and self.hash_per_example and x.shape[0] > 1
+        per_example = self._hashes_per_example(x)
         if self._projects_by_head(x):
             def by_head(x, mask, r_hash, r_attn):
                 return self._apply_by_head(x, mask, weights, r_hash, r_attn, n_buckets,
@@ -959,6 +984,69 @@ class LSHSelfAttention(Layer):
              else attend(qk, v, mask, r_hash, r_attn))
         y = self.project_output(o, weights)
         return dropout_fn(y, self.output_dropout, r_out, self.mode), state
+
+    def apply_and_save(self, x, weights, state, rng):
+        """`apply`, saving each hash round's sort order (`sort_order`, `(B, H, R, Lp)`
+        int32) for a recomputation of this call (the reversible backward pass), which then
+        neither hashes nor sorts. Saved when the heads are attended all at once (inputs
+        below `by_head_applies`) in `train` or `eval` mode with one set of rotations for the
+        batch; otherwise nothing is saved (`()`) and a recomputation hashes again."""
+        if not self._saves_sort_order(x):
+            return super().apply_and_save(x, weights, state, rng)
+        y, perm = self._apply_sorted(x, weights, state, rng, None)
+        return y, state, perm
+
+    def apply_with_saved(self, x, weights, state, rng, saved):
+        if not jax.tree.leaves(saved):
+            return self.apply(x, weights, state, rng)
+        if not self._saves_sort_order(x):
+            raise ValueError(f"{self.name}: apply_with_saved got a saved sort order for inputs "
+                             "that apply_and_save saves nothing for")
+        y, _ = self._apply_sorted(x, weights, state, rng, saved)
+        return y, state
+
+    def _saves_sort_order(self, x) -> bool:
+        x = as_items(x, self.n_in, self.name)[0]
+        return (self.mode in ("train", "eval") and x.ndim == 3
+                and not self._hashes_per_example(x)
+                and not by_head_applies(x.shape[0], self.n_heads, self.n_hashes, x.shape[1]))
+
+    def _apply_sorted(self, x, weights, state, rng, perm):
+        """The all-heads path of `apply` (as `lsh_attention` computes it), sorting by `perm`
+        when given, else by the hash: `(y, perm)`."""
+        x, mask = self._inputs(x)
+        r_hash, r_attn, r_out, n_buckets, attn_rate = self._call_settings(x, state, rng)
+        qk, v = self.project_qk_v(x, weights)
+        if perm is None:
+            rotations = random_rotations(r_hash, self.d_qk, n_buckets, self.n_hashes,
+                                         self.n_heads)
+            perm = sort_order(qk, mask, rotations, n_buckets=n_buckets,
+                              chunk_len=self.chunk_len)
+        o, _ = _attend_sorted(
+            qk, v, mask, perm, r_attn if attn_rate > 0.0 else None, chunk_len=self.chunk_len,
+            n_chunks_before=self.n_chunks_before, n_chunks_after=self.n_chunks_after,
+            causal=self.causal, dropout_rate=float(attn_rate),
+            chunks_per_block=self.chunks_per_block, qk_scale=self.qk_scale)
+        y = self.project_output(o, weights)
+        return dropout_fn(y, self.output_dropout, r_out, self.mode), perm
+
+    def _call_settings(self, x, state, rng):
+        """`(r_hash, r_attn, r_out, n_buckets, attention dropout rate)` of a train/eval call."""
+        if self.mode == "train":
+            if rng is None:
+                raise ValueError(f"{self.name} in train mode needs an rng; pass rng= to apply")
+            r_hash, r_attn, r_out = jax.random.split(rng, 3)
+        else:
+            r_hash, r_attn, r_out = state["hash_rng"], None, None
+        n_buckets = resolve_n_buckets(
+            self.n_buckets, x.shape[1], self.chunk_len, self._bucket_length(x.shape[1])
+        )
+        attn_rate = self.attention_dropout if self.mode == "train" else 0.0
+        return r_hash, r_attn, r_out, n_buckets, attn_rate
+
+    def _hashes_per_example(self, x) -> bool:
+        """Whether a call hashes each batch element with its own rotations (Trax's training)."""
+        return self.mode == "train" and self.hash_per_example and x.shape[0] > 1
 
     def _projects_by_head(self, x) -> bool:
         """Whether `apply` runs projections and attention one head at a time: for inputs long
@@ -993,16 +1081,16 @@ class LSHSelfAttention(Layer):
                       causal=self.causal, dropout_rate=float(attn_rate),
                       chunks_per_block=self.chunks_per_block, qk_scale=self.qk_scale)
         dropout_rng = r_attn if attn_rate > 0.0 else None
-        per_head = (weights["w_qk"].reshape(d_model, h, self.d_qk).transpose(1, 0, 2),
-                    weights["w_v"].reshape(d_model, h, self.d_v).transpose(1, 0, 2),
-                    weights["w_o"].reshape(h, self.d_v, d_model), rotations,
-                    jnp.arange(h, dtype=jnp.int32))
+        # Each head's QK and V projections side by side: one product a head.
+        w_qkv = jnp.concatenate([weights["w_qk"].reshape(d_model, h, self.d_qk),
+                                 weights["w_v"].reshape(d_model, h, self.d_v)], axis=2)
+        per_head = (w_qkv.transpose(1, 0, 2), weights["w_o"].reshape(h, self.d_v, d_model),
+                    rotations, jnp.arange(h, dtype=jnp.int32))
 
         @functools.partial(jax.checkpoint, prevent_cse=False)
         def head(y, args):
-            w_qk, w_v, w_o, rotations_h, index = args
-            qk = jnp.dot(x, w_qk.astype(x.dtype))
-            v = jnp.dot(x, w_v.astype(x.dtype))
+            w_qkv, w_o, rotations_h, index = args
+            qk, v = jnp.split(jnp.dot(x, w_qkv.astype(x.dtype)), [self.d_qk], axis=-1)
             out, _ = _one_head(qk, v, mask, rotations_h, dropout_rng, index, x.dtype, config)
             return y + jnp.dot(out, w_o.astype(out.dtype)), None
 

@@ -116,15 +116,17 @@ class ReversibleLayer(Layer):
         """The input that `apply(input, weights, state, rng)` maps to `output`."""
         raise TypeError(f"{self.name}: a ReversibleLayer subclass must override reverse")
 
-    def reverse_and_grad(self, output, grad_output, weights=EMPTY, state=EMPTY, rng=None):
+    def reverse_and_grad(self, output, grad_output, weights=EMPTY, state=EMPTY, rng=None,
+                         saved=()):
         """Rebuilds the input from `output` and pulls `grad_output` back through the layer.
 
         Returns `(input, (grad_input, grad_weights))`; `input`, `grad_input` and `output` are
         bare arrays when `n_in == 1`, tuples otherwise. `state` and `rng` must be those the
-        forward pass got.
+        forward pass got; `saved`, what its `apply_and_save` saved (or `()`: recompute all).
         """
         x = self.reverse(output, weights, state, rng)
-        _, vjp = jax.vjp(lambda x_, w_: self.apply(x_, w_, state, rng)[0], x, weights)
+        _, vjp = jax.vjp(lambda x_, w_: self.apply_with_saved(x_, w_, state, rng, saved)[0],
+                         x, weights)
         grad_x, grad_w = vjp(grad_output)
         return x, (grad_x, grad_w)
 
@@ -159,7 +161,8 @@ class ReversibleSelect(ReversibleLayer):
     def reverse(self, output, weights=EMPTY, state=EMPTY, rng=None):
         return self._permute(output, self._inverse)
 
-    def reverse_and_grad(self, output, grad_output, weights=EMPTY, state=EMPTY, rng=None):
+    def reverse_and_grad(self, output, grad_output, weights=EMPTY, state=EMPTY, rng=None,
+                         saved=()):
         grad_input = self._permute(grad_output, self._inverse)
         return self.reverse(output), (grad_input, _zero_cotangent(weights))
 
@@ -200,9 +203,10 @@ class ReversibleHalfResidual(ReversibleLayer):
         weights, state = residual.init_weights_and_state(from_items(context, residual.n_in), rng)
         return (weights,), (state,)
 
-    def _residual(self, context, weights, state, rng):
+    def _residual(self, context, weights, state, rng, saved=()):
         residual = self.sublayers[0]
-        y, new_state = residual.apply(from_items(context, residual.n_in), weights[0], state[0], rng)
+        y, new_state = residual.apply_with_saved(from_items(context, residual.n_in), weights[0],
+                                                 state[0], rng, saved)
         return _top(y, residual.n_out), (new_state,)
 
     def _check(self, acc, res):
@@ -223,13 +227,30 @@ class ReversibleHalfResidual(ReversibleLayer):
         self._check(x1, res)
         return (x1 + res.astype(x1.dtype), *context), new_state
 
+    def apply_and_save(self, x, weights, state, rng):
+        """`saved`: what the residual layers' `apply_and_save` saved."""
+        x1, *context = as_items(x, self.n_in, self.name)
+        residual = self.sublayers[0]
+        y, new_state, saved = residual.apply_and_save(from_items(tuple(context), residual.n_in),
+                                                      weights[0], state[0], rng)
+        res = _top(y, residual.n_out)
+        self._check(x1, res)
+        return (x1 + res.astype(x1.dtype), *context), (new_state,), saved
+
+    def apply_with_saved(self, x, weights, state, rng, saved):
+        x1, *context = as_items(x, self.n_in, self.name)
+        res, new_state = self._residual(tuple(context), weights, state, rng, saved)
+        self._check(x1, res)
+        return (x1 + res.astype(x1.dtype), *context), new_state
+
     def reverse(self, output, weights=EMPTY, state=EMPTY, rng=None):
         y1, *context = as_items(output, self.n_in, self.name)
         res, _ = self._residual(tuple(context), weights, state, rng)
         self._check(y1, res)
         return (y1 - res.astype(y1.dtype), *context)
 
-    def reverse_and_grad(self, output, grad_output, weights=EMPTY, state=EMPTY, rng=None):
+    def reverse_and_grad(self, output, grad_output, weights=EMPTY, state=EMPTY, rng=None,
+                         saved=()):
         y1, *context = as_items(output, self.n_in, self.name)
         g1, *g_context = as_items(grad_output, self.n_in, self.name)
         context = tuple(context)
@@ -242,7 +263,7 @@ class ReversibleHalfResidual(ReversibleLayer):
                 return (x1, *context), ((g1, g2), (grad_w,))
 
         def residual_fn(w, ctx):
-            return self._residual(ctx, w, state, rng)[0]
+            return self._residual(ctx, w, state, rng, saved)[0]
 
         res, vjp = jax.vjp(residual_fn, weights, context)
         self._check(y1, res)
@@ -269,15 +290,22 @@ def _check_reversible(layers, who: str) -> list[ReversibleLayer]:
 
 
 def _forward(layers, items, weights, state, rngs):
-    """Runs reversible `layers` on the stack `items`; returns (items, new_states)."""
-    new_states = []
+    """Runs reversible `layers` on the stack `items`; returns (items, new_states, saved), saved
+    a tuple of each layer's `apply_and_save` output (or `()` when none saved anything)."""
+    new_states, saved = [], []
     for layer, w, s, r in zip(layers, weights, state, rngs, strict=True):
         k = layer.n_in
         items, w = _barrier((items, w))
-        y, s = layer.apply(from_items(items[:k], k), w, s, r)
+        y, s, kept = layer.apply_and_save(from_items(items[:k], k), w, s, r)
         items = as_items(y, k, layer.name) + items[k:]
         new_states.append(s)
-    return items, tuple(new_states)
+        saved.append(kept)
+    return items, tuple(new_states), _none_if_empty(tuple(saved))
+
+
+def _none_if_empty(saved):
+    """`saved`, or `()` when it holds no array."""
+    return saved if jax.tree.leaves(saved) else ()
 
 
 def _reverse(layers, items, weights, state, rngs):
@@ -289,14 +317,16 @@ def _reverse(layers, items, weights, state, rngs):
     return items
 
 
-def _reverse_and_grad(layers, items, grads, weights, state, rngs):
-    """Walks `layers` backwards: returns (input items, (input grads, weight grads))."""
+def _reverse_and_grad(layers, items, grads, weights, state, rngs, saved=()):
+    """Walks `layers` backwards: returns (input items, (input grads, weight grads)). `saved`:
+    `_forward`'s, or `()`."""
     grad_weights = [None] * len(layers)
     for i in reversed(range(len(layers))):
         layer, k = layers[i], layers[i].n_in
         items, grads, w = _barrier((items, grads, weights[i]))
         x, (gx, gw) = layer.reverse_and_grad(
-            from_items(items[:k], k), from_items(grads[:k], k), w, state[i], rngs[i]
+            from_items(items[:k], k), from_items(grads[:k], k), w, state[i], rngs[i],
+            saved[i] if saved else ()
         )
         items = as_items(x, k, layer.name) + items[k:]
         grads = as_items(gx, k, layer.name) + grads[k:]
@@ -305,11 +335,13 @@ def _reverse_and_grad(layers, items, grads, weights, state, rngs):
 
 
 def _memory_efficient(forward, reverse_and_grad):
-    """A custom_vjp function `(items, weights, state, rng) -> (items, new_state)`.
+    """A custom_vjp function `(items, weights, state, rng) -> (items, new_state, saved)`.
 
-    Its forward pass keeps only the outputs (and the weights, state and rng it was given);
+    `forward(items, weights, state, rng)` returns `(items, new_state, saved)`, `saved` the
+    integers its layers keep for their recomputation (`Layer.apply_and_save`). The forward
+    pass keeps only the outputs and `saved` (and the weights, state and rng it was given);
     its backward pass gets inputs and gradients back with `reverse_and_grad(items, grads,
-    weights, state, rng)`. State and rng get zero cotangents.
+    weights, state, rng, saved)`. State and rng get zero cotangents.
     """
 
     @jax.custom_vjp
@@ -317,13 +349,13 @@ def _memory_efficient(forward, reverse_and_grad):
         return forward(items, weights, state, rng)
 
     def run_fwd(items, weights, state, rng):
-        ys, new_state = forward(items, weights, state, rng)
-        return (ys, new_state), (ys, weights, state, rng)
+        ys, new_state, kept = forward(items, weights, state, rng)
+        return (ys, new_state, kept), (ys, weights, state, rng, kept)
 
-    def run_bwd(saved, cotangents):
-        ys, weights, state, rng = saved
-        grad_ys, _ = cotangents
-        _, (grad_xs, grad_w) = reverse_and_grad(ys, grad_ys, weights, state, rng)
+    def run_bwd(residuals, cotangents):
+        ys, weights, state, rng, kept = residuals
+        grad_ys = cotangents[0]
+        _, (grad_xs, grad_w) = reverse_and_grad(ys, grad_ys, weights, state, rng, kept)
         return grad_xs, grad_w, _zero_cotangent(state), _zero_cotangent(rng)
 
     run.defvjp(run_fwd, run_bwd)
@@ -365,25 +397,33 @@ class ReversibleSerial(ReversibleLayer):
         rngs = split_rng(rng, len(self.sublayers))
         return _forward(self.sublayers, items, weights, state, rngs)
 
-    def _reverse_and_grad_items(self, items, grads, weights, state, rng):
+    def _reverse_and_grad_items(self, items, grads, weights, state, rng, saved=()):
         rngs = split_rng(rng, len(self.sublayers))
-        return _reverse_and_grad(self.sublayers, items, grads, weights, state, rngs)
+        return _reverse_and_grad(self.sublayers, items, grads, weights, state, rngs, saved)
 
     def apply(self, x, weights, state, rng):
+        y, new_state, _ = self.apply_and_save(x, weights, state, rng)
+        return y, new_state
+
+    def apply_and_save(self, x, weights, state, rng):
+        """`saved`: a tuple of each layer's (`()` when none saved anything), for
+        `reverse_and_grad` (a stack of these inside a `ReversibleRepeat` or another
+        `ReversibleSerial` keeps it for its own backward pass)."""
         items = as_items(x, self.n_in, self.name)
         run = _memory_efficient(self._forward, self._reverse_and_grad_items)
-        ys, new_state = run(items, weights, state, rng)
-        return from_items(ys, self.n_out), new_state
+        ys, new_state, saved = run(items, weights, state, rng)
+        return from_items(ys, self.n_out), new_state, saved
 
     def reverse(self, output, weights=EMPTY, state=EMPTY, rng=None):
         items = as_items(output, self.n_in, self.name)
         rngs = split_rng(rng, len(self.sublayers))
         return from_items(_reverse(self.sublayers, items, weights, state, rngs), self.n_in)
 
-    def reverse_and_grad(self, output, grad_output, weights=EMPTY, state=EMPTY, rng=None):
+    def reverse_and_grad(self, output, grad_output, weights=EMPTY, state=EMPTY, rng=None,
+                         saved=()):
         items = as_items(output, self.n_in, self.name)
         grads = as_items(grad_output, self.n_in, self.name)
-        xs, (gxs, gw) = self._reverse_and_grad_items(items, grads, weights, state, rng)
+        xs, (gxs, gw) = self._reverse_and_grad_items(items, grads, weights, state, rng, saved)
         return from_items(xs, self.n_in), (from_items(gxs, self.n_in), gw)
 
 
@@ -467,25 +507,29 @@ class ReversibleRepeat(ReversibleLayer):
 
         def step(carry, layer):
             w, s, r = layer
-            y, s = block.apply(from_items(carry, k), w, s, r)
-            return as_items(y, k, block.name), s
+            y, s, kept = block.apply_and_save(from_items(carry, k), w, s, r)
+            return as_items(y, k, block.name), (s, kept)
 
-        return lax.scan(step, items, (weights, state, self._rngs(rng)), length=self._n_layers)
+        # Each layer's saved integers are stacked on the layer axis, like its state.
+        ys, (new_state, saved) = lax.scan(step, items, (weights, state, self._rngs(rng)),
+                                          length=self._n_layers)
+        return ys, new_state, saved
 
-    def _reverse_and_grad_items(self, items, grads, weights, state, rng):
+    def _reverse_and_grad_items(self, items, grads, weights, state, rng, saved=()):
         block = self.sublayers[0]
         k = self.n_in
 
         def step(carry, layer):
             ys, gys = carry
-            w, s, r = layer
-            x, (gx, gw) = block.reverse_and_grad(from_items(ys, k), from_items(gys, k), w, s, r)
+            w, s, r, kept = layer
+            x, (gx, gw) = block.reverse_and_grad(from_items(ys, k), from_items(gys, k), w, s, r,
+                                                 kept)
             return (as_items(x, k, block.name), as_items(gx, k, block.name)), gw
 
         (xs, gxs), gw = lax.scan(
             step,
             (items, grads),
-            (weights, state, self._rngs(rng)),
+            (weights, state, self._rngs(rng), saved),
             length=self._n_layers,
             reverse=True,
         )
@@ -496,7 +540,7 @@ class ReversibleRepeat(ReversibleLayer):
             return self._apply_unrolled(x, weights, state, rng)
         items = as_items(x, self.n_in, self.name)
         run = _memory_efficient(self._forward, self._reverse_and_grad_items)
-        ys, new_state = run(items, weights, state, rng)
+        ys, new_state, _ = run(items, weights, state, rng)
         return from_items(ys, self.n_out), new_state
 
     def reverse(self, output, weights=EMPTY, state=EMPTY, rng=None):
@@ -513,10 +557,11 @@ class ReversibleRepeat(ReversibleLayer):
         )
         return from_items(xs, k)
 
-    def reverse_and_grad(self, output, grad_output, weights=EMPTY, state=EMPTY, rng=None):
+    def reverse_and_grad(self, output, grad_output, weights=EMPTY, state=EMPTY, rng=None,
+                         saved=()):
         items = as_items(output, self.n_in, self.name)
         grads = as_items(grad_output, self.n_in, self.name)
-        xs, (gxs, gw) = self._reverse_and_grad_items(items, grads, weights, state, rng)
+        xs, (gxs, gw) = self._reverse_and_grad_items(items, grads, weights, state, rng, saved)
         return from_items(xs, self.n_in), (from_items(gxs, self.n_in), gw)
 
 
