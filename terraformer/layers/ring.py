@@ -47,9 +47,9 @@ P rounds of ppermute, each device passing every shard round the ring as ring att
 and the same again to undo it, for queries/keys, values and their gradients. That moves
 2 x n_hashes times the bytes ring attention moves, for attention that is local after the sort,
 and is not built. `layers.lsh.LSHSelfAttention` on a ``sequence`` axis of several devices is
-left to XLA's SPMD partitioner: it trains with the one-device losses, but the partitioner
-gathers the whole sequence for the sort, so attention holds as much per device as on one
-device. With LSH, split the batch and weights over ``data``, ``fsdp`` and ``model`` instead
+left to XLA's SPMD partitioner: it trains with the one-device losses; a sort along a sharded
+axis is expected to be gathered whole, so expect little memory saved per device (not yet
+measured). With LSH, split the batch and weights over ``data``, ``fsdp`` and ``model`` instead
 (the memory-efficient trainer takes a 1M-token sequence on one device), or make the layer
 sequence-parallel by choosing 'local', 'blockwise' or 'ring' attention.
 """
