@@ -105,6 +105,15 @@ SLOW_DUPLICATES = {
     "tests/models/test_encoder_decoder.py::test_predict_one_token_at_a_time_reproduces_eval"
     "[reformer-1]",
     "tests/layers/test_attention.py::test_predict_one_token_at_a_time_equals_eval[4-12]",
+    # Session 9: the default run measured 555 s after the merges. Kept in the default run:
+    # the saved LSH order through ReversibleSerial, the in-place feed-forward walk, ring and
+    # blockwise over the sequence axis (the slow job has local attention both ways and the
+    # in-place LSH walk).
+    "tests/layers/test_lsh_reversible.py::"
+    "test_gradients_equal_plain_backprop_and_backward_does_not_sort[repeat]",
+    "tests/layers/test_lean_reverse.py::test_lsh_residual_by_head_in_place[False]",
+    "tests/parallel/test_sharded_training.py::"
+    "test_local_attention_over_the_sequence_axis_equals_one_device",
 }
 
 

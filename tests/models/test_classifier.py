@@ -68,7 +68,7 @@ def test_classification_step_learns_a_batch(np_rng):
     # optax's Adam mixes float and int32 inside (its step count): not clean under the strict
     # dtype promotion of `pytest --jax-strict`, which the model itself runs under elsewhere.
     with jax.numpy_dtype_promotion("standard"):
-        for i in range(12):
+        for i in range(25):
             weights, state, opt_state, metrics = step(weights, state, opt_state, batch,
                                                       jax.random.PRNGKey(i))
             losses.append(float(metrics["loss"]))
