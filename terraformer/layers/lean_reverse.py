@@ -39,7 +39,6 @@ from terraformer.layers.combinators import Chunk
 from terraformer.layers.core import Dropout, LayerNorm
 from terraformer.layers.lsh import (
     LSHSelfAttention,
-    one_head,
     by_head_applies,
     random_rotations,
     resolve_n_buckets,
