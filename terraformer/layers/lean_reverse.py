@@ -14,7 +14,7 @@ them:
 - `LayerNorm, LSHSelfAttention, Dropout` on inputs long enough that the attention runs one
   head at a time (`lsh.by_head_applies`): a loop over heads that, per head, projects the
   normalised input by chunks of positions, attends (its hash rounds one at a time, as
-  `lsh.one_head`), subtracts the head's output projection from `y1` in place, and adds the
+  `lsh.attend_one_head`), subtracts the head's output projection from `y1` in place, adds the
   head's input gradient (through the LayerNorm, recomputed by chunks) into `g2` in place
   (`lsh_reverse_and_grad`). The residual's output is linear in its heads, and its input
   gradient linear in theirs, so summing per head is exact up to float round-off.
@@ -39,6 +39,7 @@ from terraformer.layers.combinators import Chunk
 from terraformer.layers.core import Dropout, LayerNorm
 from terraformer.layers.lsh import (
     LSHSelfAttention,
+    attend_one_head,
     by_head_applies,
     random_rotations,
     resolve_n_buckets,
@@ -161,7 +162,7 @@ def _lsh_setup(norm, attn, norm_w, attn_w, norm_s, rng, x2):
         return jnp.dot(xn, w_qk.astype(xn.dtype)), jnp.dot(xn, w_v.astype(xn.dtype))
 
     def one_head(q, v, rotations_h, index):
-        return one_head(q, v, None, rotations_h, dropout_rng, index, x2.dtype, config)
+        return attend_one_head(q, v, None, rotations_h, dropout_rng, index, x2.dtype, config)
 
     return per_head, one_head, project, _position_chunk(length)
 
@@ -222,7 +223,7 @@ def lsh_reverse_and_grad(norm, attn, weights, state, rng, y1, x2, g1, g2):
     runs one head at a time: `(x1, g2 + dF/dx2^T g1, dF/dw^T g1)`, head by head in place.
 
     The hash rotations and the attention-dropout key come from `rng` as in
-    `LSHSelfAttention.apply` (train mode), and each head is `lsh.one_head`, as in its
+    `LSHSelfAttention.apply` (train mode), and each head is `lsh.attend_one_head`, as in its
     by-head forward pass.
     """
     (norm_w, attn_w, drop_w), (norm_s, _, _) = weights, state

@@ -474,7 +474,7 @@ def _lsh_attention(
 
     def one_head(args):
         qk_h, v_h, rotations_h, index = args
-        return one_head(qk_h, v_h, mask, rotations_h, dropout_rng, index, v.dtype, config)
+        return attend_one_head(qk_h, v_h, mask, rotations_h, dropout_rng, index, v.dtype, config)
 
     out, lse = lax.map(
         jax.checkpoint(one_head, prevent_cse=False),
@@ -483,7 +483,7 @@ def _lsh_attention(
     return jnp.moveaxis(out, 0, 1), jnp.moveaxis(lse, 0, 1)
 
 
-def one_head(qk_h, v_h, mask, rotations_h, dropout_rng, index, dtype, config):
+def attend_one_head(qk_h, v_h, mask, rotations_h, dropout_rng, index, dtype, config):
     """LSH attention of one head, `qk_h (B, L, d_qk)`, `v_h (B, L, d_v)`, rotations
     `(R, d_qk, f/2)` per factor -> `(out (B, L, d_v) in dtype, lse (B, L))`.
 
@@ -1091,7 +1091,7 @@ class LSHSelfAttention(Layer):
         def head(y, args):
             w_qkv, w_o, rotations_h, index = args
             qk, v = jnp.split(jnp.dot(x, w_qkv.astype(x.dtype)), [self.d_qk], axis=-1)
-            out, _ = one_head(qk, v, mask, rotations_h, dropout_rng, index, x.dtype, config)
+            out, _ = attend_one_head(qk, v, mask, rotations_h, dropout_rng, index, x.dtype, config)
             return y + jnp.dot(out, w_o.astype(out.dtype)), None
 
         y, _ = lax.scan(head, jnp.zeros((batch, length, d_model), x.dtype), per_head)
