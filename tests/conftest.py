@@ -114,6 +114,14 @@ SLOW_DUPLICATES = {
     "tests/layers/test_lean_reverse.py::test_lsh_residual_by_head_in_place[False]",
     "tests/parallel/test_sharded_training.py::"
     "test_local_attention_over_the_sequence_axis_equals_one_device",
+    # Other parameters of the same checks stay in the default run; the masked saved-order
+    # check is the serial gradient test's path with a mask.
+    "tests/layers/test_lsh_reversible.py::test_saved_order_is_the_hash_order_and_masks_apply",
+    "tests/models/test_reformer.py::test_predict_one_token_at_a_time_reproduces_eval"
+    "[reformer-local]",
+    "tests/test_decoding.py::test_quantized_decoding_weights_within_tolerance"
+    "[transformer-weight_dtype-int8-0.1]",
+    "tests/models/test_encoder_decoder.py::test_decoder_sees_only_the_past[terraformer]",
 }
 
 
